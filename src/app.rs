@@ -1,0 +1,233 @@
+//! A running agentbus service: schemas, idempotency store, producer, HTTP API and the
+//! background tasks, under one cancellation token.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use rdkafka::producer::{FutureProducer, Producer};
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    config::{KafkaArgs, ServeArgs, TopicArgs},
+    http::{self, AppState, Limits, Readiness},
+    publish::{self, IdempotencyStore, Publisher},
+    schema::Registry,
+    telemetry,
+    topics::{self, TopicSpec},
+};
+
+/// Errors of building the service.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The schema directory is not valid.
+    #[error("schemas: {0}")]
+    Schema(#[from] crate::schema::Error),
+    /// The idempotency store could not be opened.
+    #[error(transparent)]
+    Store(#[from] publish::idempotency::Error),
+    /// The Kafka producer could not be created (a bad setting).
+    #[error("kafka producer: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// The HTTP address could not be bound.
+    #[error("listening on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why not.
+        source: std::io::Error,
+    },
+}
+
+/// The service, built and bound, not yet running.
+pub struct App {
+    listener: TcpListener,
+    state: AppState,
+    settings: ServeArgs,
+    store: Arc<IdempotencyStore>,
+    producer: FutureProducer,
+}
+
+impl App {
+    /// Loads and checks the schemas, opens the store, creates the producer and binds the
+    /// HTTP address. Fails on anything that would make the service wrong; an absent broker
+    /// is not such a thing (the service waits for it, not ready meanwhile).
+    pub async fn build(settings: ServeArgs) -> Result<App, Error> {
+        let _ = telemetry::prometheus();
+        let registry = Arc::new(Registry::load(&settings.schemas_dir)?);
+        for t in registry.event_types() {
+            metrics::gauge!(telemetry::SCHEMAS_LOADED, "event_type" => t.name.clone())
+                .set(t.versions.len() as f64);
+        }
+        let store = IdempotencyStore::open(
+            &settings.data_dir.join("idempotency"),
+            settings.idempotency_ttl,
+        )?;
+        let producer: FutureProducer =
+            publish::producer_config(&settings.kafka, settings.publish_timeout).create()?;
+        let readiness = Arc::new(Readiness::default());
+        let publisher = Arc::new(Publisher::new(
+            producer.clone(),
+            registry.clone(),
+            store.clone(),
+            settings.kafka.clone(),
+            settings.publish_timeout,
+            readiness.broker.clone(),
+        ));
+        let listener = TcpListener::bind(settings.http_addr)
+            .await
+            .map_err(|source| Error::Bind {
+                addr: settings.http_addr,
+                source,
+            })?;
+        let state = AppState {
+            publisher,
+            registry,
+            kafka: settings.kafka.clone(),
+            readiness,
+            limits: Limits {
+                max_body_bytes: settings.max_body_bytes,
+                max_batch: settings.max_batch,
+            },
+        };
+        Ok(App {
+            listener,
+            state,
+            settings,
+            store,
+            producer,
+        })
+    }
+
+    /// Where the HTTP API listens (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    /// Serves until `cancel`, then drains: in-flight requests get the shutdown grace period,
+    /// the producer is flushed, the store written to disk.
+    pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        let App {
+            listener,
+            state,
+            settings,
+            store,
+            producer,
+        } = self;
+        let tasks = TaskTracker::new();
+        tasks.spawn(publish::watch_broker(
+            producer.clone(),
+            state.readiness.broker.clone(),
+            Duration::from_secs(2),
+            cancel.clone(),
+        ));
+        tasks.spawn(ensure_topics_until_done(
+            settings.clone(),
+            state.clone(),
+            cancel.clone(),
+        ));
+        tasks.spawn(sweep_idempotency(store.clone(), cancel.clone()));
+        tasks.spawn(metrics_upkeep(cancel.clone()));
+        tasks.close();
+
+        tracing::info!(addr = %listener.local_addr()?, "agentbus listening");
+        let server = axum::serve(listener, http::router(state))
+            .with_graceful_shutdown(cancel.clone().cancelled_owned());
+        let grace = settings.shutdown_grace;
+        tokio::select! {
+            result = server => result?,
+            _ = async { cancel.cancelled().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!(?grace, "requests still running after the grace period; stopping anyway");
+            }
+        }
+        tasks.wait().await;
+        let flushed = tokio::task::spawn_blocking(move || producer.flush(grace)).await?;
+        if let Err(e) = flushed {
+            tracing::warn!(error = %e, "producer flush incomplete at shutdown");
+        }
+        store.flush()?;
+        tracing::info!("agentbus stopped");
+        Ok(())
+    }
+}
+
+/// The topic of every domain in the schema directory.
+pub fn topic_specs(kafka: &KafkaArgs, topics: &TopicArgs, registry: &Registry) -> Vec<TopicSpec> {
+    registry
+        .domains()
+        .iter()
+        .map(|domain| TopicSpec {
+            name: kafka.events_topic(domain),
+            partitions: topics.partitions,
+            replication: topics.replication,
+            retention: topics.retention,
+        })
+        .collect()
+}
+
+async fn ensure_topics_until_done(settings: ServeArgs, state: AppState, cancel: CancellationToken) {
+    let specs = topic_specs(&settings.kafka, &settings.topics, &state.registry);
+    let mut wait = Duration::from_millis(500);
+    loop {
+        match topics::ensure(&settings.kafka, &specs).await {
+            Ok(created) => {
+                if !created.is_empty() {
+                    tracing::info!(?created, "created topics");
+                }
+                state.readiness.topics.store(true, Ordering::Relaxed);
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "could not ensure topics yet; retrying"),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(Duration::from_secs(10));
+    }
+}
+
+async fn sweep_idempotency(store: Arc<IdempotencyStore>, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+        let store = store.clone();
+        match tokio::task::spawn_blocking(move || store.sweep()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::debug!(removed = n, "swept expired idempotency keys"),
+            Ok(Err(e)) => tracing::error!(error = %e, "idempotency sweep failed"),
+            Err(e) => tracing::error!(error = %e, "idempotency sweep panicked"),
+        }
+    }
+}
+
+async fn metrics_upkeep(cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+        telemetry::prometheus().run_upkeep();
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

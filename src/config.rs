@@ -1,0 +1,98 @@
+//! Runtime settings: every one is a flag and an `AGENTBUS_*` environment variable
+//! (CONTRACT.md §6). What the system *is* (schemas, agents) lives in files instead.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use rdkafka::ClientConfig;
+
+/// How to reach Kafka and how agentbus names its topics.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers, `host:port[,host:port...]`.
+    #[arg(long, env = "AGENTBUS_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+
+    /// Prepended to every topic name agentbus derives (`<prefix><domain>.events`), so that
+    /// several tenants or test runs can share one cluster.
+    #[arg(long, env = "AGENTBUS_TOPIC_PREFIX", default_value = "")]
+    pub topic_prefix: String,
+}
+
+impl KafkaArgs {
+    /// A librdkafka configuration with the bootstrap servers and every extra setting given
+    /// as `AGENTBUS_KAFKA_<NAME>` (upper case, `_` for `.`): `AGENTBUS_KAFKA_SECURITY_PROTOCOL=ssl`
+    /// sets `security.protocol=ssl`. That is how TLS and SASL settings pass through.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        for (name, value) in std::env::vars() {
+            if let Some(setting) = name.strip_prefix("AGENTBUS_KAFKA_") {
+                config.set(setting.to_ascii_lowercase().replace('_', "."), value);
+            }
+        }
+        config
+    }
+
+    /// The topic that carries every event type of `domain`.
+    pub fn events_topic(&self, domain: &str) -> String {
+        format!("{}{domain}.events", self.topic_prefix)
+    }
+}
+
+/// Settings of `agentbus serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+
+    /// Where the HTTP API listens.
+    #[arg(long, env = "AGENTBUS_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+
+    /// Directory of the sled stores (idempotency, dedup) and other local state.
+    #[arg(long, env = "AGENTBUS_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// The schema directory: `<event_type>/v<N>.avsc`.
+    #[arg(long, env = "AGENTBUS_SCHEMAS_DIR", default_value = "./schemas")]
+    pub schemas_dir: PathBuf,
+
+    #[command(flatten)]
+    pub topics: TopicArgs,
+
+    /// How long a publish idempotency key is remembered.
+    #[arg(long, env = "AGENTBUS_IDEMPOTENCY_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub idempotency_ttl: Duration,
+
+    /// Largest request body accepted by `POST /v1/events`, in bytes (413 beyond).
+    #[arg(long, env = "AGENTBUS_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Most envelopes in one batch (413 beyond).
+    #[arg(long, env = "AGENTBUS_MAX_BATCH", default_value_t = 500)]
+    pub max_batch: usize,
+
+    /// Longest a publish waits for the broker's acknowledgement before answering 503.
+    #[arg(long, env = "AGENTBUS_PUBLISH_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub publish_timeout: Duration,
+
+    /// How long in-flight requests may take to finish after SIGTERM.
+    #[arg(long, env = "AGENTBUS_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+/// How agentbus creates the topics it writes to.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TopicArgs {
+    /// Partitions of the event topics agentbus creates.
+    #[arg(long = "topic-partitions", env = "AGENTBUS_TOPIC_PARTITIONS", default_value_t = 3)]
+    pub partitions: i32,
+
+    /// Replication factor of the topics agentbus creates (3 on a production cluster).
+    #[arg(long = "topic-replication", env = "AGENTBUS_TOPIC_REPLICATION", default_value_t = 1)]
+    pub replication: i32,
+
+    /// Retention of the event topics.
+    #[arg(long = "topic-retention", env = "AGENTBUS_TOPIC_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
+    pub retention: Duration,
+}

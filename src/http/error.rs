@@ -1,0 +1,132 @@
+//! The one place where errors become HTTP answers: `{"error":{"code","message","details"}}`
+//! with the status CONTRACT.md §2 gives each code.
+
+use axum::{
+    Json,
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde_json::json;
+
+use crate::{
+    publish::{self, Rejection},
+    schema::Violation,
+};
+
+/// Seconds a client should wait before retrying a 503.
+const RETRY_AFTER_SECS: u64 = 2;
+
+/// An error answer of the agentbus API.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    details: Vec<Violation>,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            details: Vec::new(),
+            retry_after: None,
+        }
+    }
+
+    /// `400 malformed_json`.
+    pub fn malformed_json(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "malformed_json", message)
+    }
+
+    /// `400 invalid_envelope` with the violations.
+    pub fn invalid_envelope(message: impl Into<String>, details: Vec<Violation>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_envelope", message).with_details(details)
+    }
+
+    /// `413 payload_too_large`.
+    pub fn payload_too_large(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
+    }
+
+    /// `404 not_found`.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// `500 internal`: a fault of ours (disk, bug), never of the input.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+
+    fn with_details(mut self, details: Vec<Violation>) -> Self {
+        self.details = details;
+        self
+    }
+
+    /// The status it answers with.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+}
+
+impl From<publish::Error> for ApiError {
+    fn from(e: publish::Error) -> Self {
+        match e {
+            publish::Error::Rejected {
+                kind,
+                message,
+                details,
+            } => {
+                let (status, code) = match kind {
+                    Rejection::InvalidEnvelope => (StatusCode::BAD_REQUEST, "invalid_envelope"),
+                    Rejection::UnknownEventType => {
+                        (StatusCode::UNPROCESSABLE_ENTITY, "unknown_event_type")
+                    }
+                    Rejection::UnknownEventVersion => {
+                        (StatusCode::UNPROCESSABLE_ENTITY, "unknown_event_version")
+                    }
+                    Rejection::SchemaViolation => {
+                        (StatusCode::UNPROCESSABLE_ENTITY, "schema_violation")
+                    }
+                };
+                ApiError::new(status, code, message).with_details(details)
+            }
+            publish::Error::IdempotencyConflict(message) => {
+                ApiError::new(StatusCode::CONFLICT, "idempotency_conflict", message)
+            }
+            publish::Error::BrokerUnavailable(message) => {
+                let mut e =
+                    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable", message);
+                e.retry_after = Some(RETRY_AFTER_SECS);
+                e
+            }
+            e @ (publish::Error::Store(_) | publish::Error::Internal(_)) => {
+                tracing::error!(error = %e, "publish failed on our side");
+                ApiError::internal(e.to_string())
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "error": {
+                "code": self.code,
+                "message": self.message,
+                "details": self.details,
+            }
+        });
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}

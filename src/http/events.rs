@@ -1,0 +1,124 @@
+//! `POST /v1/events`: one envelope or a batch.
+
+use std::{sync::Arc, time::Instant};
+
+use axum::{
+    Json,
+    body::Body,
+    extract::State,
+    http::{HeaderMap, HeaderValue, header},
+    response::{IntoResponse, Response},
+};
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+use super::{AppState, error::ApiError};
+use crate::{envelope::check_idempotency_key, publish, schema::Violation, telemetry};
+
+/// Publishes the envelopes in the body; answers once the broker acknowledged them all.
+pub async fn publish(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let response = match handle(&state, &headers, body).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    };
+    metrics::histogram!(telemetry::PUBLISH_DURATION).record(started.elapsed().as_secs_f64());
+    metrics::counter!(telemetry::PUBLISH_REQUESTS, "status" => response.status().as_str().to_owned())
+        .increment(1);
+    response
+}
+
+async fn handle(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let limit = state.limits.max_body_bytes;
+    let too_large = || ApiError::payload_too_large(format!("the body is larger than {limit} bytes"));
+    if let Some(length) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        && length > limit
+    {
+        return Err(too_large());
+    }
+    let bytes = read_limited(body, limit).await.map_err(|e| match e {
+        ReadError::TooLarge => too_large(),
+        ReadError::Body(e) => ApiError::malformed_json(format!("could not read the body: {e}")),
+    })?;
+    let json: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::malformed_json(format!("the body is not JSON: {e}")))?;
+    let (items, batch) = match json {
+        Value::Array(items) => (items, true),
+        other => (vec![other], false),
+    };
+    if batch && items.is_empty() {
+        return Err(ApiError::invalid_envelope("the batch is empty", Vec::new()));
+    }
+    if items.len() > state.limits.max_batch {
+        return Err(ApiError::payload_too_large(format!(
+            "the batch has {} events; at most {} are accepted",
+            items.len(),
+            state.limits.max_batch
+        )));
+    }
+    let idempotency_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(value) => {
+            let key = value.to_str().map_err(|_| bad_header("must be visible ASCII"))?;
+            check_idempotency_key(key).map_err(bad_header)?;
+            Some(key.to_string())
+        }
+    };
+
+    // The publish runs in its own task, so a client that hangs up cannot cut it between the
+    // broker's acknowledgement and the idempotency record.
+    let publisher = Arc::clone(&state.publisher);
+    let request = publish::Request {
+        items,
+        batch,
+        idempotency_key,
+    };
+    let results = tokio::spawn(async move { publisher.publish(request).await })
+        .await
+        .map_err(|e| ApiError::internal(format!("publish task failed: {e}")))??;
+
+    let all_duplicates = results.iter().all(|r| r.duplicate);
+    let mut response = if batch {
+        Json(json!({ "results": results })).into_response()
+    } else {
+        Json(&results[0]).into_response()
+    };
+    if all_duplicates {
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+fn bad_header(message: impl Into<String>) -> ApiError {
+    ApiError::invalid_envelope(
+        "the Idempotency-Key header is not valid",
+        vec![Violation {
+            path: "header:Idempotency-Key".into(),
+            message: message.into(),
+        }],
+    )
+}
+
+enum ReadError {
+    TooLarge,
+    Body(axum::Error),
+}
+
+/// Reads the body, stopping as soon as it passes `limit` bytes.
+async fn read_limited(body: Body, limit: usize) -> Result<Vec<u8>, ReadError> {
+    let mut stream = body.into_data_stream();
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(ReadError::Body)?;
+        if out.len() + chunk.len() > limit {
+            return Err(ReadError::TooLarge);
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}

@@ -1,0 +1,117 @@
+//! The HTTP API (CONTRACT.md §2): ingest, schemas, the registry, health and metrics.
+
+pub mod error;
+mod events;
+mod openapi;
+mod schemas;
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use serde_json::json;
+
+use crate::{config::KafkaArgs, publish::Publisher, schema::Registry};
+pub use error::ApiError;
+pub use openapi::openapi;
+
+/// Request limits of the publish endpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest body, in bytes.
+    pub max_body_bytes: usize,
+    /// Most envelopes in one batch.
+    pub max_batch: usize,
+}
+
+/// What `/readyz` checks.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    /// The broker answered the last metadata probe.
+    pub broker: Arc<AtomicBool>,
+    /// The event topics exist.
+    pub topics: AtomicBool,
+}
+
+/// State shared by the handlers.
+#[derive(Clone)]
+pub struct AppState {
+    /// The publish path.
+    pub publisher: Arc<Publisher>,
+    /// The loaded schemas.
+    pub registry: Arc<Registry>,
+    /// Topic naming.
+    pub kafka: KafkaArgs,
+    /// Readiness checks.
+    pub readiness: Arc<Readiness>,
+    /// Request limits.
+    pub limits: Limits,
+}
+
+/// Every route of the API. `openapi.json` documents exactly these (a test keeps it so).
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/events", post(events::publish))
+        .route("/v1/schemas", get(schemas::list))
+        .route("/v1/schemas/{event_type}/versions/{version}", get(schemas::version))
+        .route("/registry/schemas/ids/{id}", get(schemas::by_id))
+        .route("/registry/schemas/ids/{id}/schema", get(schemas::by_id_raw))
+        .route("/registry/schemas/types", get(schemas::schema_types))
+        .route("/registry/subjects", get(schemas::subjects))
+        .route("/registry/subjects/{subject}/versions", get(schemas::subject_versions))
+        .route("/registry/subjects/{subject}/versions/{version}", get(schemas::subject_version))
+        .route("/registry/subjects/{subject}/versions/{version}/schema", get(schemas::subject_version_raw))
+        .route("/registry/config", get(schemas::config))
+        .route("/registry/config/{subject}", get(schemas::subject_config))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi_json))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let broker = state.readiness.broker.load(Ordering::Relaxed);
+    let topics = state.readiness.topics.load(Ordering::Relaxed);
+    let schemas = state.registry.version_count() > 0;
+    let ready = broker && topics && schemas;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "status": if ready { "ready" } else { "not_ready" },
+        "checks": { "broker": broker, "topics": topics, "schemas": schemas },
+    });
+    (status, Json(body)).into_response()
+}
+
+async fn metrics() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        crate::telemetry::prometheus().render(),
+    )
+        .into_response()
+}
+
+async fn openapi_json() -> Json<serde_json::Value> {
+    Json(openapi())
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint; see /openapi.json")
+}

@@ -1,0 +1,212 @@
+//! The OpenAPI 3 description of the API, served at `/openapi.json`.
+
+use serde_json::{Value, json};
+
+fn error_response(description: &str) -> Value {
+    json!({
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    })
+}
+
+fn registry_error(description: &str) -> Value {
+    json!({
+        "description": description,
+        "content": {"application/vnd.schemaregistry.v1+json": {"schema": {"$ref": "#/components/schemas/RegistryError"}}}
+    })
+}
+
+fn registry_ok(description: &str, schema: Value) -> Value {
+    json!({
+        "description": description,
+        "content": {"application/vnd.schemaregistry.v1+json": {"schema": schema}}
+    })
+}
+
+fn path_param(name: &str, description: &str) -> Value {
+    json!({"name": name, "in": "path", "required": true, "description": description, "schema": {"type": "string"}})
+}
+
+fn avro_schema_response() -> Value {
+    json!({
+        "description": "The Avro schema (JSON).",
+        "content": {"application/json": {"schema": {"type": "object", "additionalProperties": true}}}
+    })
+}
+
+/// The document. Every route of [`super::router`] is in it, and nothing else.
+pub fn openapi() -> Value {
+    json!({
+        "openapi": "3.0.3",
+        "info": {
+            "title": "agentbus",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Schema-validated, versioned events on Kafka. Errors are always {\"error\":{\"code\",\"message\",\"details\"}}."
+        },
+        "paths": {
+            "/v1/events": {"post": {
+                "summary": "Publish one event or a batch; answered once the broker acknowledged (acks=all).",
+                "parameters": [{"name": "Idempotency-Key", "in": "header", "required": false,
+                    "description": "Wins over the envelope's idempotency_key; in a batch item i gets <key>/<i>.",
+                    "schema": {"type": "string", "minLength": 1, "maxLength": 256}}],
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"oneOf": [
+                    {"$ref": "#/components/schemas/Envelope"},
+                    {"type": "array", "items": {"$ref": "#/components/schemas/Envelope"}, "minItems": 1}
+                ]}}}},
+                "responses": {
+                    "200": {"description": "Written (or a repeat of an earlier write: duplicate=true, header Idempotent-Replayed).",
+                        "headers": {"Idempotent-Replayed": {"schema": {"type": "string", "enum": ["true"]}}},
+                        "content": {"application/json": {"schema": {"oneOf": [
+                            {"$ref": "#/components/schemas/PublishResult"},
+                            {"type": "object", "required": ["results"], "properties": {"results": {"type": "array", "items": {"$ref": "#/components/schemas/PublishResult"}}}}
+                        ]}}}},
+                    "400": error_response("malformed_json or invalid_envelope."),
+                    "409": error_response("idempotency_conflict: the key was used with a different body, or is in use right now."),
+                    "413": error_response("payload_too_large: body or batch over the limit."),
+                    "422": error_response("unknown_event_type, unknown_event_version or schema_violation; nothing written."),
+                    "500": error_response("internal: a fault of the service (its disk), never of the input."),
+                    "503": {"description": "broker_unavailable; retry after Retry-After seconds with the same idempotency keys.",
+                        "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+                }
+            }},
+            "/v1/schemas": {"get": {
+                "summary": "Event types, their versions, schema ids and topics.",
+                "responses": {"200": {"description": "The event types.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SchemaList"}}}}}
+            }},
+            "/v1/schemas/{event_type}/versions/{version}": {"get": {
+                "summary": "The Avro schema of one version (a number or latest); its id in Agentbus-Schema-Id.",
+                "parameters": [path_param("event_type", "e.g. agent.created"), path_param("version", "1, 2, ... or latest")],
+                "responses": {"200": avro_schema_response(), "404": error_response("No such type or version.")}
+            }},
+            "/registry/schemas/ids/{id}": {"get": {
+                "summary": "Confluent Schema Registry: a schema by id.",
+                "parameters": [path_param("id", "schema id")],
+                "responses": {"200": registry_ok("The schema as a string.", json!({"type": "object", "required": ["schema"], "properties": {"schema": {"type": "string"}}})),
+                    "404": registry_error("40403 Schema not found.")}
+            }},
+            "/registry/schemas/ids/{id}/schema": {"get": {
+                "summary": "Confluent Schema Registry: the schema alone, by id.",
+                "parameters": [path_param("id", "schema id")],
+                "responses": {"200": avro_schema_response(), "404": registry_error("40403 Schema not found.")}
+            }},
+            "/registry/schemas/types": {"get": {
+                "summary": "Confluent Schema Registry: schema types served.",
+                "responses": {"200": registry_ok("Always [\"AVRO\"].", json!({"type": "array", "items": {"type": "string"}}))}
+            }},
+            "/registry/subjects": {"get": {
+                "summary": "Confluent Schema Registry: subjects (= event types).",
+                "responses": {"200": registry_ok("Subject names.", json!({"type": "array", "items": {"type": "string"}}))}
+            }},
+            "/registry/subjects/{subject}/versions": {"get": {
+                "summary": "Confluent Schema Registry: versions of a subject.",
+                "parameters": [path_param("subject", "an event type")],
+                "responses": {"200": registry_ok("Version numbers.", json!({"type": "array", "items": {"type": "integer"}})),
+                    "404": registry_error("40401 Subject not found.")}
+            }},
+            "/registry/subjects/{subject}/versions/{version}": {"get": {
+                "summary": "Confluent Schema Registry: one version of a subject.",
+                "parameters": [path_param("subject", "an event type"), path_param("version", "a number or latest")],
+                "responses": {"200": registry_ok("The version.", json!({"$ref": "#/components/schemas/RegistryVersion"})),
+                    "404": registry_error("40401 Subject not found or 40402 Version not found."),
+                    "422": registry_error("42202 Invalid version.")}
+            }},
+            "/registry/subjects/{subject}/versions/{version}/schema": {"get": {
+                "summary": "Confluent Schema Registry: the schema alone of one version.",
+                "parameters": [path_param("subject", "an event type"), path_param("version", "a number or latest")],
+                "responses": {"200": avro_schema_response(),
+                    "404": registry_error("40401 Subject not found or 40402 Version not found."),
+                    "422": registry_error("42202 Invalid version.")}
+            }},
+            "/registry/config": {"get": {
+                "summary": "Confluent Schema Registry: the global compatibility level.",
+                "responses": {"200": registry_ok("The level.", json!({"type": "object", "properties": {"compatibilityLevel": {"type": "string"}}}))}
+            }},
+            "/registry/config/{subject}": {"get": {
+                "summary": "Confluent Schema Registry: a subject's compatibility level.",
+                "parameters": [path_param("subject", "an event type")],
+                "responses": {"200": registry_ok("The level.", json!({"type": "object", "properties": {"compatibilityLevel": {"type": "string", "enum": ["BACKWARD", "NONE"]}}})),
+                    "404": registry_error("40401 Subject not found.")}
+            }},
+            "/healthz": {"get": {"summary": "The process is alive.",
+                "responses": {"200": {"description": "Alive.", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
+            "/readyz": {"get": {"summary": "Ready: broker reachable, topics present, schemas loaded.",
+                "responses": {
+                    "200": {"description": "Ready.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Readiness"}}}},
+                    "503": {"description": "Not ready; checks say which part is missing.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Readiness"}}}}
+                }}},
+            "/metrics": {"get": {"summary": "Prometheus text format.",
+                "responses": {"200": {"description": "Metrics.", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            "/openapi.json": {"get": {"summary": "This document.",
+                "responses": {"200": {"description": "OpenAPI 3.", "content": {"application/json": {"schema": {"type": "object"}}}}}}}
+        },
+        "components": {"schemas": {
+            "Envelope": {
+                "type": "object",
+                "required": ["event_type", "source", "data"],
+                "additionalProperties": false,
+                "properties": {
+                    "event_type": {"type": "string", "pattern": "^[a-z][a-z0-9_]*(\\.[a-z][a-z0-9_]*)+$", "maxLength": 256},
+                    "event_version": {"oneOf": [{"type": "integer", "minimum": 1}, {"type": "string"}]},
+                    "source": {"type": "string", "minLength": 1, "maxLength": 256},
+                    "data": {"type": "object", "description": "Validated against schemas/<event_type>/v<N>.avsc."},
+                    "event_id": {"type": "string", "format": "uuid"},
+                    "timestamp": {"type": "string", "format": "date-time"},
+                    "partition_key": {"type": "string", "minLength": 1},
+                    "idempotency_key": {"type": "string", "minLength": 1, "maxLength": 256},
+                    "ttl_ms": {"type": "integer", "minimum": 1},
+                    "metadata": {"type": "object", "additionalProperties": {"type": "string"}}
+                }
+            },
+            "PublishResult": {
+                "type": "object",
+                "required": ["event_id", "event_type", "event_version", "topic", "partition", "offset", "duplicate"],
+                "properties": {
+                    "event_id": {"type": "string"}, "event_type": {"type": "string"},
+                    "event_version": {"type": "integer"}, "topic": {"type": "string"},
+                    "partition": {"type": "integer"}, "offset": {"type": "integer"},
+                    "duplicate": {"type": "boolean"}
+                }
+            },
+            "Error": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {"error": {"type": "object", "required": ["code", "message", "details"], "properties": {
+                    "code": {"type": "string", "enum": ["malformed_json", "invalid_envelope", "unauthorized", "forbidden", "not_found",
+                        "idempotency_conflict", "payload_too_large", "unknown_event_type", "unknown_event_version",
+                        "schema_violation", "rate_limited", "broker_unavailable", "internal"]},
+                    "message": {"type": "string"},
+                    "details": {"type": "array", "items": {"type": "object", "required": ["path", "message"],
+                        "properties": {"path": {"type": "string"}, "message": {"type": "string"}}}}
+                }}}
+            },
+            "SchemaList": {
+                "type": "object",
+                "required": ["event_types"],
+                "properties": {"event_types": {"type": "array", "items": {"type": "object", "properties": {
+                    "event_type": {"type": "string"}, "topic": {"type": "string"},
+                    "compatibility": {"type": "string", "enum": ["backward", "none"]},
+                    "description": {"type": "string", "nullable": true},
+                    "latest_version": {"type": "integer"},
+                    "versions": {"type": "array", "items": {"type": "object", "properties": {"version": {"type": "integer"}, "id": {"type": "integer"}}}}
+                }}}}
+            },
+            "RegistryVersion": {
+                "type": "object",
+                "required": ["subject", "version", "id", "schema"],
+                "properties": {"subject": {"type": "string"}, "version": {"type": "integer"}, "id": {"type": "integer"}, "schema": {"type": "string"}}
+            },
+            "RegistryError": {
+                "type": "object",
+                "required": ["error_code", "message"],
+                "properties": {"error_code": {"type": "integer"}, "message": {"type": "string"}}
+            },
+            "Readiness": {
+                "type": "object",
+                "required": ["status", "checks"],
+                "properties": {"status": {"type": "string", "enum": ["ready", "not_ready"]},
+                    "checks": {"type": "object", "additionalProperties": {"type": "boolean"}}}
+            }
+        }}
+    })
+}

@@ -1,0 +1,16 @@
+//! agentbus: schema-validated, versioned events on Kafka for multi-agent systems.
+//!
+//! The modules follow an event's way through the service:
+//! [`http`] (ingest) → [`envelope`] (the contract's envelope) → [`schema`] (validate, encode)
+//! → [`publish`] (idempotency, produce) → Kafka. Beside them: [`config`], [`topics`],
+//! [`telemetry`], the [`cli`] client commands and [`app`], which wires a running service.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod envelope;
+pub mod http;
+pub mod publish;
+pub mod schema;
+pub mod telemetry;
+pub mod topics;

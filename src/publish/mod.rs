@@ -1,0 +1,482 @@
+//! The publish path: checked envelopes → idempotency → Avro in Confluent wire format with
+//! CloudEvents headers → an idempotent, acks=all Kafka producer. A publish is answered only
+//! after the broker acknowledged every event in it.
+
+pub mod idempotency;
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use futures::future::join_all;
+use rdkafka::{
+    error::{KafkaError, RDKafkaErrorCode},
+    message::{Header, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord, Producer},
+};
+use serde_json::Value as Json;
+use sha2::{Digest, Sha256};
+
+use crate::{
+    config::KafkaArgs,
+    envelope::{Envelope, format_time},
+    schema::{self, Registry, SchemaVersion, Violation},
+    telemetry::{self, outcome},
+};
+pub use idempotency::{Claim, IdempotencyStore, Lookup, PublishResult, RequestHash};
+
+/// Why an envelope was refused before anything was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// The envelope itself is wrong (`400 invalid_envelope`).
+    InvalidEnvelope,
+    /// No schema directory for the type (`422 unknown_event_type`).
+    UnknownEventType,
+    /// The type has no such version (`422 unknown_event_version`).
+    UnknownEventVersion,
+    /// `data` does not match the schema (`422 schema_violation`).
+    SchemaViolation,
+}
+
+/// Errors of a publish.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Nothing was written: the first item's kind, and every item's violations.
+    #[error("{message}")]
+    Rejected {
+        /// The kind of the first failing item.
+        kind: Rejection,
+        /// A one-line summary.
+        message: String,
+        /// Every violation, with paths.
+        details: Vec<Violation>,
+    },
+    /// The idempotency key was used with a different request, or is being written now.
+    #[error("{0}")]
+    IdempotencyConflict(String),
+    /// The broker did not acknowledge (down, slow, queue full). Events of the request that
+    /// were acknowledged are recorded, so a retry with the same keys writes only the rest.
+    #[error("{0}")]
+    BrokerUnavailable(String),
+    /// The idempotency store failed; nothing is answered as written.
+    #[error(transparent)]
+    Store(#[from] idempotency::Error),
+    /// Encoding failed after validation passed: a bug, reported as such.
+    #[error(transparent)]
+    Internal(#[from] schema::Error),
+}
+
+/// One publish request: one envelope, or a batch.
+#[derive(Debug)]
+pub struct Request {
+    /// The envelopes as received.
+    pub items: Vec<Json>,
+    /// Whether the body was a JSON array (paths then start with `[i]`).
+    pub batch: bool,
+    /// The `Idempotency-Key` header; for a batch, item `i` gets `<key>/<i>`.
+    pub idempotency_key: Option<String>,
+}
+
+/// Publishes events. Shared by the HTTP handlers behind an `Arc`.
+pub struct Publisher {
+    producer: FutureProducer,
+    registry: Arc<Registry>,
+    store: Arc<IdempotencyStore>,
+    kafka: KafkaArgs,
+    timeout: Duration,
+    broker_up: Arc<AtomicBool>,
+}
+
+/// An event ready to be written.
+struct Prepared {
+    envelope: Envelope,
+    version: Arc<SchemaVersion>,
+    /// The record value, in Confluent wire format.
+    value: Vec<u8>,
+    topic: String,
+    /// The record key (the partition key).
+    record_key: String,
+    /// The idempotency key.
+    key: String,
+    hash: RequestHash,
+}
+
+enum PrepareError {
+    Rejected(Rejection, Vec<Violation>),
+    Encode(schema::Error),
+}
+
+impl Publisher {
+    /// A publisher over `producer` (see [`producer_config`]).
+    pub fn new(
+        producer: FutureProducer,
+        registry: Arc<Registry>,
+        store: Arc<IdempotencyStore>,
+        kafka: KafkaArgs,
+        timeout: Duration,
+        broker_up: Arc<AtomicBool>,
+    ) -> Self {
+        Publisher {
+            producer,
+            registry,
+            store,
+            kafka,
+            timeout,
+            broker_up,
+        }
+    }
+
+    /// The producer, for flushing at shutdown and probing the broker.
+    pub fn producer(&self) -> &FutureProducer {
+        &self.producer
+    }
+
+    /// Validates every item, then writes those not written before, and answers in input
+    /// order. Nothing is written unless every item is valid.
+    pub async fn publish(&self, request: Request) -> Result<Vec<PublishResult>, Error> {
+        let prepared = self.prepare(request)?;
+
+        // Idempotency: repeats answer their first result, conflicts refuse the request.
+        let mut claim = Claim::new(&self.store);
+        let mut answers: Vec<Option<PublishResult>> = vec![None; prepared.len()];
+        let mut first_index: HashMap<&str, usize> = HashMap::new();
+        let mut copies = Vec::new();
+        let mut to_write = Vec::new();
+        for (i, p) in prepared.iter().enumerate() {
+            if let Some(&j) = first_index.get(p.key.as_str()) {
+                if prepared[j].hash != p.hash {
+                    return Err(conflict(&p.key, "twice in this batch with different bodies"));
+                }
+                copies.push((i, j));
+                continue;
+            }
+            first_index.insert(&p.key, i);
+            match self.store.begin(&p.key, &p.hash, &mut claim)? {
+                Lookup::New => to_write.push(i),
+                Lookup::Duplicate(result) => answers[i] = Some(result),
+                Lookup::Conflict => {
+                    return Err(conflict(&p.key, "already used with a different request"));
+                }
+                Lookup::InProgress => {
+                    return Err(conflict(&p.key, "in use by a request still in progress"));
+                }
+            }
+        }
+
+        if !to_write.is_empty() && !self.broker_up.load(Ordering::Relaxed) {
+            count(&prepared, &to_write, outcome::FAILED);
+            return Err(Error::BrokerUnavailable(
+                "the Kafka broker is not reachable; retry later".into(),
+            ));
+        }
+
+        let deliveries = self.write(&prepared, &to_write).await;
+        let mut written = Vec::new();
+        let mut failure = None;
+        for (&i, delivery) in to_write.iter().zip(deliveries) {
+            match delivery {
+                Ok((partition, offset)) => {
+                    let p = &prepared[i];
+                    answers[i] = Some(PublishResult {
+                        event_id: p.envelope.event_id.to_string(),
+                        event_type: p.envelope.event_type.clone(),
+                        event_version: p.version.version,
+                        topic: p.topic.clone(),
+                        partition,
+                        offset,
+                        duplicate: false,
+                    });
+                    written.push(i);
+                }
+                Err(e) => {
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        let entries: Vec<_> = written
+            .iter()
+            .map(|&i| {
+                let p = &prepared[i];
+                (p.key.as_str(), p.hash, answers[i].as_ref().expect("set above"))
+            })
+            .collect();
+        self.store.complete(&entries).await?;
+        drop(claim);
+        count(&prepared, &written, outcome::WRITTEN);
+
+        if let Some(e) = failure {
+            let failed: Vec<usize> = to_write
+                .iter()
+                .copied()
+                .filter(|i| answers[*i].is_none())
+                .collect();
+            count(&prepared, &failed, outcome::FAILED);
+            return Err(Error::BrokerUnavailable(e));
+        }
+        for (i, j) in copies {
+            answers[i] = answers[j].clone().map(|r| PublishResult {
+                duplicate: true,
+                ..r
+            });
+        }
+        let duplicates: Vec<usize> = (0..prepared.len())
+            .filter(|i| answers[*i].as_ref().is_some_and(|r| r.duplicate))
+            .collect();
+        count(&prepared, &duplicates, outcome::DUPLICATE);
+        Ok(answers
+            .into_iter()
+            .map(|a| a.expect("every item is answered"))
+            .collect())
+    }
+
+    /// Checks envelopes, resolves schemas, converts and encodes every item; on any failure
+    /// reports every failing item's violations and writes nothing.
+    fn prepare(&self, request: Request) -> Result<Vec<Prepared>, Error> {
+        let mut prepared = Vec::with_capacity(request.items.len());
+        let mut details = Vec::new();
+        let mut first_kind = None;
+        let mut failed = 0;
+        let Request {
+            items,
+            batch,
+            idempotency_key,
+        } = request;
+        for (i, item) in items.into_iter().enumerate() {
+            match self.prepare_one(item, i, batch, idempotency_key.as_deref()) {
+                Ok(p) => prepared.push(p),
+                Err(PrepareError::Rejected(kind, violations)) => {
+                    first_kind.get_or_insert(kind);
+                    details.extend(violations);
+                    failed += 1;
+                }
+                Err(PrepareError::Encode(e)) => return Err(Error::Internal(e)),
+            }
+        }
+        let Some(kind) = first_kind else {
+            return Ok(prepared);
+        };
+        let message = match kind {
+            Rejection::InvalidEnvelope => "the envelope is not valid",
+            Rejection::UnknownEventType => "unknown event type",
+            Rejection::UnknownEventVersion => "unknown event version",
+            Rejection::SchemaViolation => "data does not match the event's schema",
+        };
+        let message = if batch {
+            format!("{message}; nothing in the batch was written ({failed} item(s) failed)")
+        } else {
+            message.to_string()
+        };
+        metrics::counter!(telemetry::EVENTS_PUBLISHED, "event_type" => "", "outcome" => outcome::REJECTED)
+            .increment(failed as u64);
+        Err(Error::Rejected {
+            kind,
+            message,
+            details,
+        })
+    }
+
+    fn prepare_one(
+        &self,
+        item: Json,
+        i: usize,
+        batch: bool,
+        header_key: Option<&str>,
+    ) -> Result<Prepared, PrepareError> {
+        let root = if batch {
+            format!("[{i}]")
+        } else {
+            String::new()
+        };
+        let at = |field: &str| {
+            if root.is_empty() {
+                field.to_string()
+            } else {
+                format!("{root}.{field}")
+            }
+        };
+        let rejected = |kind, path: String, message: String| {
+            PrepareError::Rejected(kind, vec![Violation { path, message }])
+        };
+        let hash: RequestHash = Sha256::digest(item.to_string().as_bytes()).into();
+        let envelope = Envelope::parse(item, &root)
+            .map_err(|v| PrepareError::Rejected(Rejection::InvalidEnvelope, v))?;
+        let event_type = self.registry.event_type(&envelope.event_type).ok_or_else(|| {
+            rejected(
+                Rejection::UnknownEventType,
+                at("event_type"),
+                format!("no schema for event type {:?}", envelope.event_type),
+            )
+        })?;
+        let version = match envelope.event_version {
+            None => event_type.latest().clone(),
+            Some(n) => event_type.versions.get(&n).cloned().ok_or_else(|| {
+                let known: Vec<String> = event_type.versions.keys().map(u32::to_string).collect();
+                rejected(
+                    Rejection::UnknownEventVersion,
+                    at("event_version"),
+                    format!("{} has no version {n}; it has {}", event_type.name, known.join(", ")),
+                )
+            })?,
+        };
+        let avro = schema::json_to_avro(&version, &envelope.data, &at("data"))
+            .map_err(|v| PrepareError::Rejected(Rejection::SchemaViolation, v))?;
+        let value = schema::encode_wire(&version, &avro).map_err(PrepareError::Encode)?;
+        let idempotency_key = match (header_key, &envelope.idempotency_key) {
+            (Some(header), _) if batch => format!("{header}/{i}"),
+            (Some(header), _) => header.to_string(),
+            (None, Some(body)) => body.clone(),
+            (None, None) => envelope.event_id.to_string(),
+        };
+        Ok(Prepared {
+            topic: self.kafka.events_topic(event_type.domain()),
+            record_key: envelope.key(),
+            envelope,
+            version,
+            value,
+            key: idempotency_key,
+            hash,
+        })
+    }
+
+    /// Hands the chosen items to the producer and waits, bounded by the publish timeout,
+    /// for each acknowledgement: `(partition, offset)` or why not.
+    async fn write(&self, prepared: &[Prepared], which: &[usize]) -> Vec<Result<(i32, i64), String>> {
+        let deadline = Instant::now() + self.timeout + Duration::from_secs(1);
+        let mut pending = Vec::with_capacity(which.len());
+        for &i in which {
+            let p = &prepared[i];
+            let headers = headers(p);
+            let record = FutureRecord::to(&p.topic)
+                .key(p.record_key.as_bytes())
+                .payload(&p.value)
+                .timestamp(p.envelope.timestamp.timestamp_millis())
+                .headers(headers);
+            pending.push(self.producer.send_result(record).map_err(|(e, _)| e));
+        }
+        let waits = pending.into_iter().map(|sent| async move {
+            let future = sent.map_err(describe)?;
+            match tokio::time::timeout_at(deadline.into(), future).await {
+                Err(_) => Err("the broker did not acknowledge in time".to_string()),
+                Ok(Err(_)) => Err("the producer was shut down".to_string()),
+                Ok(Ok(Err((e, _)))) => Err(describe(e)),
+                Ok(Ok(Ok(delivery))) => Ok((delivery.partition, delivery.offset)),
+            }
+        });
+        join_all(waits).await
+    }
+}
+
+fn conflict(key: &str, why: &str) -> Error {
+    Error::IdempotencyConflict(format!("idempotency key {key:?} {why}"))
+}
+
+fn describe(e: KafkaError) -> String {
+    match e.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::QueueFull) => "the producer queue is full; retry later".into(),
+        Some(RDKafkaErrorCode::MessageTimedOut) => {
+            "the broker did not acknowledge in time".into()
+        }
+        _ => format!("the broker did not accept the event: {e}"),
+    }
+}
+
+fn count(prepared: &[Prepared], which: &[usize], outcome: &'static str) {
+    for &i in which {
+        metrics::counter!(
+            telemetry::EVENTS_PUBLISHED,
+            "event_type" => prepared[i].envelope.event_type.clone(),
+            "outcome" => outcome
+        )
+        .increment(1);
+    }
+}
+
+/// CloudEvents 1.0 Kafka binary-mode headers (CONTRACT.md §3). Metadata other than the
+/// correlation and causation ids travels as `agentbus-meta-<key>`.
+fn headers(p: &Prepared) -> OwnedHeaders {
+    let e = &p.envelope;
+    let id = e.event_id.to_string();
+    let time = format_time(&e.timestamp);
+    let version = p.version.version.to_string();
+    let mut h = OwnedHeaders::new_with_capacity(12)
+        .insert(header("ce_specversion", "1.0"))
+        .insert(header("ce_id", &id))
+        .insert(header("ce_type", &e.event_type))
+        .insert(header("ce_source", &e.source))
+        .insert(header("ce_time", &time))
+        .insert(header("content-type", "application/avro"))
+        .insert(header("ce_eventversion", &version))
+        .insert(header("ce_idempotencykey", &p.key));
+    for (key, value) in &e.metadata {
+        h = match key.as_str() {
+            "correlation_id" => h.insert(header("ce_correlationid", value)),
+            "causation_id" => h.insert(header("ce_causationid", value)),
+            other => h.insert(header(&format!("agentbus-meta-{other}"), value)),
+        };
+    }
+    if let Some(expires) = e.expires_at() {
+        h = h.insert(header("ce_expiresat", &format_time(&expires)));
+    }
+    h
+}
+
+fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
+    Header {
+        key,
+        value: Some(value),
+    }
+}
+
+/// The producer's settings. Each one matters for "answered 200 means durably written".
+pub fn producer_config(kafka: &KafkaArgs, timeout: Duration) -> rdkafka::ClientConfig {
+    let mut config = kafka.client_config();
+    // No duplicates or reordering from the producer's own retries.
+    config.set("enable.idempotence", "true");
+    // Acknowledged only once every in-sync replica has the event.
+    config.set("acks", "all");
+    // librdkafka's own bound on a delivery: past it the delivery fails and we answer 503.
+    config.set("message.timeout.ms", timeout.as_millis().to_string());
+    // Small batches: a few ms of lingering keeps single-event latency low while batches fill.
+    config.set("linger.ms", "2");
+    // Refuse quickly instead of buffering without bound when the broker falls behind.
+    config.set("queue.buffering.max.messages", "200000");
+    config
+}
+
+/// Watches the broker with a metadata request every `interval`, so that publishes fail
+/// fast while it is away and `/readyz` tells the truth.
+pub async fn watch_broker(
+    producer: FutureProducer,
+    up: Arc<AtomicBool>,
+    interval: Duration,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let client = producer.clone();
+        let ok = tokio::task::spawn_blocking(move || {
+            client
+                .client()
+                .fetch_metadata(None, Duration::from_secs(3))
+                .is_ok()
+        })
+        .await
+        .unwrap_or(false);
+        if up.swap(ok, Ordering::Relaxed) != ok {
+            if ok {
+                tracing::info!("broker reachable");
+            } else {
+                tracing::warn!("broker unreachable; publishes answer 503 until it is back");
+            }
+        }
+        metrics::gauge!(telemetry::BROKER_UP).set(if ok { 1.0 } else { 0.0 });
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}

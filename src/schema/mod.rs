@@ -1,0 +1,96 @@
+//! Versioned Avro schemas: loading `schemas/<event_type>/v<N>.avsc`, checking that each
+//! version can read the one before, stable schema ids, and the Confluent wire format.
+
+mod convert;
+mod registry;
+
+pub use convert::{Violation, json_to_avro};
+pub use registry::{Compatibility, EventType, Registry, SchemaVersion};
+
+use apache_avro::{Schema, types::Value};
+
+/// Errors of loading and using schemas.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The schema directory or one of its files could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: String,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// A file in the schema directory is not what it must be.
+    #[error("{path}: {reason}")]
+    Invalid {
+        /// The file or directory.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A version cannot read data written with the version before it.
+    #[error("{path}: not BACKWARD compatible with v{previous}: {reason}")]
+    Incompatible {
+        /// The newer schema file.
+        path: String,
+        /// The version it must be able to read.
+        previous: u32,
+        /// Why not, as apache-avro's checker puts it.
+        reason: String,
+    },
+    /// Encoding a value that passed validation failed; a bug, not bad input.
+    #[error("avro encoding failed: {0}")]
+    Encode(String),
+    /// A record value is not in the Confluent wire format or not decodable.
+    #[error("undecodable value: {0}")]
+    Decode(String),
+}
+
+/// The magic byte that starts a Confluent wire-format value.
+pub const WIRE_MAGIC: u8 = 0;
+
+/// Encodes an already-converted value as Confluent wire format:
+/// `0x00`, the schema id (4 bytes, big-endian), the Avro binary body.
+pub fn encode_wire(version: &SchemaVersion, value: &Value) -> Result<Vec<u8>, Error> {
+    let writer = apache_avro::writer::datum::GenericDatumWriter::builder(&version.schema)
+        // `json_to_avro` has validated the value against this very schema.
+        .validate(false)
+        .build()
+        .map_err(|e| Error::Encode(e.to_string()))?;
+    let mut out = Vec::with_capacity(64);
+    out.push(WIRE_MAGIC);
+    out.extend_from_slice(&version.id.to_be_bytes());
+    writer
+        .write_value_ref(&mut out, value)
+        .map_err(|e| Error::Encode(e.to_string()))?;
+    Ok(out)
+}
+
+/// Splits a Confluent wire-format value into its schema id and Avro body.
+pub fn split_wire(bytes: &[u8]) -> Result<(u32, &[u8]), Error> {
+    match bytes {
+        [WIRE_MAGIC, a, b, c, d, body @ ..] => Ok((u32::from_be_bytes([*a, *b, *c, *d]), body)),
+        [] => Err(Error::Decode("empty value".into())),
+        [WIRE_MAGIC, ..] => Err(Error::Decode("value shorter than the 5-byte header".into())),
+        [magic, ..] => Err(Error::Decode(format!(
+            "magic byte {magic:#04x}, expected 0x00"
+        ))),
+    }
+}
+
+/// Decodes an Avro body written with `schema`.
+pub fn decode_avro(schema: &Schema, mut body: &[u8]) -> Result<Value, Error> {
+    let reader = apache_avro::reader::datum::GenericDatumReader::builder(schema)
+        .build()
+        .map_err(|e| Error::Decode(e.to_string()))?;
+    let value = reader
+        .read_value(&mut body)
+        .map_err(|e| Error::Decode(e.to_string()))?;
+    if !body.is_empty() {
+        return Err(Error::Decode(format!(
+            "{} bytes left after the Avro body",
+            body.len()
+        )));
+    }
+    Ok(value)
+}

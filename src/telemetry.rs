@@ -1,0 +1,88 @@
+//! Logs and metrics. Metric names live here, in one place, so that the contract's names
+//! (CONTRACT.md §5) are spelled once.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+/// Events the publish path handled, by `event_type` and `outcome`.
+pub const EVENTS_PUBLISHED: &str = "agentbus_events_published_total";
+/// Time from a publish request's arrival to its answer, in seconds.
+pub const PUBLISH_DURATION: &str = "agentbus_publish_duration_seconds";
+/// Publish requests (single or batch) answered, by HTTP status class.
+pub const PUBLISH_REQUESTS: &str = "agentbus_publish_requests_total";
+/// Whether the broker answered the last metadata probe (1) or not (0).
+pub const BROKER_UP: &str = "agentbus_broker_up";
+/// Keys held by the publish idempotency store.
+pub const IDEMPOTENCY_KEYS: &str = "agentbus_idempotency_keys";
+/// Expired idempotency keys removed by the sweeper.
+pub const IDEMPOTENCY_SWEPT: &str = "agentbus_idempotency_swept_total";
+/// Schema versions loaded, by event type.
+pub const SCHEMAS_LOADED: &str = "agentbus_schemas_loaded";
+
+/// Outcomes of [`EVENTS_PUBLISHED`].
+pub mod outcome {
+    /// Written to Kafka and acknowledged by the broker.
+    pub const WRITTEN: &str = "written";
+    /// A repeat of an idempotency key already written; nothing written again.
+    pub const DUPLICATE: &str = "duplicate";
+    /// Refused before anything was written (bad envelope, schema, conflict, limits).
+    pub const REJECTED: &str = "rejected";
+    /// The broker did not acknowledge it (unavailable, timed out); answered 503.
+    pub const FAILED: &str = "failed";
+}
+
+/// Starts structured logging. `filter` is a tracing `EnvFilter` (`AGENTBUS_LOG`);
+/// `json` switches to one JSON object per line.
+pub fn init_logging(filter: &str, json: bool) {
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second call (tests build many apps in one process) keeps the first subscriber.
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// The process-wide Prometheus recorder. The `metrics` facade has one global recorder, so
+/// every [`crate::app::App`] in a process shares it.
+pub fn prometheus() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full(PUBLISH_DURATION.to_string()),
+                &[
+                    0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ],
+            )
+            .expect("bucket list is not empty");
+        let handle = builder
+            .install_recorder()
+            .expect("no other metrics recorder is installed in this process");
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        EVENTS_PUBLISHED,
+        "Events handled by the publish path, by event type and outcome."
+    );
+    describe_histogram!(
+        PUBLISH_DURATION,
+        metrics::Unit::Seconds,
+        "Time from a publish request's arrival to its answer."
+    );
+    describe_counter!(PUBLISH_REQUESTS, "Publish requests answered, by status.");
+    describe_gauge!(BROKER_UP, "1 when the broker answered the last metadata probe.");
+    describe_gauge!(IDEMPOTENCY_KEYS, "Keys held by the publish idempotency store.");
+    describe_counter!(IDEMPOTENCY_SWEPT, "Expired idempotency keys removed.");
+    describe_gauge!(SCHEMAS_LOADED, "Schema versions loaded, by event type.");
+}

@@ -1,0 +1,70 @@
+//! Creating the topics agentbus writes to. Some brokers (tansu among them) do not create
+//! topics on first use, and retention must be set anyway, so agentbus creates them.
+
+use std::time::Duration;
+
+use rdkafka::{
+    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    client::DefaultClientContext,
+    error::RDKafkaErrorCode,
+};
+
+use crate::config::KafkaArgs;
+
+/// Errors of topic administration.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The admin client could not be built or the request failed as a whole.
+    #[error("kafka admin: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// The broker refused to create one topic.
+    #[error("creating topic {topic}: {code}")]
+    Create {
+        /// The topic.
+        topic: String,
+        /// The broker's error code.
+        code: RDKafkaErrorCode,
+    },
+}
+
+/// A topic to create when absent.
+#[derive(Debug, Clone)]
+pub struct TopicSpec {
+    /// Its name.
+    pub name: String,
+    /// Its partitions.
+    pub partitions: i32,
+    /// Its replication factor.
+    pub replication: i32,
+    /// Its retention.
+    pub retention: Duration,
+}
+
+/// Creates every topic in `specs` that does not exist yet; existing ones are left alone.
+/// Returns the names created.
+pub async fn ensure(kafka: &KafkaArgs, specs: &[TopicSpec]) -> Result<Vec<String>, Error> {
+    let admin: AdminClient<DefaultClientContext> = kafka.client_config().create()?;
+    let retention: Vec<String> = specs
+        .iter()
+        .map(|s| s.retention.as_millis().to_string())
+        .collect();
+    let new_topics: Vec<NewTopic> = specs
+        .iter()
+        .zip(&retention)
+        .map(|(s, ms)| {
+            NewTopic::new(&s.name, s.partitions, TopicReplication::Fixed(s.replication))
+                .set("retention.ms", ms)
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin.create_topics(&new_topics, &options).await?;
+    let mut created = Vec::new();
+    for result in results {
+        match result {
+            Ok(topic) => created.push(topic),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(Error::Create { topic, code }),
+        }
+    }
+    Ok(created)
+}
