@@ -104,7 +104,9 @@ impl App {
 
     /// Where the HTTP API listens (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("a bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     /// Serves until `cancel`, then drains: in-flight requests get the shutdown grace period,

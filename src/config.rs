@@ -85,11 +85,19 @@ pub struct ServeArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct TopicArgs {
     /// Partitions of the event topics agentbus creates.
-    #[arg(long = "topic-partitions", env = "AGENTBUS_TOPIC_PARTITIONS", default_value_t = 3)]
+    #[arg(
+        long = "topic-partitions",
+        env = "AGENTBUS_TOPIC_PARTITIONS",
+        default_value_t = 3
+    )]
     pub partitions: i32,
 
     /// Replication factor of the topics agentbus creates (3 on a production cluster).
-    #[arg(long = "topic-replication", env = "AGENTBUS_TOPIC_REPLICATION", default_value_t = 1)]
+    #[arg(
+        long = "topic-replication",
+        env = "AGENTBUS_TOPIC_REPLICATION",
+        default_value_t = 1
+    )]
     pub replication: i32,
 
     /// Retention of the event topics.

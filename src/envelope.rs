@@ -266,9 +266,7 @@ pub fn valid_event_type(name: &str) -> bool {
     for segment in name.split('.') {
         let mut chars = segment.chars();
         let first_ok = chars.next().is_some_and(|c| c.is_ascii_lowercase());
-        if !first_ok
-            || !chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        {
+        if !first_ok || !chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
             return false;
         }
         segments += 1;
@@ -333,7 +331,17 @@ mod tests {
         for ok in ["agent.created", "agent.task.requested", "a1.b_2"] {
             assert!(valid_event_type(ok), "{ok}");
         }
-        for bad in ["agent", "Agent.created", "agent..created", "agent.", ".a", "1a.b", "a.B", "a-b.c", ""] {
+        for bad in [
+            "agent",
+            "Agent.created",
+            "agent..created",
+            "agent.",
+            ".a",
+            "1a.b",
+            "a.B",
+            "a-b.c",
+            "",
+        ] {
             assert!(!valid_event_type(bad), "{bad}");
         }
     }
@@ -344,14 +352,27 @@ mod tests {
         assert_eq!(parse_version(&json!("2")), Some(2));
         assert_eq!(parse_version(&json!("1.0")), Some(1));
         assert_eq!(parse_version(&json!(3.0)), Some(3));
-        for bad in [json!(0), json!(-1), json!("1.5"), json!(1.5), json!("x"), json!(""), json!("1."), json!(true)] {
+        for bad in [
+            json!(0),
+            json!(-1),
+            json!("1.5"),
+            json!(1.5),
+            json!("x"),
+            json!(""),
+            json!("1."),
+            json!(true),
+        ] {
             assert_eq!(parse_version(&bad), None, "{bad}");
         }
     }
 
     #[test]
     fn a_minimal_envelope_gets_an_id_a_timestamp_and_defaults() {
-        let e = Envelope::parse(json!({"event_type":"agent.created","source":"s","data":{}}), "").unwrap();
+        let e = Envelope::parse(
+            json!({"event_type":"agent.created","source":"s","data":{}}),
+            "",
+        )
+        .unwrap();
         assert_eq!(e.event_id.get_version_num(), 7);
         assert_eq!(e.key(), e.event_id.to_string());
         assert!(e.event_version.is_none());
@@ -365,7 +386,15 @@ mod tests {
         )
         .unwrap_err();
         let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
-        for p in ["[2].event_type", "[2].source", "[2].event_id", "[2].timestamp", "[2].ttl_ms", "[2].extra", "[2].metadata.a"] {
+        for p in [
+            "[2].event_type",
+            "[2].source",
+            "[2].event_id",
+            "[2].timestamp",
+            "[2].ttl_ms",
+            "[2].extra",
+            "[2].metadata.a",
+        ] {
             assert!(paths.contains(&p), "{p} missing from {paths:?}");
         }
     }

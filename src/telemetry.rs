@@ -81,8 +81,14 @@ fn describe() {
         "Time from a publish request's arrival to its answer."
     );
     describe_counter!(PUBLISH_REQUESTS, "Publish requests answered, by status.");
-    describe_gauge!(BROKER_UP, "1 when the broker answered the last metadata probe.");
-    describe_gauge!(IDEMPOTENCY_KEYS, "Keys held by the publish idempotency store.");
+    describe_gauge!(
+        BROKER_UP,
+        "1 when the broker answered the last metadata probe."
+    );
+    describe_gauge!(
+        IDEMPOTENCY_KEYS,
+        "Keys held by the publish idempotency store."
+    );
     describe_counter!(IDEMPOTENCY_SWEPT, "Expired idempotency keys removed.");
     describe_gauge!(SCHEMAS_LOADED, "Schema versions loaded, by event type.");
 }

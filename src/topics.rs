@@ -52,8 +52,12 @@ pub async fn ensure(kafka: &KafkaArgs, specs: &[TopicSpec]) -> Result<Vec<String
         .iter()
         .zip(&retention)
         .map(|(s, ms)| {
-            NewTopic::new(&s.name, s.partitions, TopicReplication::Fixed(s.replication))
-                .set("retention.ms", ms)
+            NewTopic::new(
+                &s.name,
+                s.partitions,
+                TopicReplication::Fixed(s.replication),
+            )
+            .set("retention.ms", ms)
         })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));

@@ -101,7 +101,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     "ok  {:<32} {}  [{}]",
                     t.name,
                     versions.join(", "),
-                    serde_json::to_value(t.compatibility)?.as_str().unwrap_or("")
+                    serde_json::to_value(t.compatibility)?
+                        .as_str()
+                        .unwrap_or("")
                 );
             }
             println!(

@@ -77,9 +77,13 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
     }
 }
 
-async fn publish_one(client: &reqwest::Client, endpoint: &str, args: &PublishArgs) -> anyhow::Result<()> {
-    let data: Value = serde_json::from_str(args.data.as_deref().unwrap_or("{}"))
-        .context("--data is not JSON")?;
+async fn publish_one(
+    client: &reqwest::Client,
+    endpoint: &str,
+    args: &PublishArgs,
+) -> anyhow::Result<()> {
+    let data: Value =
+        serde_json::from_str(args.data.as_deref().unwrap_or("{}")).context("--data is not JSON")?;
     let mut envelope = json!({
         "event_type": args.event_type,
         "source": args.source,
@@ -189,7 +193,9 @@ async fn publish_file(
             }
             Ok(_) => {
                 summary.failed += 1;
-                summary.errors.push(format!("line {}: not a JSON object", n + 1));
+                summary
+                    .errors
+                    .push(format!("line {}: not a JSON object", n + 1));
             }
             Err(e) => {
                 summary.failed += 1;
@@ -245,7 +251,9 @@ async fn publish_file(
             }
             Err(e) => {
                 summary.failed += batch.len() as u64;
-                summary.errors.push(format!("lines from {first_line}: {e:#}"));
+                summary
+                    .errors
+                    .push(format!("lines from {first_line}: {e:#}"));
             }
         }
         progress.inc(batch.len() as u64);

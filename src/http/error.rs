@@ -99,8 +99,11 @@ impl From<publish::Error> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, "idempotency_conflict", message)
             }
             publish::Error::BrokerUnavailable(message) => {
-                let mut e =
-                    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable", message);
+                let mut e = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "broker_unavailable",
+                    message,
+                );
                 e.retry_after = Some(RETRY_AFTER_SECS);
                 e
             }

@@ -30,7 +30,8 @@ pub async fn publish(State(state): State<AppState>, headers: HeaderMap, body: Bo
 
 async fn handle(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
     let limit = state.limits.max_body_bytes;
-    let too_large = || ApiError::payload_too_large(format!("the body is larger than {limit} bytes"));
+    let too_large =
+        || ApiError::payload_too_large(format!("the body is larger than {limit} bytes"));
     if let Some(length) = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -62,7 +63,9 @@ async fn handle(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Res
     let idempotency_key = match headers.get("idempotency-key") {
         None => None,
         Some(value) => {
-            let key = value.to_str().map_err(|_| bad_header("must be visible ASCII"))?;
+            let key = value
+                .to_str()
+                .map_err(|_| bad_header("must be visible ASCII"))?;
             check_idempotency_key(key).map_err(bad_header)?;
             Some(key.to_string())
         }

@@ -61,14 +61,26 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/events", post(events::publish))
         .route("/v1/schemas", get(schemas::list))
-        .route("/v1/schemas/{event_type}/versions/{version}", get(schemas::version))
+        .route(
+            "/v1/schemas/{event_type}/versions/{version}",
+            get(schemas::version),
+        )
         .route("/registry/schemas/ids/{id}", get(schemas::by_id))
         .route("/registry/schemas/ids/{id}/schema", get(schemas::by_id_raw))
         .route("/registry/schemas/types", get(schemas::schema_types))
         .route("/registry/subjects", get(schemas::subjects))
-        .route("/registry/subjects/{subject}/versions", get(schemas::subject_versions))
-        .route("/registry/subjects/{subject}/versions/{version}", get(schemas::subject_version))
-        .route("/registry/subjects/{subject}/versions/{version}/schema", get(schemas::subject_version_raw))
+        .route(
+            "/registry/subjects/{subject}/versions",
+            get(schemas::subject_versions),
+        )
+        .route(
+            "/registry/subjects/{subject}/versions/{version}",
+            get(schemas::subject_version),
+        )
+        .route(
+            "/registry/subjects/{subject}/versions/{version}/schema",
+            get(schemas::subject_version_raw),
+        )
         .route("/registry/config", get(schemas::config))
         .route("/registry/config/{subject}", get(schemas::subject_config))
         .route("/healthz", get(healthz))
@@ -102,7 +114,10 @@ async fn readyz(State(state): State<AppState>) -> Response {
 
 async fn metrics() -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         crate::telemetry::prometheus().render(),
     )
         .into_response()

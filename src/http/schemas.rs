@@ -59,7 +59,10 @@ fn pick_version<'a>(t: &'a EventType, version: &str) -> Option<&'a SchemaVersion
 
 fn raw_schema(v: &SchemaVersion) -> Response {
     (
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
         v.text.clone(),
     )
         .into_response()
@@ -71,14 +74,20 @@ const REGISTRY_JSON: &str = "application/vnd.schemaregistry.v1+json";
 fn registry_json(status: StatusCode, body: Value) -> Response {
     (
         status,
-        [(header::CONTENT_TYPE, HeaderValue::from_static(REGISTRY_JSON))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(REGISTRY_JSON),
+        )],
         body.to_string(),
     )
         .into_response()
 }
 
 fn registry_error(status: StatusCode, error_code: u32, message: String) -> Response {
-    registry_json(status, json!({ "error_code": error_code, "message": message }))
+    registry_json(
+        status,
+        json!({ "error_code": error_code, "message": message }),
+    )
 }
 
 fn subject_not_found(subject: &str) -> Response {
@@ -111,7 +120,11 @@ fn schema_not_found() -> Response {
 
 /// `GET /registry/subjects`.
 pub async fn subjects(State(state): State<AppState>) -> Response {
-    let names: Vec<&str> = state.registry.event_types().map(|t| t.name.as_str()).collect();
+    let names: Vec<&str> = state
+        .registry
+        .event_types()
+        .map(|t| t.name.as_str())
+        .collect();
     registry_json(StatusCode::OK, json!(names))
 }
 
@@ -160,12 +173,15 @@ fn lookup<'a>(
         .registry
         .event_type(subject)
         .ok_or_else(|| subject_not_found(subject))?;
-    let valid = version == "latest" || version == "-1" || version.parse::<u32>().is_ok_and(|n| n >= 1);
+    let valid =
+        version == "latest" || version == "-1" || version.parse::<u32>().is_ok_and(|n| n >= 1);
     if !valid {
         return Err(registry_error(
             StatusCode::UNPROCESSABLE_ENTITY,
             42202,
-            format!("The specified version '{version}' is not a valid version id. Allowed values are between [1, 2^31-1] and the string \"latest\""),
+            format!(
+                "The specified version '{version}' is not a valid version id. Allowed values are between [1, 2^31-1] and the string \"latest\""
+            ),
         ));
     }
     pick_version(t, version).ok_or_else(|| {
@@ -183,7 +199,10 @@ pub async fn config() -> Response {
 }
 
 /// `GET /registry/config/{subject}`.
-pub async fn subject_config(State(state): State<AppState>, Path(subject): Path<String>) -> Response {
+pub async fn subject_config(
+    State(state): State<AppState>,
+    Path(subject): Path<String>,
+) -> Response {
     match state.registry.event_type(&subject) {
         Some(t) => {
             let level = match t.compatibility {

@@ -194,7 +194,10 @@ impl IdempotencyStore {
         self.keys.apply_batch(keys)?;
         self.by_expiry.apply_batch(by_expiry)?;
         self.db.flush_async().await?;
-        let added = self.count.fetch_add(entries.len() as i64, Ordering::Relaxed) + entries.len() as i64;
+        let added = self
+            .count
+            .fetch_add(entries.len() as i64, Ordering::Relaxed)
+            + entries.len() as i64;
         metrics::gauge!(crate::telemetry::IDEMPOTENCY_KEYS).set(added as f64);
         Ok(())
     }
@@ -265,16 +268,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = IdempotencyStore::open(dir.path(), Duration::from_secs(60)).unwrap();
         let mut claim = Claim::new(&store);
-        assert!(matches!(store.begin("k", &[1; 32], &mut claim).unwrap(), Lookup::New));
+        assert!(matches!(
+            store.begin("k", &[1; 32], &mut claim).unwrap(),
+            Lookup::New
+        ));
         let mut other = Claim::new(&store);
-        assert!(matches!(store.begin("k", &[1; 32], &mut other).unwrap(), Lookup::InProgress));
+        assert!(matches!(
+            store.begin("k", &[1; 32], &mut other).unwrap(),
+            Lookup::InProgress
+        ));
         store.complete(&[("k", [1; 32], &result(7))]).await.unwrap();
         drop(claim);
         match store.begin("k", &[1; 32], &mut other).unwrap() {
             Lookup::Duplicate(r) => assert!(r.duplicate && r.offset == 7),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(store.begin("k", &[2; 32], &mut other).unwrap(), Lookup::Conflict));
+        assert!(matches!(
+            store.begin("k", &[2; 32], &mut other).unwrap(),
+            Lookup::Conflict
+        ));
     }
 
     #[tokio::test]
@@ -282,16 +294,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = IdempotencyStore::open(dir.path(), Duration::from_millis(50)).unwrap();
-            store.complete(&[("old", [1; 32], &result(1))]).await.unwrap();
+            store
+                .complete(&[("old", [1; 32], &result(1))])
+                .await
+                .unwrap();
         }
         let store = IdempotencyStore::open(dir.path(), Duration::from_secs(3600)).unwrap();
         assert_eq!(store.len(), 1);
-        store.complete(&[("new", [1; 32], &result(2))]).await.unwrap();
+        store
+            .complete(&[("new", [1; 32], &result(2))])
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(80)).await;
-        let mut claim = Claim::new(&store);
-        assert!(matches!(store.begin("old", &[9; 32], &mut claim).unwrap(), Lookup::New));
         assert_eq!(store.sweep().unwrap(), 1);
         assert_eq!(store.len(), 1);
-        assert!(matches!(store.begin("new", &[1; 32], &mut claim).unwrap(), Lookup::Duplicate(_)));
+        let mut claim = Claim::new(&store);
+        assert!(matches!(
+            store.begin("old", &[9; 32], &mut claim).unwrap(),
+            Lookup::New
+        ));
+        assert!(matches!(
+            store.begin("new", &[1; 32], &mut claim).unwrap(),
+            Lookup::Duplicate(_)
+        ));
     }
 }

@@ -150,7 +150,10 @@ impl Publisher {
         for (i, p) in prepared.iter().enumerate() {
             if let Some(&j) = first_index.get(p.key.as_str()) {
                 if prepared[j].hash != p.hash {
-                    return Err(conflict(&p.key, "twice in this batch with different bodies"));
+                    return Err(conflict(
+                        &p.key,
+                        "twice in this batch with different bodies",
+                    ));
                 }
                 copies.push((i, j));
                 continue;
@@ -202,7 +205,11 @@ impl Publisher {
             .iter()
             .map(|&i| {
                 let p = &prepared[i];
-                (p.key.as_str(), p.hash, answers[i].as_ref().expect("set above"))
+                (
+                    p.key.as_str(),
+                    p.hash,
+                    answers[i].as_ref().expect("set above"),
+                )
             })
             .collect();
         self.store.complete(&entries).await?;
@@ -305,13 +312,16 @@ impl Publisher {
         let hash: RequestHash = Sha256::digest(item.to_string().as_bytes()).into();
         let envelope = Envelope::parse(item, &root)
             .map_err(|v| PrepareError::Rejected(Rejection::InvalidEnvelope, v))?;
-        let event_type = self.registry.event_type(&envelope.event_type).ok_or_else(|| {
-            rejected(
-                Rejection::UnknownEventType,
-                at("event_type"),
-                format!("no schema for event type {:?}", envelope.event_type),
-            )
-        })?;
+        let event_type = self
+            .registry
+            .event_type(&envelope.event_type)
+            .ok_or_else(|| {
+                rejected(
+                    Rejection::UnknownEventType,
+                    at("event_type"),
+                    format!("no schema for event type {:?}", envelope.event_type),
+                )
+            })?;
         let version = match envelope.event_version {
             None => event_type.latest().clone(),
             Some(n) => event_type.versions.get(&n).cloned().ok_or_else(|| {
@@ -319,7 +329,11 @@ impl Publisher {
                 rejected(
                     Rejection::UnknownEventVersion,
                     at("event_version"),
-                    format!("{} has no version {n}; it has {}", event_type.name, known.join(", ")),
+                    format!(
+                        "{} has no version {n}; it has {}",
+                        event_type.name,
+                        known.join(", ")
+                    ),
                 )
             })?,
         };
@@ -345,7 +359,11 @@ impl Publisher {
 
     /// Hands the chosen items to the producer and waits, bounded by the publish timeout,
     /// for each acknowledgement: `(partition, offset)` or why not.
-    async fn write(&self, prepared: &[Prepared], which: &[usize]) -> Vec<Result<(i32, i64), String>> {
+    async fn write(
+        &self,
+        prepared: &[Prepared],
+        which: &[usize],
+    ) -> Vec<Result<(i32, i64), String>> {
         let deadline = Instant::now() + self.timeout + Duration::from_secs(1);
         let mut pending = Vec::with_capacity(which.len());
         for &i in which {
@@ -378,9 +396,7 @@ fn conflict(key: &str, why: &str) -> Error {
 fn describe(e: KafkaError) -> String {
     match e.rdkafka_error_code() {
         Some(RDKafkaErrorCode::QueueFull) => "the producer queue is full; retry later".into(),
-        Some(RDKafkaErrorCode::MessageTimedOut) => {
-            "the broker did not acknowledge in time".into()
-        }
+        Some(RDKafkaErrorCode::MessageTimedOut) => "the broker did not acknowledge in time".into(),
         _ => format!("the broker did not accept the event: {e}"),
     }
 }

@@ -61,8 +61,8 @@ impl fmt::Display for Path<'_> {
             Path::Root(root) => f.write_str(root),
             Path::Field(parent, name) => {
                 write!(f, "{parent}")?;
-                let plain = !name.is_empty()
-                    && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                let plain =
+                    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
                 if plain {
                     write!(f, ".{name}")
                 } else {
@@ -413,12 +413,12 @@ impl<'s> Converter<'s> {
                 } else {
                     let (head, tail) = bytes.split_at(16 - fixed.size);
                     let fill = if unscaled < 0 { 0xff } else { 0 };
-                    let sign_ok = tail.first().is_none_or(|b| (b & 0x80 != 0) == (unscaled < 0));
+                    let sign_ok = tail
+                        .first()
+                        .is_none_or(|b| (b & 0x80 != 0) == (unscaled < 0));
                     if head.iter().any(|b| *b != fill) || !sign_ok {
-                        return self.fail(
-                            path,
-                            format!("{text} does not fit in {} bytes", fixed.size),
-                        );
+                        return self
+                            .fail(path, format!("{text} does not fit in {} bytes", fixed.size));
                     }
                     tail.to_vec()
                 }
@@ -431,7 +431,10 @@ impl<'s> Converter<'s> {
     /// Parses `HH:MM:SS[.fraction]` into nanoseconds after midnight.
     fn time(&mut self, s: &str, path: &Path<'_>) -> Option<u64> {
         match NaiveTime::parse_from_str(s, "%H:%M:%S%.f") {
-            Ok(t) => Some(u64::from(t.num_seconds_from_midnight()) * 1_000_000_000 + u64::from(t.nanosecond())),
+            Ok(t) => Some(
+                u64::from(t.num_seconds_from_midnight()) * 1_000_000_000
+                    + u64::from(t.nanosecond()),
+            ),
             Err(e) => {
                 self.fail(path, format!("not a time of day (HH:MM:SS[.fff]): {e}"));
                 None
@@ -559,7 +562,9 @@ fn parse_decimal(text: &str, scale: usize, precision: usize) -> Result<i128, Str
     }
     let frac_trimmed = frac_part.trim_end_matches('0');
     if frac_trimmed.len() > scale {
-        return Err(format!("{text} has more than {scale} digits after the point"));
+        return Err(format!(
+            "{text} has more than {scale} digits after the point"
+        ));
     }
     let int_trimmed = int_part.trim_start_matches('0');
     if int_trimmed.len() + scale > precision || precision > 38 {
@@ -590,4 +595,223 @@ fn minimal_twos_complement(bytes: &[u8; 16]) -> Vec<u8> {
         start += 1;
     }
     bytes[start..].to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::{decode_avro, encode_wire, split_wire};
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    const RICH: &str = r#"{
+      "type": "record", "name": "Rich", "namespace": "t",
+      "fields": [
+        {"name": "id", "type": {"type": "string", "logicalType": "uuid"}},
+        {"name": "n", "type": "int"},
+        {"name": "big", "type": "long", "default": 5},
+        {"name": "ratio", "type": "double"},
+        {"name": "f", "type": "float", "default": 1.5},
+        {"name": "ok", "type": "boolean"},
+        {"name": "raw", "type": "bytes", "default": ""},
+        {"name": "tags", "type": {"type": "array", "items": "string"}, "default": []},
+        {"name": "attrs", "type": {"type": "map", "values": "long"}, "default": {}},
+        {"name": "color", "type": {"type": "enum", "name": "Color", "symbols": ["red", "green"]}},
+        {"name": "maybe", "type": ["null", "string"]},
+        {"name": "either", "type": ["null", "int", "string"], "default": null},
+        {"name": "inner", "type": {"type": "record", "name": "Inner", "fields": [
+            {"name": "x", "type": "int"},
+            {"name": "next", "type": ["null", "Inner"], "default": null}
+        ]}},
+        {"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+        {"name": "at_us", "type": {"type": "long", "logicalType": "timestamp-micros"}, "default": 0},
+        {"name": "day", "type": {"type": "int", "logicalType": "date"}, "default": 0},
+        {"name": "tod", "type": {"type": "int", "logicalType": "time-millis"}, "default": 0},
+        {"name": "price", "type": {"type": "bytes", "logicalType": "decimal", "precision": 9, "scale": 2}, "default": "\u0000"},
+        {"name": "mac", "type": {"type": "fixed", "name": "Mac", "size": 2}, "default": "\u0000\u0000"},
+        {"name": "same", "type": "Color", "default": "green"}
+      ]
+    }"#;
+
+    fn rich() -> SchemaVersion {
+        SchemaVersion::parse("t.rich", 1, RICH).unwrap()
+    }
+
+    fn valid() -> Json {
+        json!({
+            "id": "0192f6a2-7c3e-7a1b-9c2d-3e4f5a6b7c8d",
+            "n": 3, "ratio": 0.25, "ok": true, "color": "red", "maybe": "here",
+            "either": 42,
+            "inner": {"x": 1, "next": {"x": 2}},
+            "at": "2026-11-21T10:30:00.5Z",
+            "day": "1970-01-11", "tod": "00:00:01.250", "price": "12.3",
+            "tags": ["a"], "attrs": {"k": 9}
+        })
+    }
+
+    #[test]
+    fn every_kind_of_field_converts_and_round_trips_through_the_wire_format() {
+        let v = rich();
+        let avro = json_to_avro(&v, &valid(), "data").unwrap();
+        let wire = encode_wire(&v, &avro).unwrap();
+        let (id, body) = split_wire(&wire).unwrap();
+        assert_eq!(id, v.id);
+        let back = decode_avro(&v.schema, body).unwrap();
+        let Value::Record(fields) = back else {
+            panic!()
+        };
+        let get = |name: &str| fields.iter().find(|(n, _)| n == name).unwrap().1.clone();
+        assert_eq!(get("big"), Value::Long(5), "default");
+        assert_eq!(
+            get("maybe"),
+            Value::Union(1, Box::new(Value::String("here".into())))
+        );
+        assert_eq!(get("either"), Value::Union(1, Box::new(Value::Int(42))));
+        assert_eq!(get("at"), Value::TimestampMillis(1_795_257_000_500));
+        assert_eq!(get("day"), Value::Date(10));
+        assert_eq!(get("tod"), Value::TimeMillis(1250));
+        assert_eq!(
+            get("price"),
+            Value::Decimal(Decimal::from(vec![0x04, 0xce])),
+            "1230 unscaled"
+        );
+        assert_eq!(get("same"), Value::Enum(1, "green".into()));
+        let Value::Record(inner) = get("inner") else {
+            panic!()
+        };
+        assert!(
+            matches!(&inner[1].1, Value::Union(1, _)),
+            "recursive named type"
+        );
+    }
+
+    #[test]
+    fn absent_nullable_fields_are_null_and_avro_json_union_wrapping_is_understood() {
+        let v = rich();
+        let mut data = valid();
+        data.as_object_mut().unwrap().remove("maybe");
+        data["either"] = json!({"string": "wrapped"});
+        let Value::Record(fields) = json_to_avro(&v, &data, "data").unwrap() else {
+            panic!()
+        };
+        let get = |name: &str| fields.iter().find(|(n, _)| n == name).unwrap().1.clone();
+        assert_eq!(get("maybe"), Value::Union(0, Box::new(Value::Null)));
+        assert_eq!(
+            get("either"),
+            Value::Union(2, Box::new(Value::String("wrapped".into())))
+        );
+    }
+
+    #[test]
+    fn violations_name_the_field_path_and_are_all_reported() {
+        let v = rich();
+        let mut data = valid();
+        data["n"] = json!(1u64 << 40);
+        data["color"] = json!("blue");
+        data["inner"]["next"] = json!({"x": "two"});
+        data["tags"] = json!(["a", 1]);
+        data["attrs"] = json!({"weird key": "x"});
+        data["at"] = json!("yesterday");
+        data["price"] = json!("1.234");
+        data["unknown"] = json!(true);
+        data.as_object_mut().unwrap().remove("ok");
+        let errors = json_to_avro(&v, &data, "data").unwrap_err();
+        let mut paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        paths.sort();
+        assert_eq!(
+            paths,
+            [
+                "data.at",
+                "data.attrs[\"weird key\"]",
+                "data.color",
+                "data.inner.next.x",
+                "data.n",
+                "data.ok",
+                "data.price",
+                "data.tags[1]",
+                "data.unknown"
+            ]
+        );
+        let msg = |p: &str| errors.iter().find(|e| e.path == p).unwrap().message.clone();
+        assert_eq!(msg("data.ok"), "missing required field");
+        assert!(msg("data.color").contains("red, green"));
+    }
+
+    #[test]
+    fn decimals_check_scale_precision_and_sign() {
+        assert_eq!(parse_decimal("-1.5", 2, 9), Ok(-150));
+        assert_eq!(parse_decimal("0.10", 1, 9), Ok(1));
+        assert!(parse_decimal("1.234", 2, 9).is_err());
+        assert!(parse_decimal("1234567890", 2, 9).is_err());
+        assert!(parse_decimal("1e5", 2, 9).is_err());
+        assert!(parse_decimal("-", 2, 9).is_err());
+        assert_eq!(minimal_twos_complement(&(-1i128).to_be_bytes()), vec![0xff]);
+        assert_eq!(
+            minimal_twos_complement(&128i128.to_be_bytes()),
+            vec![0x00, 0x80]
+        );
+    }
+
+    fn arb_json() -> impl Strategy<Value = Json> {
+        let leaf = prop_oneof![
+            Just(Json::Null),
+            any::<bool>().prop_map(Json::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(|f| json!(f)),
+            "[a-z0-9 :.\\-]{0,12}".prop_map(Json::String),
+            Just(json!("0192f6a2-7c3e-7a1b-9c2d-3e4f5a6b7c8d")),
+            Just(json!("2026-11-21T10:30:00Z")),
+            Just(json!("red")),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            let keys = prop_oneof![
+                Just("id".to_string()),
+                Just("n".to_string()),
+                Just("inner".to_string()),
+                Just("x".to_string()),
+                Just("next".to_string()),
+                Just("either".to_string()),
+                Just("price".to_string()),
+                Just("mac".to_string()),
+                "[a-z]{1,4}",
+            ];
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Json::Array),
+                prop::collection::btree_map(keys, inner, 0..6)
+                    .prop_map(|m| Json::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Random JSON never panics the converter; whatever it accepts encodes and decodes.
+        #[test]
+        fn random_json_never_panics_and_accepted_values_round_trip(data in arb_json(), patch in arb_json()) {
+            let v = rich();
+            let _ = json_to_avro(&v, &data, "data");
+            let mut near_valid = valid();
+            if let (Json::Object(target), Json::Object(fields)) = (&mut near_valid, patch) {
+                for (k, val) in fields { target.insert(k, val); }
+            }
+            if let Ok(avro) = json_to_avro(&v, &near_valid, "data") {
+                let wire = encode_wire(&v, &avro).unwrap();
+                let (_, body) = split_wire(&wire).unwrap();
+                decode_avro(&v.schema, body).unwrap();
+            }
+        }
+
+        /// Arbitrary bytes never panic the decoder.
+        #[test]
+        fn random_bytes_never_panic_the_decoder(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
+            let v = rich();
+            if let Ok((_, body)) = split_wire(&bytes) {
+                let _ = decode_avro(&v.schema, body);
+            }
+            let _ = decode_avro(&v.schema, &bytes);
+        }
+    }
 }

@@ -78,8 +78,13 @@ pub fn split_wire(bytes: &[u8]) -> Result<(u32, &[u8]), Error> {
     }
 }
 
+/// The largest single allocation the Avro decoder may make for one string, bytes or
+/// collection: a corrupt length prefix must not make it ask for gigabytes.
+const MAX_DECODE_ALLOCATION: usize = 16 * 1024 * 1024;
+
 /// Decodes an Avro body written with `schema`.
 pub fn decode_avro(schema: &Schema, mut body: &[u8]) -> Result<Value, Error> {
+    apache_avro::util::max_allocation_bytes(MAX_DECODE_ALLOCATION);
     let reader = apache_avro::reader::datum::GenericDatumReader::builder(schema)
         .build()
         .map_err(|e| Error::Decode(e.to_string()))?;

@@ -69,6 +69,29 @@ pub struct EventType {
     pub description: Option<String>,
 }
 
+impl SchemaVersion {
+    /// Parses and checks one schema file's text.
+    pub fn parse(event_type: &str, version: u32, text: &str) -> Result<SchemaVersion, String> {
+        let schema = Schema::parse_str(text).map_err(|e| e.to_string())?;
+        if !matches!(schema, Schema::Record(_)) {
+            return Err(
+                "the top-level schema must be a record (an event's data is a JSON object)".into(),
+            );
+        }
+        let mut names = HashMap::new();
+        collect_names(&schema, &mut names)?;
+        let compact: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        Ok(SchemaVersion {
+            event_type: event_type.to_string(),
+            version,
+            id: schema_id(event_type, &schema.canonical_form()),
+            schema,
+            text: compact.to_string(),
+            names,
+        })
+    }
+}
+
 impl EventType {
     /// The newest version.
     pub fn latest(&self) -> &Arc<SchemaVersion> {
@@ -238,38 +261,20 @@ fn load_type(dir: &Path, name: &str) -> Result<EventType, Error> {
                 format!("versions must run 1, 2, 3... without gaps; v{expected} is missing"),
             ));
         }
-        let schema = Schema::parse_str(&text).map_err(|e| invalid(&path, e.to_string()))?;
-        if !matches!(schema, Schema::Record(_)) {
-            return Err(invalid(
-                &path,
-                "the top-level schema must be a record (an event's data is a JSON object)".into(),
-            ));
-        }
-        let mut names = HashMap::new();
-        collect_names(&schema, &mut names).map_err(|reason| invalid(&path, reason))?;
+        let parsed =
+            SchemaVersion::parse(name, version, &text).map_err(|reason| invalid(&path, reason))?;
         if let Some(previous) = loaded.get(&(version - 1))
             && settings.compatibility == Compatibility::Backward
         {
-            check_backward(&previous.schema, &schema).map_err(|reason| Error::Incompatible {
-                path: path.display().to_string(),
-                previous: version - 1,
-                reason,
+            check_backward(&previous.schema, &parsed.schema).map_err(|reason| {
+                Error::Incompatible {
+                    path: path.display().to_string(),
+                    previous: version - 1,
+                    reason,
+                }
             })?;
         }
-        let canonical = schema.canonical_form();
-        let compact: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| invalid(&path, e.to_string()))?;
-        loaded.insert(
-            version,
-            Arc::new(SchemaVersion {
-                event_type: name.to_string(),
-                version,
-                id: schema_id(name, &canonical),
-                schema,
-                text: compact.to_string(),
-                names,
-            }),
-        );
+        loaded.insert(version, Arc::new(parsed));
     }
     Ok(EventType {
         name: name.to_string(),
@@ -328,7 +333,10 @@ fn collect_names(schema: &Schema, names: &mut HashMap<String, Schema>) -> Result
             }
         }
         Schema::BigDecimal => {
-            return Err("logical type big-decimal is not supported; use decimal with a precision and scale".into());
+            return Err(
+                "logical type big-decimal is not supported; use decimal with a precision and scale"
+                    .into(),
+            );
         }
         _ => {}
     }

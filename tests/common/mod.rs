@@ -1,0 +1,303 @@
+//! Shared by the integration tests: a real broker (started through `ops/broker.sh`, or
+//! `AGENTBUS_BROKERS`), and the service started in-process on 127.0.0.1:0 with its own
+//! topic prefix and data directory, so tests run in parallel and again.
+#![allow(dead_code)]
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use agentbus::{app::App, config::ServeArgs};
+use clap::Parser;
+use rdkafka::{
+    ClientConfig, Message, Offset, TopicPartitionList,
+    consumer::{BaseConsumer, Consumer},
+    message::OwnedMessage,
+};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Bootstrap servers of the test broker; starts the local one once per test binary.
+pub fn brokers() -> String {
+    static BROKERS: OnceLock<String> = OnceLock::new();
+    BROKERS
+        .get_or_init(|| {
+            if let Ok(b) = std::env::var("AGENTBUS_BROKERS")
+                && !b.is_empty()
+            {
+                return b;
+            }
+            let out = Command::new(root().join("ops/broker.sh"))
+                .arg("start")
+                .output()
+                .expect("running ops/broker.sh");
+            assert!(
+                out.status.success(),
+                "ops/broker.sh start failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap().trim().to_string()
+        })
+        .clone()
+}
+
+/// A unique topic prefix for one test.
+pub fn unique_prefix() -> String {
+    format!("t{}.", uuid::Uuid::new_v4().simple())
+}
+
+#[derive(Parser)]
+struct Wrapper {
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+/// A running service.
+pub struct TestApp {
+    pub url: String,
+    pub prefix: String,
+    pub brokers: String,
+    pub data_dir: PathBuf,
+    pub client: reqwest::Client,
+    cancel: CancellationToken,
+    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+/// Options of [`spawn`].
+pub struct Options {
+    /// `None`: the test broker.
+    pub brokers: Option<String>,
+    pub schemas_dir: PathBuf,
+    pub data_dir: Option<PathBuf>,
+    pub prefix: String,
+    pub extra: Vec<String>,
+    pub wait_ready: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            brokers: None,
+            schemas_dir: root().join("schemas"),
+            data_dir: None,
+            prefix: unique_prefix(),
+            extra: Vec::new(),
+            wait_ready: true,
+        }
+    }
+}
+
+impl Options {
+    /// A service pointed at a port where no broker listens.
+    pub fn without_broker() -> Self {
+        Options {
+            brokers: Some("127.0.0.1:1".into()),
+            wait_ready: false,
+            ..Options::default()
+        }
+    }
+}
+
+/// Starts the service with the sample schemas, its own topics and data directory, and
+/// waits until `/readyz` says ready.
+pub async fn spawn_app() -> TestApp {
+    spawn(Options::default()).await
+}
+
+pub async fn spawn(options: Options) -> TestApp {
+    let (tmp, data_dir) = match options.data_dir {
+        Some(dir) => (None, dir),
+        None => {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().to_path_buf();
+            (Some(tmp), dir)
+        }
+    };
+    let brokers = options.brokers.unwrap_or_else(brokers);
+    let mut args: Vec<String> = [
+        "test",
+        "--brokers",
+        &brokers,
+        "--topic-prefix",
+        &options.prefix,
+        "--http-addr",
+        "127.0.0.1:0",
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--schemas-dir",
+        options.schemas_dir.to_str().unwrap(),
+        "--topic-partitions",
+        "2",
+        "--shutdown-grace",
+        "2s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(options.extra);
+    let settings = Wrapper::try_parse_from(args).unwrap().serve;
+    let app = App::build(settings).await.expect("the app builds");
+    let url = format!("http://{}", app.local_addr());
+    let cancel = CancellationToken::new();
+    let handle = tokio::spawn(app.run(cancel.clone()));
+    let test_app = TestApp {
+        url,
+        prefix: options.prefix,
+        brokers,
+        data_dir,
+        client: reqwest::Client::new(),
+        cancel,
+        handle: Some(handle),
+        _tmp: tmp,
+    };
+    if options.wait_ready {
+        test_app.wait_ready().await;
+    }
+    test_app
+}
+
+impl TestApp {
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = self.client.get(format!("{}/readyz", self.url)).send().await
+                && r.status() == 200
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the service did not become ready"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn post(&self, body: &Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}/v1/events", self.url))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn post_raw(&self, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        self.client
+            .post(format!("{}/v1/events", self.url))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub fn topic(&self, domain: &str) -> String {
+        format!("{}{domain}.events", self.prefix)
+    }
+
+    /// Stops the service as SIGTERM would, and waits for it.
+    pub async fn stop(mut self) {
+        self.cancel.cancel();
+        if let Some(handle) = self.handle.take() {
+            handle.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// A plain consumer assigned to every partition of `topic` from the beginning: no group,
+/// so no join delay.
+pub fn assigned_consumer(brokers: &str, topic: &str) -> BaseConsumer {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("test-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let mut assignment = TopicPartitionList::new();
+    for p in metadata.topics()[0].partitions() {
+        assignment
+            .add_partition_offset(topic, p.id(), Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
+    consumer
+}
+
+/// Reads `n` records of `topic` (all partitions), failing after 30 s.
+pub fn read_records(brokers: &str, topic: &str, n: usize) -> Vec<OwnedMessage> {
+    let consumer = assigned_consumer(brokers, topic);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut out = Vec::new();
+    while out.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} records arrived on {topic}",
+            out.len()
+        );
+        if let Some(result) = consumer.poll(Duration::from_millis(200)) {
+            out.push(result.unwrap().detach());
+        }
+    }
+    out
+}
+
+/// Records in `topic` (sum of high watermarks minus low), as the broker reports it.
+pub fn record_count(brokers: &str, topic: &str) -> i64 {
+    let consumer = assigned_consumer(brokers, topic);
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                .unwrap();
+            high - low
+        })
+        .sum()
+}
+
+/// The string value of header `name` of a record.
+pub fn header(message: &OwnedMessage, name: &str) -> Option<String> {
+    use rdkafka::message::Headers;
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// Path of the built `agentbus` binary.
+pub fn agentbus_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_agentbus"))
+}
