@@ -133,3 +133,25 @@ impl IntoResponse for ApiError {
         response
     }
 }
+
+/// `Path`, with a rejection in the API's error shape: a path segment that does not decode
+/// (bad percent-encoding, not UTF-8) names nothing, so it is a JSON 404.
+pub struct ApiPath<T>(pub T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for ApiPath<T>
+where
+    S: Send + Sync,
+    T: serde::de::DeserializeOwned + Send,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(value)| ApiPath(value))
+            .map_err(|e| ApiError::not_found(format!("no such resource: {}", e.body_text())))
+    }
+}

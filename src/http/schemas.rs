@@ -3,13 +3,16 @@
 
 use axum::{
     Json,
-    extract::{Path, State},
+    extract::State,
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use serde_json::{Value, json};
 
-use super::{AppState, error::ApiError};
+use super::{
+    AppState,
+    error::{ApiError, ApiPath},
+};
 use crate::schema::{Compatibility, EventType, SchemaVersion};
 
 /// `GET /v1/schemas`: every event type with its versions, ids and topic.
@@ -35,7 +38,7 @@ pub async fn list(State(state): State<AppState>) -> Json<Value> {
 /// in the `Agentbus-Schema-Id` header.
 pub async fn version(
     State(state): State<AppState>,
-    Path((event_type, version)): Path<(String, String)>,
+    ApiPath((event_type, version)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
     let t = state
         .registry
@@ -99,7 +102,7 @@ fn subject_not_found(subject: &str) -> Response {
 }
 
 /// `GET /registry/schemas/ids/{id}`.
-pub async fn by_id(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+pub async fn by_id(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Response {
     match id.parse().ok().and_then(|id| state.registry.by_id(id)) {
         Some(v) => registry_json(StatusCode::OK, json!({ "schema": v.text })),
         None => schema_not_found(),
@@ -107,7 +110,7 @@ pub async fn by_id(State(state): State<AppState>, Path(id): Path<String>) -> Res
 }
 
 /// `GET /registry/schemas/ids/{id}/schema`: the schema alone.
-pub async fn by_id_raw(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+pub async fn by_id_raw(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Response {
     match id.parse().ok().and_then(|id| state.registry.by_id(id)) {
         Some(v) => raw_schema(v),
         None => schema_not_found(),
@@ -131,7 +134,7 @@ pub async fn subjects(State(state): State<AppState>) -> Response {
 /// `GET /registry/subjects/{subject}/versions`.
 pub async fn subject_versions(
     State(state): State<AppState>,
-    Path(subject): Path<String>,
+    ApiPath(subject): ApiPath<String>,
 ) -> Response {
     match state.registry.event_type(&subject) {
         Some(t) => registry_json(StatusCode::OK, json!(t.versions.keys().collect::<Vec<_>>())),
@@ -142,7 +145,7 @@ pub async fn subject_versions(
 /// `GET /registry/subjects/{subject}/versions/{version|latest}`.
 pub async fn subject_version(
     State(state): State<AppState>,
-    Path((subject, version)): Path<(String, String)>,
+    ApiPath((subject, version)): ApiPath<(String, String)>,
 ) -> Response {
     match lookup(&state, &subject, &version) {
         Ok(v) => registry_json(
@@ -156,7 +159,7 @@ pub async fn subject_version(
 /// `GET /registry/subjects/{subject}/versions/{version|latest}/schema`.
 pub async fn subject_version_raw(
     State(state): State<AppState>,
-    Path((subject, version)): Path<(String, String)>,
+    ApiPath((subject, version)): ApiPath<(String, String)>,
 ) -> Response {
     match lookup(&state, &subject, &version) {
         Ok(v) => raw_schema(v),
@@ -201,7 +204,7 @@ pub async fn config() -> Response {
 /// `GET /registry/config/{subject}`.
 pub async fn subject_config(
     State(state): State<AppState>,
-    Path(subject): Path<String>,
+    ApiPath(subject): ApiPath<String>,
 ) -> Response {
     match state.registry.event_type(&subject) {
         Some(t) => {
