@@ -29,14 +29,23 @@ async fn every_documented_operation_is_served_with_a_documented_status_and_conte
             let url = format!("{}{path}", app.url);
             let request = match method.as_str() {
                 "get" => app.client.get(&url),
-                "post" => app.client.post(&url).json(&json!({"event_type": "agent.created", "source": "t", "data": {}})),
+                "post" => app
+                    .client
+                    .post(&url)
+                    .json(&json!({"event_type": "agent.created", "source": "t", "data": {}})),
                 other => panic!("undocumented method {other}"),
             };
             let response = request.send().await.unwrap();
             let status = response.status().as_u16().to_string();
             let documented = &operation["responses"][&status];
-            assert!(documented.is_object(), "{method} {path} answered {status}, not documented");
-            let content_type = response.headers()["content-type"].to_str().unwrap().to_string();
+            assert!(
+                documented.is_object(),
+                "{method} {path} answered {status}, not documented"
+            );
+            let content_type = response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .to_string();
             let types: Vec<&String> = documented["content"].as_object().unwrap().keys().collect();
             assert!(
                 types.iter().any(|t| content_type.starts_with(t.as_str())),
@@ -60,20 +69,29 @@ fn arb_json() -> impl Strategy<Value = Value> {
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(|n| json!(n)),
-        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| json!(f)),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(|f| json!(f)),
         ".{0,8}".prop_map(Value::String),
         Just(json!("agent.created")),
         Just(json!("workflow.started")),
     ];
     leaf.prop_recursive(4, 40, 6, |inner| {
         let keys = prop_oneof![
-            Just("event_type".to_string()), Just("source".to_string()), Just("data".to_string()),
-            Just("event_version".to_string()), Just("metadata".to_string()), Just("timestamp".to_string()),
-            Just("agent_id".to_string()), Just("steps".to_string()), ".{0,5}",
+            Just("event_type".to_string()),
+            Just("source".to_string()),
+            Just("data".to_string()),
+            Just("event_version".to_string()),
+            Just("metadata".to_string()),
+            Just("timestamp".to_string()),
+            Just("agent_id".to_string()),
+            Just("steps".to_string()),
+            ".{0,5}",
         ];
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
-            prop::collection::btree_map(keys, inner, 0..6).prop_map(|m| Value::Object(m.into_iter().collect())),
+            prop::collection::btree_map(keys, inner, 0..6)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
         ]
     })
 }
@@ -88,20 +106,38 @@ fn random_requests_never_get_a_500() {
         assert!(status < 500 || status == 503, "status {status}");
         if status >= 400 {
             let body: Value = response.json().await.expect("errors are JSON");
-            assert!(body["error"]["code"].is_string() || body["error_code"].is_number(), "{body}");
+            assert!(
+                body["error"]["code"].is_string() || body["error_code"].is_number(),
+                "{body}"
+            );
         }
     };
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(400));
     runner
-        .run(&(arb_json(), prop::collection::vec(any::<u8>(), 0..64), "[a-z0-9./{}%-]{0,20}"), |(json, bytes, path)| {
-            runtime.block_on(async {
-                check(app.post(&json).await).await;
-                check(app.post_raw(bytes).await).await;
-                check(app.get(&format!("/v1/schemas/{path}/versions/{path}")).await).await;
-                check(app.get(&format!("/registry/subjects/{path}/versions/{path}")).await).await;
-                check(app.get(&format!("/registry/schemas/ids/{path}")).await).await;
-            });
-            Ok(())
-        })
+        .run(
+            &(
+                arb_json(),
+                prop::collection::vec(any::<u8>(), 0..64),
+                "[a-z0-9./{}%-]{0,20}",
+            ),
+            |(json, bytes, path)| {
+                runtime.block_on(async {
+                    check(app.post(&json).await).await;
+                    check(app.post_raw(bytes).await).await;
+                    check(
+                        app.get(&format!("/v1/schemas/{path}/versions/{path}"))
+                            .await,
+                    )
+                    .await;
+                    check(
+                        app.get(&format!("/registry/subjects/{path}/versions/{path}"))
+                            .await,
+                    )
+                    .await;
+                    check(app.get(&format!("/registry/schemas/ids/{path}")).await).await;
+                });
+                Ok(())
+            },
+        )
         .unwrap();
 }
