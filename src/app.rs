@@ -150,7 +150,7 @@ impl App {
         if let Err(e) = flushed {
             tracing::warn!(error = %e, "producer flush incomplete at shutdown");
         }
-        store.flush()?;
+        store.flush().await?;
         tracing::info!("agentbus stopped");
         Ok(())
     }
@@ -198,12 +198,10 @@ async fn sweep_idempotency(store: Arc<IdempotencyStore>, cancel: CancellationTok
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(60)) => {}
         }
-        let store = store.clone();
-        match tokio::task::spawn_blocking(move || store.sweep()).await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(n)) => tracing::debug!(removed = n, "swept expired idempotency keys"),
-            Ok(Err(e)) => tracing::error!(error = %e, "idempotency sweep failed"),
-            Err(e) => tracing::error!(error = %e, "idempotency sweep panicked"),
+        match store.sweep().await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(removed = n, "swept expired idempotency keys"),
+            Err(e) => tracing::error!(error = %e, "idempotency sweep failed"),
         }
     }
 }

@@ -23,8 +23,17 @@ impl KafkaArgs {
     /// as `AGENTBUS_KAFKA_<NAME>` (upper case, `_` for `.`): `AGENTBUS_KAFKA_SECURITY_PROTOCOL=ssl`
     /// sets `security.protocol=ssl`. That is how TLS and SASL settings pass through.
     pub fn client_config(&self) -> ClientConfig {
+        self.client_config_with(&[])
+    }
+
+    /// Like [`KafkaArgs::client_config`], with `defaults` set first so that an
+    /// `AGENTBUS_KAFKA_*` variable can still override each of them.
+    pub fn client_config_with(&self, defaults: &[(&str, String)]) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.brokers);
+        for (name, value) in defaults {
+            config.set(*name, value);
+        }
         for (name, value) in std::env::vars() {
             if let Some(setting) = name.strip_prefix("AGENTBUS_KAFKA_") {
                 config.set(setting.to_ascii_lowercase().replace('_', "."), value);

@@ -4,6 +4,10 @@
 //!
 //! A second index, ordered by expiry time, makes a sweep cost what it removes, not the
 //! size of the store.
+//!
+//! Every write goes through one writer thread that applies what has queued up and then
+//! flushes once for all of it (group commit). Besides being fast, this keeps sled 0.34 away
+//! from concurrent flushes racing writers, which deadlock it under load.
 
 use std::{
     collections::HashSet,
@@ -16,6 +20,7 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
 
 /// The answer first given for a key, as stored and as replayed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +65,9 @@ pub enum Error {
     /// sled failed (I/O, corruption).
     #[error("idempotency store: {0}")]
     Sled(#[from] sled::Error),
+    /// The writer thread failed to write or flush; what it was given is not durable.
+    #[error("idempotency store: {0}")]
+    Write(String),
     /// A stored record is not what this version writes.
     #[error("idempotency store: unreadable record for key {0:?}")]
     Corrupt(String),
@@ -67,12 +75,39 @@ pub enum Error {
 
 /// The store. Cheap to share behind an `Arc`.
 pub struct IdempotencyStore {
-    db: sled::Db,
     keys: sled::Tree,
-    by_expiry: sled::Tree,
     ttl: Duration,
     in_flight: Mutex<HashSet<String>>,
-    count: AtomicI64,
+    count: Arc<AtomicI64>,
+    writer: mpsc::Sender<Job>,
+    writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for IdempotencyStore {
+    /// Closes the queue and waits for the writer to finish what it has and release the
+    /// database, so the directory can be opened again at once.
+    fn drop(&mut self) {
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.writer, closed));
+        if let Some(thread) = self.writer_thread.lock().expect("not poisoned").take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Work for the writer thread; each job is answered once it is on disk.
+enum Job {
+    Complete {
+        records: Vec<(String, Vec<u8>)>,
+        expires: u64,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Sweep {
+        reply: oneshot::Sender<Result<usize, String>>,
+    },
+    Flush {
+        reply: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 /// Keys claimed by one request; dropping it releases those not completed.
@@ -107,25 +142,39 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Jobs taken into one group commit at most.
+const MAX_GROUP: usize = 512;
+
 impl IdempotencyStore {
-    /// Opens (or creates) the store under `dir`.
+    /// Opens (or creates) the store under `dir` and starts its writer thread, which ends
+    /// when the store is dropped.
     pub fn open(dir: &Path, ttl: Duration) -> Result<Arc<Self>, Error> {
         let db = sled::Config::new()
             .path(dir)
-            // Flushed explicitly before a publish is answered; the periodic flush only
-            // covers the sweeper's deletions.
-            .flush_every_ms(Some(1000))
+            // The writer thread flushes; a second flusher would race it.
+            .flush_every_ms(None)
             .open()?;
         let keys = db.open_tree("publish_keys")?;
         let by_expiry = db.open_tree("publish_keys_by_expiry")?;
-        let count = AtomicI64::new(keys.len() as i64);
-        let store = Arc::new(IdempotencyStore {
+        let count = Arc::new(AtomicI64::new(keys.len() as i64));
+        let (writer, jobs) = mpsc::channel(4096);
+        let writer_state = Writer {
             db,
-            keys,
+            keys: keys.clone(),
             by_expiry,
+            count: count.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("idempotency-writer".into())
+            .spawn(move || writer_state.run(jobs))
+            .map_err(|e| Error::Write(format!("starting the writer thread: {e}")))?;
+        let store = Arc::new(IdempotencyStore {
+            keys,
             ttl,
             in_flight: Mutex::new(HashSet::new()),
             count,
+            writer,
+            writer_thread: Mutex::new(Some(thread)),
         });
         metrics::gauge!(crate::telemetry::IDEMPOTENCY_KEYS).set(store.len() as f64);
         Ok(store)
@@ -141,8 +190,8 @@ impl IdempotencyStore {
         self.len() == 0
     }
 
-    /// Looks `key` up; when it is new, adds it to `claim` so no concurrent request can
-    /// write it too.
+    /// Looks `key` up; when it is new (or expired), adds it to `claim` so no concurrent
+    /// request can write it too.
     pub fn begin(&self, key: &str, hash: &RequestHash, claim: &mut Claim) -> Result<Lookup, Error> {
         if let Some(raw) = self.keys.get(key)? {
             let (expires, stored_hash, result) =
@@ -157,10 +206,6 @@ impl IdempotencyStore {
                     Lookup::Conflict
                 });
             }
-            // Expired but not yet swept: forget it now so the count stays true.
-            if self.keys.remove(key)?.is_some() {
-                self.count.fetch_sub(1, Ordering::Relaxed);
-            }
         }
         let mut in_flight = self.in_flight.lock().expect("not poisoned");
         if in_flight.insert(key.to_string()) {
@@ -171,8 +216,8 @@ impl IdempotencyStore {
         }
     }
 
-    /// Records the results of written events and makes them durable before returning,
-    /// so that a publish is never answered 200 with its key only in memory.
+    /// Records the results of written events and returns once they are on disk, so that
+    /// a publish is never answered 200 with its key only in memory.
     pub async fn complete(
         &self,
         entries: &[(&str, RequestHash, &PublishResult)],
@@ -180,30 +225,115 @@ impl IdempotencyStore {
         if entries.is_empty() {
             return Ok(());
         }
+        let records = entries
+            .iter()
+            .map(|(key, hash, result)| {
+                let mut value = Vec::with_capacity(200);
+                value.extend_from_slice(&[0; 8]); // expiry, set by the writer
+                value.extend_from_slice(hash);
+                serde_json::to_writer(&mut value, result).expect("a result serializes");
+                (key.to_string(), value)
+            })
+            .collect();
         let expires = now_ms() + self.ttl.as_millis() as u64;
-        let mut keys = sled::Batch::default();
-        let mut by_expiry = sled::Batch::default();
-        for (key, hash, result) in entries {
-            let mut value = Vec::with_capacity(160);
-            value.extend_from_slice(&expires.to_be_bytes());
-            value.extend_from_slice(hash);
-            serde_json::to_writer(&mut value, result).expect("a result serializes");
-            keys.insert(key.as_bytes(), value);
-            by_expiry.insert(expiry_key(expires, key), &[]);
-        }
-        self.keys.apply_batch(keys)?;
-        self.by_expiry.apply_batch(by_expiry)?;
-        self.db.flush_async().await?;
-        let added = self
-            .count
-            .fetch_add(entries.len() as i64, Ordering::Relaxed)
-            + entries.len() as i64;
-        metrics::gauge!(crate::telemetry::IDEMPOTENCY_KEYS).set(added as f64);
-        Ok(())
+        let (reply, done) = oneshot::channel();
+        self.submit(Job::Complete {
+            records,
+            expires,
+            reply,
+        })
+        .await?;
+        done.await
+            .map_err(|_| Error::Write("the writer thread stopped".into()))?
+            .map_err(Error::Write)
     }
 
     /// Removes keys whose window has passed; returns how many.
-    pub fn sweep(&self) -> Result<usize, Error> {
+    pub async fn sweep(&self) -> Result<usize, Error> {
+        let (reply, done) = oneshot::channel();
+        self.submit(Job::Sweep { reply }).await?;
+        done.await
+            .map_err(|_| Error::Write("the writer thread stopped".into()))?
+            .map_err(Error::Write)
+    }
+
+    /// Writes everything to disk (at shutdown).
+    pub async fn flush(&self) -> Result<(), Error> {
+        let (reply, done) = oneshot::channel();
+        self.submit(Job::Flush { reply }).await?;
+        done.await
+            .map_err(|_| Error::Write("the writer thread stopped".into()))?
+            .map_err(Error::Write)
+    }
+
+    async fn submit(&self, job: Job) -> Result<(), Error> {
+        self.writer
+            .send(job)
+            .await
+            .map_err(|_| Error::Write("the writer thread stopped".into()))
+    }
+}
+
+/// The writer thread's side of the store.
+struct Writer {
+    db: sled::Db,
+    keys: sled::Tree,
+    by_expiry: sled::Tree,
+    count: Arc<AtomicI64>,
+}
+
+impl Writer {
+    fn run(self, mut jobs: mpsc::Receiver<Job>) {
+        while let Some(first) = jobs.blocking_recv() {
+            let mut group = vec![first];
+            while group.len() < MAX_GROUP {
+                match jobs.try_recv() {
+                    Ok(job) => group.push(job),
+                    Err(_) => break,
+                }
+            }
+            let mut applied = Vec::with_capacity(group.len());
+            for job in group {
+                let outcome = match &job {
+                    Job::Complete {
+                        records, expires, ..
+                    } => self.complete(records, *expires).map(|()| 0),
+                    Job::Sweep { .. } => self.sweep(),
+                    Job::Flush { .. } => Ok(0),
+                };
+                applied.push((job, outcome.map_err(|e| e.to_string())));
+            }
+            let flushed = self.db.flush().map(|_| ()).map_err(|e| e.to_string());
+            let gauge = self.count.load(Ordering::Relaxed).max(0) as f64;
+            metrics::gauge!(crate::telemetry::IDEMPOTENCY_KEYS).set(gauge);
+            for (job, outcome) in applied {
+                let outcome = flushed.clone().and(outcome);
+                // A requester that went away no longer needs the answer.
+                match job {
+                    Job::Complete { reply, .. } | Job::Flush { reply } => {
+                        let _ = reply.send(outcome.map(|_| ()));
+                    }
+                    Job::Sweep { reply } => {
+                        let _ = reply.send(outcome);
+                    }
+                }
+            }
+        }
+    }
+
+    fn complete(&self, records: &[(String, Vec<u8>)], expires: u64) -> Result<(), sled::Error> {
+        for (key, value) in records {
+            let mut value = value.clone();
+            value[..8].copy_from_slice(&expires.to_be_bytes());
+            if self.keys.insert(key.as_bytes(), value)?.is_none() {
+                self.count.fetch_add(1, Ordering::Relaxed);
+            }
+            self.by_expiry.insert(expiry_key(expires, key), &[])?;
+        }
+        Ok(())
+    }
+
+    fn sweep(&self) -> Result<usize, sled::Error> {
         let now = now_ms();
         let mut removed = 0;
         for entry in self.by_expiry.range(..now.to_be_bytes().to_vec()) {
@@ -219,17 +349,10 @@ impl IdempotencyStore {
             self.by_expiry.remove(index_key)?;
         }
         if removed > 0 {
-            let left = self.count.fetch_sub(removed as i64, Ordering::Relaxed) - removed as i64;
-            metrics::gauge!(crate::telemetry::IDEMPOTENCY_KEYS).set(left.max(0) as f64);
+            self.count.fetch_sub(removed as i64, Ordering::Relaxed);
             metrics::counter!(crate::telemetry::IDEMPOTENCY_SWEPT).increment(removed as u64);
         }
         Ok(removed)
-    }
-
-    /// Writes everything to disk (at shutdown).
-    pub fn flush(&self) -> Result<(), Error> {
-        self.db.flush()?;
-        Ok(())
     }
 }
 
@@ -306,7 +429,7 @@ mod tests {
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(80)).await;
-        assert_eq!(store.sweep().unwrap(), 1);
+        assert_eq!(store.sweep().await.unwrap(), 1);
         assert_eq!(store.len(), 1);
         let mut claim = Claim::new(&store);
         assert!(matches!(

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Benchmarks, each against a raw librdkafka baseline on the same broker in the same run.
+#
+#   ops/bench.sh publish [agentbus-bench publish flags...]
+#
+# Starts the local broker (or uses AGENTBUS_BROKERS), builds release binaries, starts
+# `agentbus serve` on a free port with its own topic prefix and data directory, runs the load
+# generator, and prints both rates, the ratio, single-event latency and the service's peak
+# memory (VmHWM).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+what=${1:-}
+[ -n "$what" ] || { echo "usage: $0 publish [flags]" >&2; exit 2; }
+shift
+
+brokers=$(ops/broker.sh start)
+cargo build --release --quiet --bin agentbus --bin agentbus-bench
+
+work=$(mktemp -d)
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+prefix="bench$(date +%s)."
+pid=
+cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+
+AGENTBUS_BROKERS=$brokers AGENTBUS_HTTP_ADDR=127.0.0.1:$port AGENTBUS_DATA_DIR=$work \
+  AGENTBUS_TOPIC_PREFIX=$prefix AGENTBUS_LOG=warn AGENTBUS_SCHEMAS_DIR=schemas \
+  target/release/agentbus serve &
+pid=$!
+for _ in $(seq 1 300); do
+  curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break
+  sleep 0.1
+done
+curl -sf "http://127.0.0.1:$port/readyz" >/dev/null || { echo "agentbus did not become ready" >&2; exit 1; }
+
+echo "broker $brokers, agentbus pid $pid on 127.0.0.1:$port, $(nproc) cores"
+case $what in
+  publish)
+    target/release/agentbus-bench publish --brokers "$brokers" --url "http://127.0.0.1:$port" --service-pid "$pid" "$@"
+    ;;
+  *) echo "unknown benchmark $what" >&2; exit 2 ;;
+esac
+echo "agentbus peak memory (VmHWM): $(awk '/VmHWM/ {printf "%.1f MiB", $2/1024}' /proc/$pid/status)"
