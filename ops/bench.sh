@@ -14,6 +14,14 @@ what=${1:-}
 [ -n "$what" ] || { echo "usage: $0 publish [flags]" >&2; exit 2; }
 shift
 
+# A fresh broker of its own for every run (unless AGENTBUS_BROKERS), so figures do not depend
+# on what earlier runs left in it.
+if [ -z "${AGENTBUS_BROKERS:-}" ]; then
+  export AGENTBUS_BROKER_PORT=${AGENTBUS_BENCH_BROKER_PORT:-19192}
+  export AGENTBUS_DATA_DIR=$PWD/target/bench-data
+  ops/broker.sh stop
+  rm -rf "$AGENTBUS_DATA_DIR/tansu"
+fi
 brokers=$(ops/broker.sh start)
 cargo build --release --quiet --bin agentbus --bin agentbus-bench
 
@@ -21,7 +29,12 @@ work=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 prefix="bench$(date +%s)."
 pid=
-cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null; rm -rf "$work"; }
+cleanup() {
+  [ -n "$pid" ] && kill "$pid" 2>/dev/null
+  wait 2>/dev/null
+  rm -rf "$work"
+  [ -z "${AGENTBUS_BROKERS:-}" ] && ops/broker.sh stop
+}
 trap cleanup EXIT
 
 AGENTBUS_BROKERS=$brokers AGENTBUS_HTTP_ADDR=127.0.0.1:$port AGENTBUS_DATA_DIR=$work \

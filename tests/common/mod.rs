@@ -25,6 +25,18 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The tests' own broker keeps its data apart from the development broker's
+/// (`ops/test.sh` uses the same defaults).
+fn test_broker_dir() -> PathBuf {
+    std::env::var_os("AGENTBUS_TEST_DATA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target/test-data"))
+}
+
+fn test_broker_port() -> String {
+    std::env::var("AGENTBUS_TEST_BROKER_PORT").unwrap_or_else(|_| "19092".into())
+}
+
 /// Bootstrap servers of the test broker; starts the local one once per test binary.
 pub fn brokers() -> String {
     static BROKERS: OnceLock<String> = OnceLock::new();
@@ -37,6 +49,8 @@ pub fn brokers() -> String {
             }
             let out = Command::new(root().join("ops/broker.sh"))
                 .arg("start")
+                .env("AGENTBUS_DATA_DIR", test_broker_dir())
+                .env("AGENTBUS_BROKER_PORT", test_broker_port())
                 .output()
                 .expect("running ops/broker.sh");
             assert!(
