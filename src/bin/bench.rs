@@ -191,18 +191,27 @@ async fn latency(
         let endpoint = endpoint.clone();
         handles.push(tokio::spawn(async move {
             let response = client.post(endpoint.as_str()).json(&event(i)).send().await;
-            let ok = matches!(&response, Ok(r) if r.status().is_success());
-            (at.elapsed(), ok)
+            let outcome = match response {
+                Ok(r) if r.status().is_success() => None,
+                Ok(r) => Some(format!("HTTP {}", r.status().as_u16())),
+                Err(e) => Some(format!("{e}")),
+            };
+            (at.elapsed(), outcome)
         }));
     }
     let mut latencies = Vec::with_capacity(total);
     let mut failures = 0;
+    let mut reasons = std::collections::BTreeMap::new();
     for h in handles {
-        let (elapsed, ok) = h.await?;
-        if !ok {
+        let (elapsed, outcome) = h.await?;
+        if let Some(reason) = outcome {
             failures += 1;
+            *reasons.entry(reason).or_insert(0) += 1;
         }
         latencies.push(elapsed.as_secs_f64() * 1000.0);
+    }
+    for (reason, n) in &reasons {
+        println!("  failed {n}x: {reason}");
     }
     latencies.sort_by(|a, b| a.total_cmp(b));
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];

@@ -86,14 +86,31 @@ fn registry_json(status: StatusCode, body: Value) -> Response {
         .into_response()
 }
 
-fn registry_error(status: StatusCode, error_code: u32, message: String) -> Response {
-    registry_json(
-        status,
-        json!({ "error_code": error_code, "message": message }),
-    )
+/// An error in the Confluent registry's shape: `{"error_code", "message"}`.
+struct RegistryError {
+    status: StatusCode,
+    error_code: u32,
+    message: String,
 }
 
-fn subject_not_found(subject: &str) -> Response {
+impl IntoResponse for RegistryError {
+    fn into_response(self) -> Response {
+        registry_json(
+            self.status,
+            json!({ "error_code": self.error_code, "message": self.message }),
+        )
+    }
+}
+
+fn registry_error(status: StatusCode, error_code: u32, message: String) -> RegistryError {
+    RegistryError {
+        status,
+        error_code,
+        message,
+    }
+}
+
+fn subject_not_found(subject: &str) -> RegistryError {
     registry_error(
         StatusCode::NOT_FOUND,
         40401,
@@ -105,7 +122,7 @@ fn subject_not_found(subject: &str) -> Response {
 pub async fn by_id(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Response {
     match id.parse().ok().and_then(|id| state.registry.by_id(id)) {
         Some(v) => registry_json(StatusCode::OK, json!({ "schema": v.text })),
-        None => schema_not_found(),
+        None => schema_not_found().into_response(),
     }
 }
 
@@ -113,11 +130,11 @@ pub async fn by_id(State(state): State<AppState>, ApiPath(id): ApiPath<String>) 
 pub async fn by_id_raw(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> Response {
     match id.parse().ok().and_then(|id| state.registry.by_id(id)) {
         Some(v) => raw_schema(v),
-        None => schema_not_found(),
+        None => schema_not_found().into_response(),
     }
 }
 
-fn schema_not_found() -> Response {
+fn schema_not_found() -> RegistryError {
     registry_error(StatusCode::NOT_FOUND, 40403, "Schema not found".into())
 }
 
@@ -138,7 +155,7 @@ pub async fn subject_versions(
 ) -> Response {
     match state.registry.event_type(&subject) {
         Some(t) => registry_json(StatusCode::OK, json!(t.versions.keys().collect::<Vec<_>>())),
-        None => subject_not_found(&subject),
+        None => subject_not_found(&subject).into_response(),
     }
 }
 
@@ -152,7 +169,7 @@ pub async fn subject_version(
             StatusCode::OK,
             json!({"subject": subject, "version": v.version, "id": v.id, "schema": v.text}),
         ),
-        Err(response) => response,
+        Err(e) => e.into_response(),
     }
 }
 
@@ -163,7 +180,7 @@ pub async fn subject_version_raw(
 ) -> Response {
     match lookup(&state, &subject, &version) {
         Ok(v) => raw_schema(v),
-        Err(response) => response,
+        Err(e) => e.into_response(),
     }
 }
 
@@ -171,7 +188,7 @@ fn lookup<'a>(
     state: &'a AppState,
     subject: &str,
     version: &str,
-) -> Result<&'a SchemaVersion, Response> {
+) -> Result<&'a SchemaVersion, RegistryError> {
     let t = state
         .registry
         .event_type(subject)
@@ -214,7 +231,7 @@ pub async fn subject_config(
             };
             registry_json(StatusCode::OK, json!({ "compatibilityLevel": level }))
         }
-        None => subject_not_found(&subject),
+        None => subject_not_found(&subject).into_response(),
     }
 }
 

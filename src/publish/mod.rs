@@ -466,17 +466,23 @@ pub fn producer_config(kafka: &KafkaArgs, timeout: Duration) -> rdkafka::ClientC
     ])
 }
 
+/// Probes that must fail in a row before the broker counts as unreachable: one slow answer
+/// under load must not turn publishes away.
+const PROBES_TO_FAIL: u32 = 2;
+
 /// Watches the broker with a metadata request every `interval`, so that publishes fail
-/// fast while it is away and `/readyz` tells the truth.
+/// fast while it is away and `/readyz` tells the truth. It counts as reachable from the first
+/// answer, and as unreachable after [`PROBES_TO_FAIL`] probes in a row got none.
 pub async fn watch_broker(
     producer: FutureProducer,
     up: Arc<AtomicBool>,
     interval: Duration,
     cancel: tokio_util::sync::CancellationToken,
 ) {
+    let mut failures = 0;
     loop {
         let client = producer.clone();
-        let ok = tokio::task::spawn_blocking(move || {
+        let answered = tokio::task::spawn_blocking(move || {
             client
                 .client()
                 .fetch_metadata(None, Duration::from_secs(3))
@@ -484,14 +490,16 @@ pub async fn watch_broker(
         })
         .await
         .unwrap_or(false);
-        if up.swap(ok, Ordering::Relaxed) != ok {
-            if ok {
+        failures = if answered { 0 } else { failures + 1 };
+        let reachable = answered || (up.load(Ordering::Relaxed) && failures < PROBES_TO_FAIL);
+        if up.swap(reachable, Ordering::Relaxed) != reachable {
+            if reachable {
                 tracing::info!("broker reachable");
             } else {
                 tracing::warn!("broker unreachable; publishes answer 503 until it is back");
             }
         }
-        metrics::gauge!(telemetry::BROKER_UP).set(if ok { 1.0 } else { 0.0 });
+        metrics::gauge!(telemetry::BROKER_UP).set(if reachable { 1.0 } else { 0.0 });
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
