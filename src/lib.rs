@@ -12,5 +12,6 @@ pub mod envelope;
 pub mod http;
 pub mod publish;
 pub mod schema;
+pub mod store;
 pub mod telemetry;
 pub mod topics;

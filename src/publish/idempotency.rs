@@ -2,25 +2,18 @@
 //! idempotency key, a hash of the request and the first result, for a window (24 h by
 //! default). It survives restarts; a sweeper removes expired keys.
 //!
-//! A second index, ordered by expiry time, makes a sweep cost what it removes, not the
-//! size of the store.
-//!
-//! Every write goes through one writer thread that applies what has queued up and then
-//! flushes once for all of it (group commit). Besides being fast, this keeps sled 0.34 away
-//! from concurrent flushes racing writers, which deadlock it under load.
+//! It is an [`ExpiringStore`], plus the keys being written right now.
 
 use std::{
     collections::HashSet,
     path::Path,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicI64, Ordering},
-    },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+
+use crate::store::{self, ExpiringStore};
 
 /// The answer first given for a key, as stored and as replayed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,12 +55,9 @@ pub enum Lookup {
 /// Errors of the store: the disk, or a record that does not parse.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// sled failed (I/O, corruption).
+    /// The underlying store failed.
     #[error("idempotency store: {0}")]
-    Sled(#[from] sled::Error),
-    /// The writer thread failed to write or flush; what it was given is not durable.
-    #[error("idempotency store: {0}")]
-    Write(String),
+    Store(#[from] store::Error),
     /// A stored record is not what this version writes.
     #[error("idempotency store: unreadable record for key {0:?}")]
     Corrupt(String),
@@ -75,39 +65,9 @@ pub enum Error {
 
 /// The store. Cheap to share behind an `Arc`.
 pub struct IdempotencyStore {
-    keys: sled::Tree,
+    entries: ExpiringStore,
     ttl: Duration,
     in_flight: Mutex<HashSet<String>>,
-    count: Arc<AtomicI64>,
-    writer: mpsc::Sender<Job>,
-    writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-}
-
-impl Drop for IdempotencyStore {
-    /// Closes the queue and waits for the writer to finish what it has and release the
-    /// database, so the directory can be opened again at once.
-    fn drop(&mut self) {
-        let (closed, _) = mpsc::channel(1);
-        drop(std::mem::replace(&mut self.writer, closed));
-        if let Some(thread) = self.writer_thread.lock().expect("not poisoned").take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// Work for the writer thread; each job is answered once it is on disk.
-enum Job {
-    Complete {
-        records: Vec<(String, Vec<u8>)>,
-        expires: u64,
-        reply: oneshot::Sender<Result<(), String>>,
-    },
-    Sweep {
-        reply: oneshot::Sender<Result<usize, String>>,
-    },
-    Flush {
-        reply: oneshot::Sender<Result<(), String>>,
-    },
 }
 
 /// Keys claimed by one request; dropping it releases those not completed.
@@ -135,77 +95,46 @@ impl Claim {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Jobs taken into one group commit at most.
-const MAX_GROUP: usize = 512;
-
 impl IdempotencyStore {
-    /// Opens (or creates) the store under `dir` and starts its writer thread, which ends
-    /// when the store is dropped.
+    /// Opens (or creates) the store under `dir`.
     pub fn open(dir: &Path, ttl: Duration) -> Result<Arc<Self>, Error> {
-        let db = sled::Config::new()
-            .path(dir)
-            // The writer thread flushes; a second flusher would race it.
-            .flush_every_ms(None)
-            .open()?;
-        let keys = db.open_tree("publish_keys")?;
-        let by_expiry = db.open_tree("publish_keys_by_expiry")?;
-        let count = Arc::new(AtomicI64::new(keys.len() as i64));
-        let (writer, jobs) = mpsc::channel(4096);
-        let writer_state = Writer {
-            db,
-            keys: keys.clone(),
-            by_expiry,
-            count: count.clone(),
-        };
-        let thread = std::thread::Builder::new()
-            .name("idempotency-writer".into())
-            .spawn(move || writer_state.run(jobs))
-            .map_err(|e| Error::Write(format!("starting the writer thread: {e}")))?;
         let store = Arc::new(IdempotencyStore {
-            keys,
+            entries: ExpiringStore::open(dir)?,
             ttl,
             in_flight: Mutex::new(HashSet::new()),
-            count,
-            writer,
-            writer_thread: Mutex::new(Some(thread)),
         });
-        metrics::gauge!(crate::telemetry::IDEMPOTENCY_KEYS).set(store.len() as f64);
+        store.report();
         Ok(store)
     }
 
     /// Keys currently held (expired ones count until swept).
     pub fn len(&self) -> usize {
-        self.count.load(Ordering::Relaxed).max(0) as usize
+        self.entries.len()
     }
 
     /// Whether the store holds no key.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.entries.is_empty()
+    }
+
+    fn report(&self) {
+        metrics::gauge!(crate::telemetry::IDEMPOTENCY_KEYS).set(self.len() as f64);
     }
 
     /// Looks `key` up; when it is new (or expired), adds it to `claim` so no concurrent
     /// request can write it too.
     pub fn begin(&self, key: &str, hash: &RequestHash, claim: &mut Claim) -> Result<Lookup, Error> {
-        if let Some(raw) = self.keys.get(key)? {
-            let (expires, stored_hash, result) =
+        if let Some(raw) = self.entries.get(key)? {
+            let (stored_hash, result) =
                 decode(&raw).ok_or_else(|| Error::Corrupt(key.to_string()))?;
-            if expires > now_ms() {
-                return Ok(if stored_hash == *hash {
-                    Lookup::Duplicate(PublishResult {
-                        duplicate: true,
-                        ..result
-                    })
-                } else {
-                    Lookup::Conflict
-                });
-            }
+            return Ok(if stored_hash == *hash {
+                Lookup::Duplicate(PublishResult {
+                    duplicate: true,
+                    ..result
+                })
+            } else {
+                Lookup::Conflict
+            });
         }
         let mut in_flight = self.in_flight.lock().expect("not poisoned");
         if in_flight.insert(key.to_string()) {
@@ -222,152 +151,38 @@ impl IdempotencyStore {
         &self,
         entries: &[(&str, RequestHash, &PublishResult)],
     ) -> Result<(), Error> {
-        if entries.is_empty() {
-            return Ok(());
-        }
         let records = entries
             .iter()
             .map(|(key, hash, result)| {
                 let mut value = Vec::with_capacity(200);
-                value.extend_from_slice(&[0; 8]); // expiry, set by the writer
                 value.extend_from_slice(hash);
                 serde_json::to_writer(&mut value, result).expect("a result serializes");
                 (key.to_string(), value)
             })
             .collect();
-        let expires = now_ms() + self.ttl.as_millis() as u64;
-        let (reply, done) = oneshot::channel();
-        self.submit(Job::Complete {
-            records,
-            expires,
-            reply,
-        })
-        .await?;
-        done.await
-            .map_err(|_| Error::Write("the writer thread stopped".into()))?
-            .map_err(Error::Write)
+        self.entries.put(records, self.ttl).await?;
+        self.report();
+        Ok(())
     }
 
     /// Removes keys whose window has passed; returns how many.
     pub async fn sweep(&self) -> Result<usize, Error> {
-        let (reply, done) = oneshot::channel();
-        self.submit(Job::Sweep { reply }).await?;
-        done.await
-            .map_err(|_| Error::Write("the writer thread stopped".into()))?
-            .map_err(Error::Write)
+        let removed = self.entries.sweep().await?;
+        metrics::counter!(crate::telemetry::IDEMPOTENCY_SWEPT).increment(removed as u64);
+        self.report();
+        Ok(removed)
     }
 
     /// Writes everything to disk (at shutdown).
     pub async fn flush(&self) -> Result<(), Error> {
-        let (reply, done) = oneshot::channel();
-        self.submit(Job::Flush { reply }).await?;
-        done.await
-            .map_err(|_| Error::Write("the writer thread stopped".into()))?
-            .map_err(Error::Write)
-    }
-
-    async fn submit(&self, job: Job) -> Result<(), Error> {
-        self.writer
-            .send(job)
-            .await
-            .map_err(|_| Error::Write("the writer thread stopped".into()))
+        Ok(self.entries.flush().await?)
     }
 }
 
-/// The writer thread's side of the store.
-struct Writer {
-    db: sled::Db,
-    keys: sled::Tree,
-    by_expiry: sled::Tree,
-    count: Arc<AtomicI64>,
-}
-
-impl Writer {
-    fn run(self, mut jobs: mpsc::Receiver<Job>) {
-        while let Some(first) = jobs.blocking_recv() {
-            let mut group = vec![first];
-            while group.len() < MAX_GROUP {
-                match jobs.try_recv() {
-                    Ok(job) => group.push(job),
-                    Err(_) => break,
-                }
-            }
-            let mut applied = Vec::with_capacity(group.len());
-            for job in group {
-                let outcome = match &job {
-                    Job::Complete {
-                        records, expires, ..
-                    } => self.complete(records, *expires).map(|()| 0),
-                    Job::Sweep { .. } => self.sweep(),
-                    Job::Flush { .. } => Ok(0),
-                };
-                applied.push((job, outcome.map_err(|e| e.to_string())));
-            }
-            let flushed = self.db.flush().map(|_| ()).map_err(|e| e.to_string());
-            let gauge = self.count.load(Ordering::Relaxed).max(0) as f64;
-            metrics::gauge!(crate::telemetry::IDEMPOTENCY_KEYS).set(gauge);
-            for (job, outcome) in applied {
-                let outcome = flushed.clone().and(outcome);
-                // A requester that went away no longer needs the answer.
-                match job {
-                    Job::Complete { reply, .. } | Job::Flush { reply } => {
-                        let _ = reply.send(outcome.map(|_| ()));
-                    }
-                    Job::Sweep { reply } => {
-                        let _ = reply.send(outcome);
-                    }
-                }
-            }
-        }
-    }
-
-    fn complete(&self, records: &[(String, Vec<u8>)], expires: u64) -> Result<(), sled::Error> {
-        for (key, value) in records {
-            let mut value = value.clone();
-            value[..8].copy_from_slice(&expires.to_be_bytes());
-            if self.keys.insert(key.as_bytes(), value)?.is_none() {
-                self.count.fetch_add(1, Ordering::Relaxed);
-            }
-            self.by_expiry.insert(expiry_key(expires, key), &[])?;
-        }
-        Ok(())
-    }
-
-    fn sweep(&self) -> Result<usize, sled::Error> {
-        let now = now_ms();
-        let mut removed = 0;
-        for entry in self.by_expiry.range(..now.to_be_bytes().to_vec()) {
-            let (index_key, _) = entry?;
-            let key = &index_key[8..];
-            // The key may have been written again since with a later expiry; keep it then.
-            if let Some(raw) = self.keys.get(key)?
-                && decode(&raw).is_none_or(|(expires, _, _)| expires <= now)
-            {
-                self.keys.remove(key)?;
-                removed += 1;
-            }
-            self.by_expiry.remove(index_key)?;
-        }
-        if removed > 0 {
-            self.count.fetch_sub(removed as i64, Ordering::Relaxed);
-            metrics::counter!(crate::telemetry::IDEMPOTENCY_SWEPT).increment(removed as u64);
-        }
-        Ok(removed)
-    }
-}
-
-fn expiry_key(expires: u64, key: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(8 + key.len());
-    k.extend_from_slice(&expires.to_be_bytes());
-    k.extend_from_slice(key.as_bytes());
-    k
-}
-
-fn decode(raw: &[u8]) -> Option<(u64, RequestHash, PublishResult)> {
-    let expires = u64::from_be_bytes(raw.get(..8)?.try_into().ok()?);
-    let hash: RequestHash = raw.get(8..40)?.try_into().ok()?;
-    let result = serde_json::from_slice(raw.get(40..)?).ok()?;
-    Some((expires, hash, result))
+fn decode(raw: &[u8]) -> Option<(RequestHash, PublishResult)> {
+    let hash: RequestHash = raw.get(..32)?.try_into().ok()?;
+    let result = serde_json::from_slice(raw.get(32..)?).ok()?;
+    Some((hash, result))
 }
 
 #[cfg(test)]
@@ -413,7 +228,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn keys_survive_a_reopen_and_are_swept_once_expired() {
+    async fn keys_survive_a_reopen_and_expire() {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = IdempotencyStore::open(dir.path(), Duration::from_millis(50)).unwrap();

@@ -1,0 +1,312 @@
+//! A durable key → value map whose entries expire: a sled tree in the data directory plus an
+//! index ordered by expiry time, so a sweep costs what it removes, not the size of the store.
+//! Both the publish idempotency store and the agents' dedup stores are built on it.
+//!
+//! Every write goes through one writer thread that applies what has queued up and then
+//! flushes once for all of it (group commit): a write returns only once it is on disk. Besides
+//! being fast, this keeps sled 0.34 away from concurrent flushes racing writers, which
+//! deadlock it under load.
+
+use std::{
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicI64, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use tokio::sync::{mpsc, oneshot};
+
+/// Errors of a store: the disk, or its writer thread.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// sled failed to open or read (I/O, corruption, a locked directory).
+    #[error("store {path}: {source}")]
+    Sled {
+        /// The store's directory.
+        path: String,
+        /// What sled said.
+        source: sled::Error,
+    },
+    /// The writer failed to write or flush; what it was given is not durable.
+    #[error("store write failed: {0}")]
+    Write(String),
+}
+
+/// Jobs taken into one group commit at most.
+const MAX_GROUP: usize = 512;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The store. Entries read as absent once expired, and are removed by [`ExpiringStore::sweep`].
+pub struct ExpiringStore {
+    path: String,
+    entries: sled::Tree,
+    count: Arc<AtomicI64>,
+    writer: mpsc::Sender<Job>,
+    writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+enum Job {
+    Put {
+        records: Vec<(String, Vec<u8>)>,
+        expires: u64,
+        reply: oneshot::Sender<Result<usize, String>>,
+    },
+    Sweep {
+        reply: oneshot::Sender<Result<usize, String>>,
+    },
+    Flush {
+        reply: oneshot::Sender<Result<usize, String>>,
+    },
+}
+
+impl ExpiringStore {
+    /// Opens (or creates) the store in `dir` and starts its writer thread, which ends when
+    /// the store is dropped.
+    pub fn open(dir: &Path) -> Result<Self, Error> {
+        let path = dir.display().to_string();
+        let sled_error = |source| Error::Sled {
+            path: path.clone(),
+            source,
+        };
+        let db = sled::Config::new()
+            .path(dir)
+            // The writer thread flushes; a second flusher would race it.
+            .flush_every_ms(None)
+            .open()
+            .map_err(sled_error)?;
+        let entries = db.open_tree("entries").map_err(sled_error)?;
+        let by_expiry = db.open_tree("entries_by_expiry").map_err(sled_error)?;
+        let count = Arc::new(AtomicI64::new(entries.len() as i64));
+        let (writer, jobs) = mpsc::channel(4096);
+        let state = Writer {
+            db,
+            entries: entries.clone(),
+            by_expiry,
+            count: count.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || state.run(jobs))
+            .map_err(|e| Error::Write(format!("starting the writer thread: {e}")))?;
+        Ok(ExpiringStore {
+            path,
+            entries,
+            count,
+            writer,
+            writer_thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Entries held (expired ones count until swept).
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::Relaxed).max(0) as usize
+    }
+
+    /// Whether the store holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The value under `key`, unless absent or expired.
+    pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {
+        let raw = self.entries.get(key).map_err(|source| Error::Sled {
+            path: self.path.clone(),
+            source,
+        })?;
+        Ok(raw.and_then(|raw| {
+            let expires = u64::from_be_bytes(raw.get(..8)?.try_into().ok()?);
+            (expires > now_ms()).then(|| raw[8..].to_vec())
+        }))
+    }
+
+    /// Writes `records`, to expire after `ttl`, and returns once they are on disk.
+    pub async fn put(&self, records: Vec<(String, Vec<u8>)>, ttl: Duration) -> Result<(), Error> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let expires = now_ms() + ttl.as_millis() as u64;
+        self.run(|reply| Job::Put {
+            records,
+            expires,
+            reply,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Removes expired entries; returns how many.
+    pub async fn sweep(&self) -> Result<usize, Error> {
+        self.run(|reply| Job::Sweep { reply }).await
+    }
+
+    /// Makes everything written so far durable.
+    pub async fn flush(&self) -> Result<(), Error> {
+        self.run(|reply| Job::Flush { reply }).await.map(|_| ())
+    }
+
+    async fn run(
+        &self,
+        job: impl FnOnce(oneshot::Sender<Result<usize, String>>) -> Job,
+    ) -> Result<usize, Error> {
+        let stopped = || Error::Write("the writer thread stopped".into());
+        let (reply, done) = oneshot::channel();
+        self.writer.send(job(reply)).await.map_err(|_| stopped())?;
+        done.await.map_err(|_| stopped())?.map_err(Error::Write)
+    }
+}
+
+impl Drop for ExpiringStore {
+    /// Closes the queue and waits for the writer to finish what it has and release the
+    /// database, so the directory can be opened again at once.
+    fn drop(&mut self) {
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.writer, closed));
+        if let Some(thread) = self.writer_thread.lock().expect("not poisoned").take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The writer thread's side of the store.
+struct Writer {
+    db: sled::Db,
+    entries: sled::Tree,
+    by_expiry: sled::Tree,
+    count: Arc<AtomicI64>,
+}
+
+impl Writer {
+    fn run(self, mut jobs: mpsc::Receiver<Job>) {
+        while let Some(first) = jobs.blocking_recv() {
+            let mut group = vec![first];
+            while group.len() < MAX_GROUP {
+                match jobs.try_recv() {
+                    Ok(job) => group.push(job),
+                    Err(_) => break,
+                }
+            }
+            let mut applied = Vec::with_capacity(group.len());
+            for job in group {
+                let outcome = match &job {
+                    Job::Put {
+                        records, expires, ..
+                    } => self.put(records, *expires).map(|()| records.len()),
+                    Job::Sweep { .. } => self.sweep(),
+                    Job::Flush { .. } => Ok(0),
+                };
+                applied.push((job, outcome.map_err(|e| e.to_string())));
+            }
+            let flushed = self.db.flush().map(|_| ()).map_err(|e| e.to_string());
+            for (job, outcome) in applied {
+                let (Job::Put { reply, .. } | Job::Sweep { reply } | Job::Flush { reply }) = job;
+                // A requester that went away no longer needs the answer.
+                let _ = reply.send(flushed.clone().and(outcome));
+            }
+        }
+    }
+
+    fn put(&self, records: &[(String, Vec<u8>)], expires: u64) -> Result<(), sled::Error> {
+        for (key, value) in records {
+            let mut stored = Vec::with_capacity(8 + value.len());
+            stored.extend_from_slice(&expires.to_be_bytes());
+            stored.extend_from_slice(value);
+            if self.entries.insert(key.as_bytes(), stored)?.is_none() {
+                self.count.fetch_add(1, Ordering::Relaxed);
+            }
+            let mut index = Vec::with_capacity(8 + key.len());
+            index.extend_from_slice(&expires.to_be_bytes());
+            index.extend_from_slice(key.as_bytes());
+            self.by_expiry.insert(index, &[])?;
+        }
+        Ok(())
+    }
+
+    fn sweep(&self) -> Result<usize, sled::Error> {
+        let now = now_ms();
+        let mut removed = 0;
+        for entry in self.by_expiry.range(..now.to_be_bytes().to_vec()) {
+            let (index_key, _) = entry?;
+            let key = &index_key[8..];
+            // The key may have been written again since with a later expiry; keep it then.
+            if let Some(raw) = self.entries.get(key)? {
+                let expires = raw
+                    .get(..8)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(0);
+                if expires <= now {
+                    self.entries.remove(key)?;
+                    removed += 1;
+                }
+            }
+            self.by_expiry.remove(index_key)?;
+        }
+        self.count.fetch_sub(removed as i64, Ordering::Relaxed);
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn entries_survive_a_reopen_read_as_absent_once_expired_and_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = ExpiringStore::open(dir.path()).unwrap();
+            store
+                .put(
+                    vec![("old".into(), b"1".to_vec())],
+                    Duration::from_millis(50),
+                )
+                .await
+                .unwrap();
+            store
+                .put(
+                    vec![("new".into(), b"2".to_vec())],
+                    Duration::from_secs(3600),
+                )
+                .await
+                .unwrap();
+        }
+        let store = ExpiringStore::open(dir.path()).unwrap();
+        assert_eq!(store.len(), 2);
+        assert_eq!(store.get("new").unwrap(), Some(b"2".to_vec()));
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        assert_eq!(store.get("old").unwrap(), None);
+        assert_eq!(store.sweep().await.unwrap(), 1);
+        assert_eq!(store.len(), 1);
+        assert_eq!(store.get("new").unwrap(), Some(b"2".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn concurrent_writers_all_land_durably() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(ExpiringStore::open(dir.path()).unwrap());
+        let writes = (0..64).map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .put(
+                        vec![(format!("k{i}"), vec![i as u8])],
+                        Duration::from_secs(60),
+                    )
+                    .await
+            })
+        });
+        for w in writes {
+            w.await.unwrap().unwrap();
+        }
+        assert_eq!(store.len(), 64);
+    }
+}
