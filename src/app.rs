@@ -13,6 +13,11 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     config::{KafkaArgs, ServeArgs, TopicArgs},
+    consume::{
+        RuntimeSettings,
+        definition::{self, AgentDefinition},
+        run_agent,
+    },
     http::{self, AppState, Limits, Readiness},
     publish::{self, IdempotencyStore, Publisher},
     schema::Registry,
@@ -32,6 +37,12 @@ pub enum Error {
     /// The Kafka producer could not be created (a bad setting).
     #[error("kafka producer: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    /// An agent definition is not valid.
+    #[error("agents: {0}")]
+    Agents(#[from] crate::consume::definition::Error),
+    /// `agent run` named an agent that is not defined.
+    #[error("no agent named {0:?} in the consumers directory")]
+    UnknownAgent(String),
     /// The HTTP address could not be bound.
     #[error("listening on {addr}: {source}")]
     Bind {
@@ -42,9 +53,20 @@ pub enum Error {
     },
 }
 
+/// What a process runs.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// `agentbus serve`: the HTTP API and every agent of the consumers directory.
+    Serve,
+    /// `agentbus agent run NAME`: that agent alone, no HTTP API; several such processes
+    /// share the agent's partitions.
+    Agent(String),
+}
+
 /// The service, built and bound, not yet running.
 pub struct App {
-    listener: TcpListener,
+    listener: Option<TcpListener>,
+    agents: Vec<AgentDefinition>,
     state: AppState,
     settings: ServeArgs,
     store: Arc<IdempotencyStore>,
@@ -56,8 +78,20 @@ impl App {
     /// HTTP address. Fails on anything that would make the service wrong; an absent broker
     /// is not such a thing (the service waits for it, not ready meanwhile).
     pub async fn build(settings: ServeArgs) -> Result<App, Error> {
+        Self::build_for(settings, Mode::Serve).await
+    }
+
+    /// Like [`App::build`], for `mode`.
+    pub async fn build_for(settings: ServeArgs, mode: Mode) -> Result<App, Error> {
         let _ = telemetry::prometheus();
         let registry = Arc::new(Registry::load(&settings.schemas_dir)?);
+        let mut agents = definition::load_dir(&settings.consumers_dir)?;
+        if let Mode::Agent(name) = &mode {
+            agents.retain(|a| &a.name == name);
+            if agents.is_empty() {
+                return Err(Error::UnknownAgent(name.clone()));
+            }
+        }
         for t in registry.event_types() {
             metrics::gauge!(telemetry::SCHEMAS_LOADED, "event_type" => t.name.clone())
                 .set(t.versions.len() as f64);
@@ -77,12 +111,16 @@ impl App {
             settings.publish_timeout,
             readiness.broker.clone(),
         ));
-        let listener = TcpListener::bind(settings.http_addr)
-            .await
-            .map_err(|source| Error::Bind {
-                addr: settings.http_addr,
-                source,
-            })?;
+        let listener =
+            match mode {
+                Mode::Serve => Some(TcpListener::bind(settings.http_addr).await.map_err(
+                    |source| Error::Bind {
+                        addr: settings.http_addr,
+                        source,
+                    },
+                )?),
+                Mode::Agent(_) => None,
+            };
         let state = AppState {
             publisher,
             registry,
@@ -95,6 +133,7 @@ impl App {
         };
         Ok(App {
             listener,
+            agents,
             state,
             settings,
             store,
@@ -102,11 +141,11 @@ impl App {
         })
     }
 
-    /// Where the HTTP API listens (useful with port 0).
-    pub fn local_addr(&self) -> SocketAddr {
+    /// Where the HTTP API listens (useful with port 0); `None` for an agent process.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
         self.listener
-            .local_addr()
-            .expect("a bound listener has an address")
+            .as_ref()
+            .map(|l| l.local_addr().expect("a bound listener has an address"))
     }
 
     /// Serves until `cancel`, then drains: in-flight requests get the shutdown grace period,
@@ -114,6 +153,7 @@ impl App {
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
         let App {
             listener,
+            agents,
             state,
             settings,
             store,
@@ -133,17 +173,50 @@ impl App {
         ));
         tasks.spawn(sweep_idempotency(store.clone(), cancel.clone()));
         tasks.spawn(metrics_upkeep(cancel.clone()));
+        let runtime = RuntimeSettings {
+            kafka: settings.kafka.clone(),
+            data_dir: settings.data_dir.clone(),
+            dedup_ttl: settings.dedup_ttl,
+            partitions: settings.topics.partitions,
+            replication: settings.topics.replication,
+            grace: settings.shutdown_grace,
+            session_timeout: settings.agent_session_timeout,
+        };
+        // An agent that fails stops the process: running on without it would hide it.
+        let agent_failed = CancellationToken::new();
+        for agent in agents {
+            let (runtime, registry, publisher) = (
+                runtime.clone(),
+                state.registry.clone(),
+                state.publisher.clone(),
+            );
+            let (cancel, agent_failed) = (cancel.clone(), agent_failed.clone());
+            tasks.spawn(async move {
+                let name = agent.name.clone();
+                if let Err(e) = run_agent(agent, runtime, registry, publisher, cancel.clone()).await
+                {
+                    tracing::error!(agent = %name, error = %e, "agent failed");
+                    agent_failed.cancel();
+                    cancel.cancel();
+                }
+            });
+        }
         tasks.close();
 
-        tracing::info!(addr = %listener.local_addr()?, "agentbus listening");
-        let server = axum::serve(listener, http::router(state))
-            .with_graceful_shutdown(cancel.clone().cancelled_owned());
         let grace = settings.shutdown_grace;
-        tokio::select! {
-            result = server => result?,
-            _ = async { cancel.cancelled().await; tokio::time::sleep(grace).await } => {
-                tracing::warn!(?grace, "requests still running after the grace period; stopping anyway");
+        match listener {
+            Some(listener) => {
+                tracing::info!(addr = %listener.local_addr()?, "agentbus listening");
+                let server = axum::serve(listener, http::router(state))
+                    .with_graceful_shutdown(cancel.clone().cancelled_owned());
+                tokio::select! {
+                    result = server => result?,
+                    _ = async { cancel.cancelled().await; tokio::time::sleep(grace).await } => {
+                        tracing::warn!(?grace, "requests still running after the grace period; stopping anyway");
+                    }
+                }
             }
+            None => cancel.cancelled().await,
         }
         tasks.wait().await;
         let flushed = tokio::task::spawn_blocking(move || producer.flush(grace)).await?;
@@ -151,6 +224,9 @@ impl App {
             tracing::warn!(error = %e, "producer flush incomplete at shutdown");
         }
         store.flush().await?;
+        if agent_failed.is_cancelled() {
+            anyhow::bail!("an agent failed; see the log");
+        }
         tracing::info!("agentbus stopped");
         Ok(())
     }

@@ -66,6 +66,19 @@ pub struct ServeArgs {
     #[arg(long, env = "AGENTBUS_SCHEMAS_DIR", default_value = "./schemas")]
     pub schemas_dir: PathBuf,
 
+    /// The agent definitions: one `<agent>.toml` per agent.
+    #[arg(long, env = "AGENTBUS_CONSUMERS_DIR", default_value = "./consumers")]
+    pub consumers_dir: PathBuf,
+
+    /// How long an agent remembers the idempotency keys it handled.
+    #[arg(long, env = "AGENTBUS_DEDUP_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub dedup_ttl: Duration,
+
+    /// An agent process that stops heartbeating is out of its group after this long, and
+    /// its partitions go to the others.
+    #[arg(long, env = "AGENTBUS_AGENT_SESSION_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub agent_session_timeout: Duration,
+
     #[command(flatten)]
     pub topics: TopicArgs,
 

@@ -8,7 +8,9 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod consume;
 pub mod envelope;
+pub mod handlers;
 pub mod http;
 pub mod publish;
 pub mod schema;

@@ -21,6 +21,17 @@ pub const IDEMPOTENCY_SWEPT: &str = "agentbus_idempotency_swept_total";
 /// Schema versions loaded, by event type.
 pub const SCHEMAS_LOADED: &str = "agentbus_schemas_loaded";
 
+/// Events agents finished with, by `group`, `event_type` and `outcome`.
+pub const EVENTS_CONSUMED: &str = "agentbus_events_consumed_total";
+/// Time an agent's handler took for one attempt, by `group`.
+pub const HANDLER_DURATION: &str = "agentbus_handler_duration_seconds";
+/// Events an agent is working on, by `group`.
+pub const IN_FLIGHT: &str = "agentbus_agent_in_flight";
+/// Partitions an agent paused because its lanes were full, by `group`.
+pub const PAUSED_PARTITIONS: &str = "agentbus_agent_paused_partitions";
+/// Keys in an agent's dedup store, by `group`.
+pub const DEDUP_KEYS: &str = "agentbus_dedup_keys";
+
 /// Outcomes of [`EVENTS_PUBLISHED`].
 pub mod outcome {
     /// Written to Kafka and acknowledged by the broker.
@@ -60,6 +71,13 @@ pub fn prometheus() -> &'static PrometheusHandle {
                     0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                 ],
             )
+            .expect("bucket list is not empty")
+            .set_buckets_for_metric(
+                Matcher::Full(HANDLER_DURATION.to_string()),
+                &[
+                    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ],
+            )
             .expect("bucket list is not empty");
         let handle = builder
             .install_recorder()
@@ -91,4 +109,19 @@ fn describe() {
     );
     describe_counter!(IDEMPOTENCY_SWEPT, "Expired idempotency keys removed.");
     describe_gauge!(SCHEMAS_LOADED, "Schema versions loaded, by event type.");
+    describe_counter!(
+        EVENTS_CONSUMED,
+        "Events agents finished with, by group, event type and outcome."
+    );
+    describe_histogram!(
+        HANDLER_DURATION,
+        metrics::Unit::Seconds,
+        "Time of one handler attempt, by group."
+    );
+    describe_gauge!(IN_FLIGHT, "Events an agent is handling, by group.");
+    describe_gauge!(
+        PAUSED_PARTITIONS,
+        "Partitions paused because the agent's lanes are full."
+    );
+    describe_gauge!(DEDUP_KEYS, "Keys in an agent's dedup store, by group.");
 }

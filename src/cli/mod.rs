@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    app::{self, App},
+    app::{self, App, Mode},
     config::{KafkaArgs, ServeArgs, TopicArgs},
     schema::Registry,
     topics,
@@ -45,6 +45,23 @@ pub enum Command {
     /// Topic commands.
     #[command(subcommand)]
     Topics(TopicsCommand),
+    /// Agent commands.
+    #[command(subcommand)]
+    Agent(AgentCommand),
+}
+
+/// `agentbus agent ...`
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Run one agent of the consumers directory, without the HTTP API. Several processes of
+    /// the same agent share its partitions (competing consumers); give each its own data
+    /// directory.
+    Run {
+        /// The agent's name (its consumer group).
+        name: String,
+        #[command(flatten)]
+        settings: ServeArgs,
+    },
 }
 
 /// `agentbus schemas ...`
@@ -74,19 +91,24 @@ pub enum TopicsCommand {
     },
 }
 
+async fn run_until_signal(app: App) -> anyhow::Result<()> {
+    let cancel = CancellationToken::new();
+    let on_signal = cancel.clone();
+    tokio::spawn(async move {
+        app::shutdown_signal().await;
+        tracing::info!("shutting down");
+        on_signal.cancel();
+    });
+    app.run(cancel).await
+}
+
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(settings) => {
-            let app = App::build(settings).await?;
-            let cancel = CancellationToken::new();
-            let on_signal = cancel.clone();
-            tokio::spawn(async move {
-                app::shutdown_signal().await;
-                tracing::info!("shutting down");
-                on_signal.cancel();
-            });
-            app.run(cancel).await
+        Command::Serve(settings) => run_until_signal(App::build(settings).await?).await,
+        Command::Agent(AgentCommand::Run { name, settings }) => {
+            let app = App::build_for(settings, Mode::Agent(name)).await?;
+            run_until_signal(app).await
         }
         Command::Publish(args) => publish::run(args).await,
         Command::Schemas(SchemasCommand::Check { schemas_dir }) => {

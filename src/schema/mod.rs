@@ -3,9 +3,11 @@
 
 mod convert;
 mod registry;
+mod to_json;
 
 pub use convert::{Violation, json_to_avro};
 pub use registry::{Compatibility, EventType, Registry, SchemaVersion};
+pub use to_json::avro_to_json;
 
 use apache_avro::{Schema, types::Value};
 

@@ -95,6 +95,8 @@ pub struct Options {
     pub prefix: String,
     pub extra: Vec<String>,
     pub wait_ready: bool,
+    /// Agent definitions to run; `None`: none.
+    pub consumers_dir: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -106,6 +108,7 @@ impl Default for Options {
             prefix: unique_prefix(),
             extra: Vec::new(),
             wait_ready: true,
+            consumers_dir: None,
         }
     }
 }
@@ -137,6 +140,11 @@ pub async fn spawn(options: Options) -> TestApp {
         }
     };
     let brokers = options.brokers.unwrap_or_else(brokers);
+    let consumers_dir = options
+        .consumers_dir
+        .unwrap_or_else(|| data_dir.join("no-agents"))
+        .display()
+        .to_string();
     let mut args: Vec<String> = [
         "test",
         "--brokers",
@@ -153,6 +161,10 @@ pub async fn spawn(options: Options) -> TestApp {
         "2",
         "--shutdown-grace",
         "2s",
+        "--agent-session-timeout",
+        "6s",
+        "--consumers-dir",
+        &consumers_dir,
     ]
     .iter()
     .map(|s| s.to_string())
@@ -160,7 +172,7 @@ pub async fn spawn(options: Options) -> TestApp {
     args.extend(options.extra);
     let settings = Wrapper::try_parse_from(args).unwrap().serve;
     let app = App::build(settings).await.expect("the app builds");
-    let url = format!("http://{}", app.local_addr());
+    let url = format!("http://{}", app.local_addr().unwrap());
     let cancel = CancellationToken::new();
     let handle = tokio::spawn(app.run(cancel.clone()));
     let test_app = TestApp {

@@ -1,0 +1,718 @@
+//! The agent runtime: an agent is a Kafka consumer group. It receives the events it
+//! subscribes to, skips what it has handled before (dedup store) or what has expired, hands
+//! the rest to its handler — same key in order, different keys in parallel — retries
+//! failures with backoff, moves long waits to `<agent>.retry` and final failures to
+//! `<agent>.dlq`, and stores an offset only once the event's outcome is final.
+
+pub mod definition;
+mod tracker;
+
+use std::{
+    hash::{Hash, Hasher},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use chrono::{DateTime, Utc};
+use rdkafka::{
+    ClientConfig, ClientContext, Message, TopicPartitionList,
+    consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer},
+    message::{Header, Headers, OwnedHeaders, OwnedMessage},
+    producer::{FutureProducer, FutureRecord},
+};
+use serde_json::{Value as Json, json};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::KafkaArgs,
+    envelope::format_time,
+    handlers::{Event, Failure, Handler},
+    publish::{self, Publisher},
+    schema::{self, Registry},
+    store::ExpiringStore,
+    telemetry,
+    topics::{self, TopicSpec},
+};
+use definition::AgentDefinition;
+use tracker::Tracker;
+
+/// Errors that stop an agent.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Kafka refused a setting, a subscription or a topic.
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// The agent's topics could not be created.
+    #[error(transparent)]
+    Topics(#[from] topics::Error),
+    /// The dedup store could not be opened or written: the agent stops rather than handle
+    /// events without it.
+    #[error(transparent)]
+    Store(#[from] crate::store::Error),
+    /// The handler could not be built.
+    #[error("handler: {0}")]
+    Handler(String),
+}
+
+/// Settings of an agent process.
+#[derive(Debug, Clone)]
+pub struct RuntimeSettings {
+    /// Kafka and topic naming.
+    pub kafka: KafkaArgs,
+    /// Where the agent's dedup store lives (`<dir>/<agent>`).
+    pub data_dir: std::path::PathBuf,
+    /// How long handled idempotency keys are remembered.
+    pub dedup_ttl: Duration,
+    /// Partitions of the agent's retry and replay topics.
+    pub partitions: i32,
+    /// Replication factor of the agent's topics.
+    pub replication: i32,
+    /// Time for in-flight events at shutdown and at a rebalance.
+    pub grace: Duration,
+    /// The consumer group session timeout.
+    pub session_timeout: Duration,
+}
+
+/// Header names of CONTRACT.md §3.
+mod header {
+    pub const TYPE: &str = "ce_type";
+    pub const ID: &str = "ce_id";
+    pub const SOURCE: &str = "ce_source";
+    pub const TIME: &str = "ce_time";
+    pub const VERSION: &str = "ce_eventversion";
+    pub const IDEMPOTENCY_KEY: &str = "ce_idempotencykey";
+    pub const CORRELATION: &str = "ce_correlationid";
+    pub const CAUSATION: &str = "ce_causationid";
+    pub const EXPIRES: &str = "ce_expiresat";
+    pub const REPLAY_ID: &str = "agentbus-replay-id";
+    pub const ORIGINAL_TOPIC: &str = "agentbus-original-topic";
+    pub const ORIGINAL_PARTITION: &str = "agentbus-original-partition";
+    pub const ORIGINAL_OFFSET: &str = "agentbus-original-offset";
+    pub const ORIGINAL_TIMESTAMP: &str = "agentbus-original-timestamp";
+    pub const GROUP: &str = "agentbus-consumer-group";
+    pub const ATTEMPTS: &str = "agentbus-attempts";
+    pub const ERROR_KIND: &str = "agentbus-error-kind";
+    pub const ERROR_MESSAGE: &str = "agentbus-error-message";
+    pub const FAILED_AT: &str = "agentbus-failed-at";
+    pub const NOT_BEFORE: &str = "agentbus-not-before";
+}
+
+/// Outcomes of `agentbus_events_consumed_total` (CONTRACT.md §5), plus `skipped` for
+/// records of types the agent does not subscribe to and `dropped` for final failures of an
+/// agent without a dead-letter topic.
+pub mod outcome {
+    /// Handled successfully.
+    pub const PROCESSED: &str = "processed";
+    /// Handled before: skipped.
+    pub const DUPLICATE: &str = "duplicate";
+    /// Moved to the retry topic.
+    pub const RETRIED: &str = "retried";
+    /// Moved to the dead-letter topic.
+    pub const DEAD_LETTERED: &str = "dead_lettered";
+    /// Past its `ce_expiresat`: skipped.
+    pub const EXPIRED: &str = "expired";
+    /// Failed for good, no dead-letter topic.
+    pub const DROPPED: &str = "dropped";
+}
+
+/// A record handed to a lane.
+struct Work {
+    message: OwnedMessage,
+    /// Attempts made before this delivery (from a retry record's header).
+    attempts: u32,
+    /// When it may be tried (retry records).
+    not_before: Option<DateTime<Utc>>,
+}
+
+/// Everything the lanes share.
+struct Shared {
+    agent: AgentDefinition,
+    kafka: KafkaArgs,
+    registry: Arc<Registry>,
+    publisher: Arc<Publisher>,
+    producer: FutureProducer,
+    dedup: ExpiringStore,
+    dedup_ttl: Duration,
+    handler: Handler,
+    tracker: Arc<Tracker>,
+    consumer: Arc<StreamConsumer<AgentContext>>,
+}
+
+/// Rebalances: before partitions are taken away, the events in flight on them finish and
+/// their offsets are committed, so the next owner neither loses nor repeats them.
+struct AgentContext {
+    tracker: Arc<Tracker>,
+    grace: Duration,
+}
+
+impl ClientContext for AgentContext {}
+
+impl ConsumerContext for AgentContext {
+    fn pre_rebalance(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
+        if let Rebalance::Revoke(partitions) = rebalance {
+            let revoked: Vec<(String, i32)> = partitions
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_string(), e.partition()))
+                .collect();
+            if !self.tracker.wait_idle(&revoked, self.grace) {
+                tracing::warn!(
+                    "events still in flight on revoked partitions after {:?}; their offsets stay uncommitted",
+                    self.grace
+                );
+            }
+            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                tracing::debug!(error = %e, "commit at revoke");
+            }
+            self.tracker.forget(&revoked);
+        }
+    }
+}
+
+/// Runs one agent until `cancel`, then drains: in-flight events get the grace period, the
+/// stored offsets are committed.
+pub async fn run_agent(
+    agent: AgentDefinition,
+    settings: RuntimeSettings,
+    registry: Arc<Registry>,
+    publisher: Arc<Publisher>,
+    cancel: CancellationToken,
+) -> Result<(), Error> {
+    let handler = Handler::new(&agent.handler).map_err(Error::Handler)?;
+    let prefix = settings.kafka.topic_prefix.clone();
+    let own_topics = [
+        (
+            agent.retry_topic(&prefix),
+            Duration::from_secs(7 * 24 * 3600),
+        ),
+        (agent.dlq_topic(&prefix), Duration::from_secs(7 * 24 * 3600)),
+        (
+            agent.replay_topic(&prefix),
+            Duration::from_secs(7 * 24 * 3600),
+        ),
+    ];
+    let specs: Vec<TopicSpec> = own_topics
+        .iter()
+        .map(|(name, retention)| TopicSpec {
+            name: name.clone(),
+            partitions: settings.partitions,
+            replication: settings.replication,
+            retention: *retention,
+        })
+        .collect();
+    topics::ensure(&settings.kafka, &specs).await?;
+
+    let mut topics: Vec<String> = registry
+        .event_types()
+        .filter(|t| agent.subscribes_to(&t.name))
+        .map(|t| settings.kafka.events_topic(t.domain()))
+        .collect();
+    topics.sort();
+    topics.dedup();
+    topics.push(agent.retry_topic(&prefix));
+    topics.push(agent.replay_topic(&prefix));
+
+    let dedup = ExpiringStore::open(&settings.data_dir.join("dedup").join(&agent.name))?;
+    let tracker = Arc::new(Tracker::default());
+    let consumer: StreamConsumer<AgentContext> = consumer_config(&settings, &agent)
+        .create_with_context(AgentContext {
+            tracker: tracker.clone(),
+            grace: settings.grace,
+        })?;
+    let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topic_refs)?;
+    let consumer = Arc::new(consumer);
+    let producer: FutureProducer =
+        publish::producer_config(&settings.kafka, Duration::from_secs(30)).create()?;
+
+    let shared = Arc::new(Shared {
+        kafka: settings.kafka.clone(),
+        registry,
+        publisher,
+        producer,
+        dedup,
+        dedup_ttl: settings.dedup_ttl,
+        handler,
+        tracker: tracker.clone(),
+        consumer: consumer.clone(),
+        agent,
+    });
+    metrics::gauge!(telemetry::DEDUP_KEYS, "group" => shared.agent.name.clone())
+        .set(shared.dedup.len() as f64);
+    tracing::info!(agent = %shared.agent.name, ?topics, "agent started");
+
+    // Lanes: one task each, events of one key always in the same lane, in order. Retry
+    // records get a lane of their own, since they wait for their not-before time.
+    let lane_count = shared.agent.concurrency;
+    let mut lanes = Vec::with_capacity(lane_count + 1);
+    let mut lane_tasks = tokio::task::JoinSet::new();
+    for _ in 0..=lane_count {
+        let (tx, rx) = mpsc::channel::<Work>(32);
+        lanes.push(tx);
+        lane_tasks.spawn(run_lane(shared.clone(), rx, cancel.clone()));
+    }
+    let retry_topic = shared.agent.retry_topic(&prefix);
+
+    loop {
+        let message = tokio::select! {
+            _ = cancel.cancelled() => break,
+            m = consumer.recv() => m,
+        };
+        let message = match message {
+            Ok(m) => m.detach(),
+            Err(e) => {
+                tracing::warn!(agent = %shared.agent.name, error = %e, "consumer error");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        tracker.begin(message.topic(), message.partition(), message.offset());
+        let from_retry = message.topic() == retry_topic;
+        let work = Work {
+            attempts: if from_retry {
+                header_str(&message, header::ATTEMPTS)
+                    .and_then(|a| a.parse().ok())
+                    .unwrap_or(0)
+            } else {
+                0
+            },
+            not_before: if from_retry {
+                header_str(&message, header::NOT_BEFORE)
+                    .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
+                    .map(|t| t.to_utc())
+            } else {
+                None
+            },
+            message,
+        };
+        let lane = if from_retry {
+            lane_count
+        } else {
+            lane_of(work.message.key(), lane_count)
+        };
+        if let Err(mpsc::error::TrySendError::Full(work)) = lanes[lane].try_send(work) {
+            // The lane is full: stop fetching this partition rather than buffer.
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(work.message.topic(), work.message.partition());
+            let paused = consumer.pause(&tpl).is_ok();
+            let gauge =
+                metrics::gauge!(telemetry::PAUSED_PARTITIONS, "group" => shared.agent.name.clone());
+            gauge.increment(1.0);
+            let sent = tokio::select! {
+                _ = cancel.cancelled() => false,
+                r = lanes[lane].send(work) => r.is_ok(),
+            };
+            gauge.decrement(1.0);
+            if paused {
+                let _ = consumer.resume(&tpl);
+            }
+            if !sent {
+                break;
+            }
+        }
+    }
+
+    // Shutdown: no new work; lanes finish what they hold within the grace period.
+    drop(lanes);
+    let drained = tokio::time::timeout(settings.grace, async {
+        while lane_tasks.join_next().await.is_some() {}
+    })
+    .await
+    .is_ok();
+    if !drained {
+        tracing::warn!(agent = %shared.agent.name, "in-flight events did not finish within the grace period; they will be delivered again");
+        lane_tasks.abort_all();
+    }
+    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+        tracing::debug!(error = %e, "final commit");
+    }
+    shared.dedup.flush().await?;
+    tracing::info!(agent = %shared.agent.name, "agent stopped");
+    Ok(())
+}
+
+fn consumer_config(settings: &RuntimeSettings, agent: &AgentDefinition) -> ClientConfig {
+    let session = settings.session_timeout.as_millis().max(600);
+    settings.kafka.client_config_with(&[
+        ("group.id", agent.name.clone()),
+        // A dead process's partitions move on after this; heartbeats well inside it.
+        ("session.timeout.ms", session.to_string()),
+        ("heartbeat.interval.ms", (session / 6).to_string()),
+        // At-least-once the rdkafka way: offsets are stored by us once an event's outcome
+        // is final, and committed in the background from what was stored.
+        ("enable.auto.commit", "true".into()),
+        ("enable.auto.offset.store", "false".into()),
+        ("auto.commit.interval.ms", "1000".into()),
+        // A new agent starts from the oldest event still kept.
+        ("auto.offset.reset", "earliest".into()),
+        // Several processes of one agent share partitions without one stalling the others.
+        ("partition.assignment.strategy", "cooperative-sticky".into()),
+    ])
+}
+
+/// Which lane a key goes to: the same key always the same lane.
+fn lane_of(key: Option<&[u8]>, lanes: usize) -> usize {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut hasher);
+    (hasher.finish() % lanes as u64) as usize
+}
+
+fn header_str(message: &OwnedMessage, name: &str) -> Option<String> {
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+async fn run_lane(shared: Arc<Shared>, mut work: mpsc::Receiver<Work>, cancel: CancellationToken) {
+    let group = shared.agent.name.clone();
+    let in_flight = metrics::gauge!(telemetry::IN_FLIGHT, "group" => group.clone());
+    while let Some(w) = work.recv().await {
+        in_flight.increment(1.0);
+        let (topic, partition, offset) = (
+            w.message.topic().to_string(),
+            w.message.partition(),
+            w.message.offset(),
+        );
+        process(&shared, w, &cancel).await;
+        in_flight.decrement(1.0);
+        if let Some(done) = shared.tracker.complete(&topic, partition, offset)
+            && let Err(e) = shared.consumer.store_offset(&topic, partition, done)
+        {
+            // The partition was revoked meanwhile: its next owner takes over from the commit.
+            tracing::debug!(error = %e, topic, partition, "storing offset");
+        }
+    }
+}
+
+/// The final outcome of one record, decided and recorded.
+async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) {
+    let group = &shared.agent.name;
+    let message = &w.message;
+    let event_type = header_str(message, header::TYPE);
+    let count = |event_type: &str, outcome: &'static str| {
+        metrics::counter!(telemetry::EVENTS_CONSUMED, "group" => group.clone(), "event_type" => event_type.to_string(), "outcome" => outcome)
+            .increment(1);
+    };
+    // Other types share the topic: skip them by header, without decoding.
+    if let Some(t) = &event_type
+        && !shared.agent.subscribes_to(t)
+    {
+        return;
+    }
+    if let Some(expires) =
+        header_str(message, header::EXPIRES).and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
+        && expires < Utc::now()
+    {
+        count(event_type.as_deref().unwrap_or(""), outcome::EXPIRED);
+        return;
+    }
+    let event = match decode(shared, message) {
+        Ok(event) => event,
+        Err(reason) => {
+            let label = event_type.as_deref().unwrap_or("");
+            let failure = Failure::fatal("undecodable", reason);
+            finish_failed(shared, message, w.attempts, &failure, label, cancel).await;
+            return;
+        }
+    };
+    if !shared.agent.subscribes_to(&event.event_type) {
+        return;
+    }
+    let dedup_key = match header_str(message, header::REPLAY_ID) {
+        Some(replay) => format!("{}|{replay}", event.idempotency_key),
+        None => event.idempotency_key.clone(),
+    };
+    match shared.dedup.get(&dedup_key) {
+        Ok(Some(_)) => {
+            count(&event.event_type, outcome::DUPLICATE);
+            return;
+        }
+        Ok(None) => {}
+        Err(e) => {
+            // Without its dedup store the agent must not handle events: stop here, the
+            // offset stays unstored and the event comes again.
+            tracing::error!(agent = %group, error = %e, "dedup store unreadable; stopping the agent");
+            cancel.cancel();
+            std::future::pending::<()>().await;
+        }
+    }
+    if let Some(not_before) = w.not_before {
+        let wait = (not_before - Utc::now()).to_std().unwrap_or_default();
+        tokio::select! {
+            _ = cancel.cancelled() => { std::future::pending::<()>().await; }
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+
+    let policy = &shared.agent.retry;
+    let held_since = Instant::now();
+    let mut attempt = w.attempts;
+    loop {
+        attempt += 1;
+        let started = Instant::now();
+        let result = match shared.handler.handle(&event, attempt).await {
+            Ok(follow_ups) => publish_follow_ups(shared, &event, follow_ups).await,
+            Err(f) => Err(f),
+        };
+        metrics::histogram!(telemetry::HANDLER_DURATION, "group" => group.clone())
+            .record(started.elapsed().as_secs_f64());
+        let failure = match result {
+            Ok(()) => {
+                if let Err(e) = shared
+                    .dedup
+                    .put(vec![(dedup_key.clone(), Vec::new())], shared.dedup_ttl)
+                    .await
+                {
+                    tracing::error!(agent = %group, error = %e, "dedup store unwritable; stopping the agent");
+                    cancel.cancel();
+                    std::future::pending::<()>().await;
+                }
+                metrics::gauge!(telemetry::DEDUP_KEYS, "group" => group.clone())
+                    .set(shared.dedup.len() as f64);
+                count(&event.event_type, outcome::PROCESSED);
+                return;
+            }
+            Err(f) => f,
+        };
+        tracing::debug!(agent = %group, event = %event.id, attempt, kind = failure.kind, error = %failure.message, "handler failed");
+        if !failure.retryable || attempt >= policy.attempts {
+            finish_failed(
+                shared,
+                message,
+                attempt,
+                &failure,
+                &event.event_type,
+                cancel,
+            )
+            .await;
+            return;
+        }
+        let jitter = rand::random::<f64>() * 2.0 - 1.0;
+        let wait = failure
+            .retry_after
+            .unwrap_or_default()
+            .max(policy.backoff(attempt, jitter));
+        if held_since.elapsed() + wait > policy.max_hold {
+            // Waiting here would hold the events behind it too long: retry later, elsewhere.
+            let not_before = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+            let mut extra = vec![
+                (header::ATTEMPTS, attempt.to_string()),
+                (header::NOT_BEFORE, format_time(&not_before)),
+                (header::ERROR_KIND, failure.kind.to_string()),
+                (header::ERROR_MESSAGE, failure.message.clone()),
+            ];
+            extra.extend(origin_headers(message, group));
+            let topic = shared.agent.retry_topic(&shared.kafka.topic_prefix);
+            forward(shared, message, &topic, &extra, cancel).await;
+            count(&event.event_type, outcome::RETRIED);
+            return;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => { std::future::pending::<()>().await; }
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// A final failure: to the dead-letter topic, or dropped when the agent has none.
+async fn finish_failed(
+    shared: &Shared,
+    message: &OwnedMessage,
+    attempts: u32,
+    failure: &Failure,
+    event_type: &str,
+    cancel: &CancellationToken,
+) {
+    let group = &shared.agent.name;
+    let count = |outcome: &'static str| {
+        metrics::counter!(telemetry::EVENTS_CONSUMED, "group" => group.clone(), "event_type" => event_type.to_string(), "outcome" => outcome)
+            .increment(1);
+    };
+    if !shared.agent.dead_letter {
+        tracing::error!(agent = %group, kind = failure.kind, error = %failure.message, "event failed for good and the agent has no dead-letter topic; dropped");
+        count(outcome::DROPPED);
+        return;
+    }
+    let mut extra = vec![
+        (header::ATTEMPTS, attempts.max(1).to_string()),
+        (header::ERROR_KIND, failure.kind.to_string()),
+        (
+            header::ERROR_MESSAGE,
+            failure.message.chars().take(2000).collect(),
+        ),
+        (header::FAILED_AT, format_time(&Utc::now())),
+    ];
+    extra.extend(origin_headers(message, group));
+    let topic = shared.agent.dlq_topic(&shared.kafka.topic_prefix);
+    forward(shared, message, &topic, &extra, cancel).await;
+    tracing::warn!(agent = %group, kind = failure.kind, error = %failure.message, "event dead-lettered");
+    count(outcome::DEAD_LETTERED);
+}
+
+/// Where a record came from. A record already forwarded keeps its first origin.
+fn origin_headers(message: &OwnedMessage, group: &str) -> Vec<(&'static str, String)> {
+    if header_str(message, header::ORIGINAL_TOPIC).is_some() {
+        return vec![(header::GROUP, group.to_string())];
+    }
+    let timestamp = message.timestamp().to_millis().unwrap_or(-1);
+    vec![
+        (header::ORIGINAL_TOPIC, message.topic().to_string()),
+        (header::ORIGINAL_PARTITION, message.partition().to_string()),
+        (header::ORIGINAL_OFFSET, message.offset().to_string()),
+        (header::ORIGINAL_TIMESTAMP, timestamp.to_string()),
+        (header::GROUP, group.to_string()),
+    ]
+}
+
+/// Copies a record to `topic` — key, value and headers kept, `extra` replacing headers of
+/// the same name — and waits for the broker; retries until it succeeds or the agent stops,
+/// since the record's offset must not be stored before its copy exists.
+async fn forward(
+    shared: &Shared,
+    message: &OwnedMessage,
+    topic: &str,
+    extra: &[(&'static str, String)],
+    cancel: &CancellationToken,
+) {
+    let mut headers = OwnedHeaders::new();
+    if let Some(original) = message.headers() {
+        for h in original.iter() {
+            if !extra.iter().any(|(name, _)| *name == h.key) {
+                headers = headers.insert(Header {
+                    key: h.key,
+                    value: h.value,
+                });
+            }
+        }
+    }
+    for (name, value) in extra {
+        headers = headers.insert(Header {
+            key: *name,
+            value: Some(value.as_bytes()),
+        });
+    }
+    let mut wait = Duration::from_millis(200);
+    loop {
+        let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers.clone());
+        if let Some(key) = message.key() {
+            record = record.key(key);
+        }
+        if let Some(value) = message.payload() {
+            record = record.payload(value);
+        }
+        if let Some(ms) = message.timestamp().to_millis() {
+            record = record.timestamp(ms);
+        }
+        match shared.producer.send(record, Duration::from_secs(10)).await {
+            Ok(_) => return,
+            Err((e, _)) => {
+                tracing::warn!(topic, error = %e, "could not write the record; retrying");
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => { std::future::pending::<()>().await; }
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Decodes a record written by agentbus (or any Confluent-framed Avro producer whose
+/// schema is in the registry).
+fn decode(shared: &Shared, message: &OwnedMessage) -> Result<Event, String> {
+    let payload = message.payload().ok_or("the record has no value")?;
+    let (id, body) = schema::split_wire(payload).map_err(|e| e.to_string())?;
+    let version = shared
+        .registry
+        .by_id(id)
+        .ok_or_else(|| format!("unknown schema id {id}"))?;
+    let value = schema::decode_avro(&version.schema, body).map_err(|e| e.to_string())?;
+    let data = schema::avro_to_json(version, &value);
+    let id = header_str(message, header::ID).unwrap_or_else(|| {
+        format!(
+            "{}-{}-{}",
+            message.topic(),
+            message.partition(),
+            message.offset()
+        )
+    });
+    Ok(Event {
+        idempotency_key: header_str(message, header::IDEMPOTENCY_KEY).unwrap_or_else(|| id.clone()),
+        id,
+        event_type: header_str(message, header::TYPE).unwrap_or_else(|| version.event_type.clone()),
+        version: header_str(message, header::VERSION)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(version.version),
+        source: header_str(message, header::SOURCE).unwrap_or_default(),
+        time: header_str(message, header::TIME),
+        key: message
+            .key()
+            .map(|k| String::from_utf8_lossy(k).into_owned()),
+        correlation_id: header_str(message, header::CORRELATION),
+        causation_id: header_str(message, header::CAUSATION),
+        data,
+    })
+}
+
+/// Publishes a handler's follow-up events as the agent's actions: causation = the handled
+/// event, the same correlation id, and idempotency keys derived from the handled event so
+/// that handling it again never publishes them twice.
+async fn publish_follow_ups(
+    shared: &Shared,
+    event: &Event,
+    follow_ups: Vec<Json>,
+) -> Result<(), Failure> {
+    if follow_ups.is_empty() {
+        return Ok(());
+    }
+    let mut items = Vec::with_capacity(follow_ups.len());
+    for (i, mut envelope) in follow_ups.into_iter().enumerate() {
+        let Some(fields) = envelope.as_object_mut() else {
+            return Err(Failure::fatal(
+                "invalid_follow_up",
+                format!("follow-up {i} is not an object"),
+            ));
+        };
+        fields
+            .entry("source")
+            .or_insert_with(|| json!(shared.agent.name));
+        fields.entry("idempotency_key").or_insert_with(|| {
+            json!(format!(
+                "{}:{}:{i}",
+                shared.agent.name, event.idempotency_key
+            ))
+        });
+        let metadata = fields.entry("metadata").or_insert_with(|| json!({}));
+        if let Some(meta) = metadata.as_object_mut() {
+            meta.insert("causation_id".into(), json!(event.id));
+            meta.insert(
+                "correlation_id".into(),
+                json!(
+                    event
+                        .correlation_id
+                        .clone()
+                        .unwrap_or_else(|| event.id.clone())
+                ),
+            );
+        }
+        items.push(envelope);
+    }
+    let request = publish::Request {
+        items,
+        batch: true,
+        idempotency_key: None,
+    };
+    match shared.publisher.publish(request).await {
+        Ok(_) => Ok(()),
+        Err(publish::Error::BrokerUnavailable(m)) => Err(Failure::retryable("publish", m)),
+        Err(e) => Err(Failure::fatal("invalid_follow_up", e.to_string())),
+    }
+}

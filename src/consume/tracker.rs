@@ -1,0 +1,109 @@
+//! Which offsets of each partition are in flight, so that the stored offset only ever
+//! moves past events whose outcome is final, even when lanes finish out of order.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{Condvar, Mutex},
+    time::{Duration, Instant},
+};
+
+#[derive(Debug, Default)]
+struct Partition {
+    pending: BTreeSet<i64>,
+    highest: i64,
+    stored: i64,
+}
+
+/// Offsets in flight per (topic, partition).
+#[derive(Debug, Default)]
+pub struct Tracker {
+    partitions: Mutex<HashMap<(String, i32), Partition>>,
+    idle: Condvar,
+}
+
+impl Tracker {
+    /// An offset was received and handed to a lane.
+    pub fn begin(&self, topic: &str, partition: i32, offset: i64) {
+        let mut parts = self.partitions.lock().expect("not poisoned");
+        let p = parts
+            .entry((topic.to_string(), partition))
+            .or_insert_with(|| Partition {
+                stored: offset - 1,
+                highest: offset - 1,
+                ..Partition::default()
+            });
+        p.pending.insert(offset);
+        p.highest = p.highest.max(offset);
+    }
+
+    /// An offset's outcome is final. Returns the offset up to which everything is final,
+    /// when that moved forward: the one to store.
+    pub fn complete(&self, topic: &str, partition: i32, offset: i64) -> Option<i64> {
+        let mut parts = self.partitions.lock().expect("not poisoned");
+        let p = parts.get_mut(&(topic.to_string(), partition))?;
+        p.pending.remove(&offset);
+        let done = match p.pending.first() {
+            Some(first) => first - 1,
+            None => p.highest,
+        };
+        self.idle.notify_all();
+        if done > p.stored {
+            p.stored = done;
+            Some(done)
+        } else {
+            None
+        }
+    }
+
+    /// Waits until none of `partitions` has an offset in flight; false on timeout.
+    pub fn wait_idle(&self, partitions: &[(String, i32)], timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut parts = self.partitions.lock().expect("not poisoned");
+        loop {
+            let busy = partitions
+                .iter()
+                .any(|k| parts.get(k).is_some_and(|p| !p.pending.is_empty()));
+            if !busy {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            parts = self
+                .idle
+                .wait_timeout(parts, deadline - now)
+                .expect("not poisoned")
+                .0;
+        }
+    }
+
+    /// Partitions revoked: their next assignment starts from the committed offset.
+    pub fn forget(&self, partitions: &[(String, i32)]) {
+        let mut parts = self.partitions.lock().expect("not poisoned");
+        for k in partitions {
+            parts.remove(k);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stored_offset_waits_for_the_oldest_event_in_flight() {
+        let t = Tracker::default();
+        for o in 10..14 {
+            t.begin("t", 0, o);
+        }
+        assert_eq!(t.complete("t", 0, 12), None);
+        assert_eq!(t.complete("t", 0, 11), None);
+        assert_eq!(t.complete("t", 0, 10), Some(12));
+        assert!(!t.wait_idle(&[("t".into(), 0)], Duration::from_millis(10)));
+        assert_eq!(t.complete("t", 0, 13), Some(13));
+        assert!(t.wait_idle(&[("t".into(), 0)], Duration::from_millis(10)));
+        t.forget(&[("t".into(), 0)]);
+        assert_eq!(t.complete("t", 0, 14), None);
+    }
+}
