@@ -191,8 +191,17 @@ impl App {
                 state.publisher.clone(),
             );
             let (cancel, agent_failed) = (cancel.clone(), agent_failed.clone());
+            let readiness = state.readiness.clone();
             tasks.spawn(async move {
                 let name = agent.name.clone();
+                // Subscribing before the event topics exist would leave the agent waiting for
+                // a metadata refresh (minutes) on brokers that do not create topics.
+                while !readiness.topics.load(Ordering::Relaxed) {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    }
+                }
                 if let Err(e) = run_agent(agent, runtime, registry, publisher, cancel.clone()).await
                 {
                     tracing::error!(agent = %name, error = %e, "agent failed");

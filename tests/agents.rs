@@ -1,0 +1,416 @@
+//! Agents against the real broker: a webhook receiver in the test plays the agent's
+//! endpoint and records what it gets.
+
+mod common;
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use axum::{Json, Router, extract::State, http::HeaderMap, response::IntoResponse, routing::post};
+use common::*;
+use rdkafka::Message;
+use serde_json::{Value, json};
+
+/// What the receiver got: the CloudEvent and its headers.
+#[derive(Clone, Debug)]
+struct Received {
+    event: Value,
+    headers: HashMap<String, String>,
+}
+
+#[derive(Clone, Default)]
+struct Receiver {
+    got: Arc<Mutex<Vec<Received>>>,
+    attempts: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+/// Behaviour by the task's description: `fail-N` fails N times with 503, `poison` answers
+/// 400, `follow` answers with a follow-up event, `slow` takes 100 ms; anything else 200.
+async fn receive(
+    State(r): State<Receiver>,
+    headers: HeaderMap,
+    Json(event): Json<Value>,
+) -> axum::response::Response {
+    let description = event["data"]["description"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let id = event["id"].as_str().unwrap_or("").to_string();
+    let attempt = {
+        let mut attempts = r.attempts.lock().unwrap();
+        let a = attempts.entry(id.clone()).or_insert(0);
+        *a += 1;
+        *a
+    };
+    if description == "slow" {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Some(n) = description.strip_prefix("fail-") {
+        if attempt <= n.parse().unwrap() {
+            return (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not yet").into_response();
+        }
+    }
+    if description == "poison" {
+        return (axum::http::StatusCode::BAD_REQUEST, "never").into_response();
+    }
+    let headers = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    r.got.lock().unwrap().push(Received {
+        event: event.clone(),
+        headers,
+    });
+    if description == "follow" {
+        let completed = json!({"events": [{
+            "event_type": "agent.task.completed",
+            "data": {"task_id": event["data"]["task_id"], "agent_id": event["data"]["agent_id"],
+                     "status": "succeeded", "result": "done", "duration_ms": 5}
+        }]});
+        return Json(completed).into_response();
+    }
+    Json(json!({})).into_response()
+}
+
+impl Receiver {
+    async fn start() -> (Receiver, String) {
+        let r = Receiver::default();
+        let app = Router::new()
+            .route("/hook", post(receive))
+            .with_state(r.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (r, url)
+    }
+
+    fn got(&self) -> Vec<Received> {
+        self.got.lock().unwrap().clone()
+    }
+
+    fn descriptions(&self) -> Vec<String> {
+        self.got()
+            .iter()
+            .map(|r| r.event["data"]["description"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Received> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.got();
+            if got.len() >= n {
+                return got;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} events arrived: {:?}",
+                got.len(),
+                self.descriptions()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn agent_file(dir: &Path, name: &str, url: &str, extra: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join(format!("{name}.toml")),
+        format!(
+            "name = \"{name}\"\nsubscribe = [\"agent.task.*\"]\nconcurrency = 4\n{extra}\n\
+             [handler]\nkind = \"webhook\"\nurl = \"{url}\"\ntimeout = \"5s\"\n\
+             [retry]\nattempts = 4\ninitial_backoff = \"50ms\"\nmax_backoff = \"200ms\"\nmax_hold = \"2s\"\n"
+        ),
+    )
+    .unwrap();
+}
+
+fn task(agent_id: &str, description: &str) -> Value {
+    json!({
+        "event_type": "agent.task.requested", "source": "planner", "partition_key": agent_id,
+        "data": {"task_id": uuid::Uuid::new_v4(), "agent_id": agent_id, "description": description},
+        "metadata": {"correlation_id": format!("corr-{description}")}
+    })
+}
+
+async fn app_with_agent(url: &str, name: &str) -> (TestApp, tempfile::TempDir) {
+    let consumers = tempfile::tempdir().unwrap();
+    agent_file(consumers.path(), name, url, "");
+    let app = spawn(Options {
+        consumers_dir: Some(consumers.path().to_path_buf()),
+        ..Options::default()
+    })
+    .await;
+    (app, consumers)
+}
+
+#[tokio::test]
+async fn a_failing_event_is_retried_and_a_poison_one_is_dead_lettered_while_the_rest_flow() {
+    let (receiver, url) = Receiver::start().await;
+    let name = format!("planner-{}", uuid::Uuid::new_v4().simple());
+    let (app, _c) = app_with_agent(&url, &name).await;
+    // Same key: the poison event sits in front of the others.
+    for d in ["poison", "fail-2", "ok-1", "ok-2"] {
+        assert_eq!(app.post(&task("same", d)).await.status(), 200);
+    }
+    receiver.wait_for(3, Duration::from_secs(60)).await;
+    let got = receiver.descriptions();
+    assert_eq!(got, ["fail-2", "ok-1", "ok-2"], "in order, poison skipped");
+    let retried = receiver
+        .got()
+        .into_iter()
+        .find(|r| r.event["data"]["description"] == "fail-2")
+        .unwrap();
+    assert_eq!(retried.headers["x-agentbus-attempt"], "3");
+
+    let dlq = format!("{}{name}.dlq", app.prefix);
+    let dead = read_records(&app.brokers, &dlq, 1);
+    let d = &dead[0];
+    assert_eq!(d.key(), Some(&b"same"[..]));
+    assert_eq!(
+        header(d, "ce_type").as_deref(),
+        Some("agent.task.requested")
+    );
+    assert_eq!(
+        header(d, "agentbus-original-topic"),
+        Some(app.topic("agent"))
+    );
+    for h in [
+        "agentbus-original-partition",
+        "agentbus-original-offset",
+        "agentbus-original-timestamp",
+        "agentbus-failed-at",
+    ] {
+        assert!(header(d, h).is_some(), "{h}");
+    }
+    assert_eq!(header(d, "agentbus-consumer-group"), Some(name.clone()));
+    assert_eq!(
+        header(d, "agentbus-attempts").as_deref(),
+        Some("1"),
+        "not retryable: one attempt"
+    );
+    assert_eq!(
+        header(d, "agentbus-error-kind").as_deref(),
+        Some("http_status")
+    );
+    assert!(header(d, "agentbus-error-message").unwrap().contains("400"));
+    let original = read_records(&app.brokers, &app.topic("agent"), 4);
+    assert_eq!(d.payload(), original[0].payload(), "value kept");
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_under_two_event_ids_is_handled_once() {
+    let (receiver, url) = Receiver::start().await;
+    let name = format!("dedup-{}", uuid::Uuid::new_v4().simple());
+    let (app, _c) = app_with_agent(&url, &name).await;
+    // A second service instance with its own publish store, so both copies get written.
+    let other = spawn(Options {
+        prefix: app.prefix.clone(),
+        ..Options::default()
+    })
+    .await;
+    let mut first = task("a", "once");
+    first["idempotency_key"] = json!("same-action");
+    let mut second = first.clone();
+    second["event_id"] = json!(uuid::Uuid::now_v7().to_string());
+    assert_eq!(app.post(&first).await.status(), 200);
+    assert_eq!(other.post(&second).await.status(), 200);
+    assert_eq!(app.post(&task("a", "after")).await.status(), 200);
+    receiver.wait_for(2, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.descriptions(), ["once", "after"]);
+}
+
+#[tokio::test]
+async fn events_of_one_key_keep_their_order_with_concurrency_above_one() {
+    let (receiver, url) = Receiver::start().await;
+    let name = format!("order-{}", uuid::Uuid::new_v4().simple());
+    let (app, _c) = app_with_agent(&url, &name).await;
+    let batch: Vec<Value> = (0..40)
+        .map(|i| task(&format!("k{}", i % 4), &format!("{}-{}", i % 4, i)))
+        .collect();
+    assert_eq!(app.post(&Value::Array(batch)).await.status(), 200);
+    receiver.wait_for(40, Duration::from_secs(60)).await;
+    let mut last: HashMap<String, i32> = HashMap::new();
+    for d in receiver.descriptions() {
+        let (key, seq) = d.split_once('-').unwrap();
+        let seq: i32 = seq.parse().unwrap();
+        let previous = last.insert(key.to_string(), seq).unwrap_or(-1);
+        assert!(seq > previous, "key {key}: {seq} after {previous}");
+    }
+}
+
+#[tokio::test]
+async fn follow_up_events_carry_the_causation_and_correlation_ids() {
+    let (receiver, url) = Receiver::start().await;
+    let name = format!("follow-{}", uuid::Uuid::new_v4().simple());
+    let (app, _c) = app_with_agent(&url, &name).await;
+    let answer: Value = app.post(&task("f", "follow")).await.json().await.unwrap();
+    receiver.wait_for(1, Duration::from_secs(60)).await;
+    // The follow-up (agent.task.completed) is an agent.task.* event too: the agent gets it.
+    let records = read_records(&app.brokers, &app.topic("agent"), 2);
+    let completed = records
+        .iter()
+        .find(|r| header(r, "ce_type").as_deref() == Some("agent.task.completed"))
+        .unwrap();
+    assert_eq!(
+        header(completed, "ce_causationid").as_deref(),
+        answer["event_id"].as_str()
+    );
+    assert_eq!(
+        header(completed, "ce_correlationid").as_deref(),
+        Some("corr-follow")
+    );
+    assert_eq!(header(completed, "ce_source"), Some(name.clone()));
+}
+
+#[tokio::test]
+async fn an_expired_event_is_not_delivered() {
+    let (receiver, url) = Receiver::start().await;
+    let name = format!("ttl-{}", uuid::Uuid::new_v4().simple());
+    let (app, _c) = app_with_agent(&url, &name).await;
+    let mut stale = task("t", "stale");
+    stale["timestamp"] = json!("2026-01-01T00:00:00Z");
+    stale["ttl_ms"] = json!(1000);
+    assert_eq!(app.post(&stale).await.status(), 200);
+    assert_eq!(app.post(&task("t", "fresh")).await.status(), 200);
+    receiver.wait_for(1, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receiver.descriptions(), ["fresh"]);
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("agentbus_events_consumed_total")
+                && l.contains(&name)
+                && l.contains("outcome=\"expired\"")),
+        "{metrics}"
+    );
+}
+
+/// An `agentbus agent run` process.
+fn agent_process(app: &TestApp, consumers: &Path, name: &str, data: &Path) -> std::process::Child {
+    std::process::Command::new(agentbus_bin())
+        .args(["agent", "run", name])
+        .env("AGENTBUS_BROKERS", &app.brokers)
+        .env("AGENTBUS_TOPIC_PREFIX", &app.prefix)
+        .env("AGENTBUS_DATA_DIR", data)
+        .env("AGENTBUS_CONSUMERS_DIR", consumers)
+        .env("AGENTBUS_SCHEMAS_DIR", root().join("schemas"))
+        .env("AGENTBUS_TOPIC_PARTITIONS", "2")
+        .env("AGENTBUS_AGENT_SESSION_TIMEOUT", "6s")
+        .env("AGENTBUS_LOG", "warn")
+        .env("HOOK_SECRET", "s3cret")
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_webhook_signature_verifies() {
+    let (receiver, url) = Receiver::start().await;
+    let app = spawn_app().await;
+    let consumers = tempfile::tempdir().unwrap();
+    let name = format!("signed-{}", uuid::Uuid::new_v4().simple());
+    std::fs::write(
+        consumers.path().join("signed.toml"),
+        format!("name = \"{name}\"\nsubscribe = [\"agent.task.requested\"]\n[handler]\nkind = \"webhook\"\nurl = \"{url}\"\nsecret_env = \"HOOK_SECRET\"\n"),
+    )
+    .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut child = agent_process(&app, consumers.path(), &name, data.path());
+    assert_eq!(app.post(&task("s", "sign me")).await.status(), 200);
+    let got = receiver.wait_for(1, Duration::from_secs(60)).await;
+    let _ = child.kill();
+    let r = &got[0];
+    assert_eq!(r.headers["content-type"], "application/cloudevents+json");
+    let body = serde_json::to_vec(&r.event).unwrap();
+    // The receiver re-serialised the JSON; serde_json keeps key order, so the bytes match.
+    assert_eq!(
+        r.headers["x-agentbus-signature"],
+        agentbus::handlers::signature("s3cret", &body)
+    );
+    assert_eq!(r.event["specversion"], "1.0");
+    assert_eq!(r.event["type"], "agent.task.requested");
+}
+
+#[tokio::test]
+async fn a_sigkilled_agent_handles_every_event_after_restart_and_repeats_at_most_what_was_in_flight()
+ {
+    let (receiver, url) = Receiver::start().await;
+    let app = spawn_app().await;
+    let consumers = tempfile::tempdir().unwrap();
+    let name = format!("crash-{}", uuid::Uuid::new_v4().simple());
+    agent_file(consumers.path(), &name, &url, "");
+    let data = tempfile::tempdir().unwrap();
+    let batch: Vec<Value> = (0..60)
+        .map(|i| task(&format!("k{}", i % 8), "slow"))
+        .collect();
+    let ids: Vec<String> = app
+        .post(&Value::Array(batch))
+        .await
+        .json::<Value>()
+        .await
+        .unwrap()["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["event_id"].as_str().unwrap().to_string())
+        .collect();
+
+    let mut first = agent_process(&app, consumers.path(), &name, data.path());
+    receiver.wait_for(15, Duration::from_secs(60)).await;
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let before_restart = receiver.got().len();
+    let mut second = agent_process(&app, consumers.path(), &name, data.path());
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let seen: std::collections::HashSet<String> = receiver
+            .got()
+            .iter()
+            .map(|r| r.event["id"].as_str().unwrap().to_string())
+            .collect();
+        if ids.iter().all(|id| seen.contains(id)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{} of 60 handled", seen.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = second.kill();
+    let all = receiver.got();
+    let repeats = all.len() - ids.len();
+    assert!(
+        repeats <= 4,
+        "{repeats} events handled twice (before restart {before_restart}); at most the 4 in flight may be"
+    );
+}
+
+#[tokio::test]
+async fn two_processes_of_one_agent_together_handle_every_event_exactly_once() {
+    let (receiver, url) = Receiver::start().await;
+    let app = spawn_app().await;
+    let consumers = tempfile::tempdir().unwrap();
+    let name = format!("pair-{}", uuid::Uuid::new_v4().simple());
+    agent_file(consumers.path(), &name, &url, "");
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = agent_process(&app, consumers.path(), &name, d1.path());
+    let mut b = agent_process(&app, consumers.path(), &name, d2.path());
+    let batch: Vec<Value> = (0..80)
+        .map(|i| task(&format!("k{i}"), &format!("e{i}")))
+        .collect();
+    assert_eq!(app.post(&Value::Array(batch)).await.status(), 200);
+    receiver.wait_for(80, Duration::from_secs(90)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _ = (a.kill(), b.kill());
+    let mut seen = receiver.descriptions();
+    seen.sort();
+    let before = seen.len();
+    seen.dedup();
+    assert_eq!((before, seen.len()), (80, 80), "every event exactly once");
+}
