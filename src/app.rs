@@ -130,6 +130,7 @@ impl App {
                 max_body_bytes: settings.max_body_bytes,
                 max_batch: settings.max_batch,
             },
+            agents: Arc::new(agents.clone()),
         };
         Ok(App {
             listener,

@@ -26,6 +26,8 @@ struct Received {
 struct Receiver {
     got: Arc<Mutex<Vec<Received>>>,
     attempts: Arc<Mutex<HashMap<String, u32>>>,
+    /// Once set, `poison` is accepted too.
+    cured: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Behaviour by the task's description: `fail-N` fails N times with 503, `poison` answers
@@ -54,7 +56,7 @@ async fn receive(
             return (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not yet").into_response();
         }
     }
-    if description == "poison" {
+    if description == "poison" && !r.cured.load(std::sync::atomic::Ordering::SeqCst) {
         return (axum::http::StatusCode::BAD_REQUEST, "never").into_response();
     }
     let headers = headers
@@ -201,6 +203,35 @@ async fn a_failing_event_is_retried_and_a_poison_one_is_dead_lettered_while_the_
     assert!(header(d, "agentbus-error-message").unwrap().contains("400"));
     let original = read_records(&app.brokers, &app.topic("agent"), 4);
     assert_eq!(d.payload(), original[0].payload(), "value kept");
+
+    let listed: Value = app
+        .get(&format!("/v1/dlq/{name}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let letters = listed["dead_letters"].as_array().unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0]["error_kind"], "http_status");
+    assert_eq!(letters[0]["event_type"], "agent.task.requested");
+
+    // Fixed: redrive brings it back, and the agent handles it.
+    receiver
+        .cured
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let redriven: Value = app
+        .client
+        .post(format!("{}/v1/dlq/{name}/redrive", app.url))
+        .json(&json!({"event_type": "agent.task.requested"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(redriven["redriven"], 1);
+    receiver.wait_for(4, Duration::from_secs(60)).await;
+    assert_eq!(receiver.descriptions()[3], "poison");
 }
 
 #[tokio::test]

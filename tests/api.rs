@@ -11,6 +11,7 @@ fn sample_path(template: &str) -> String {
         .replace("{event_type}", "agent.created")
         .replace("{subject}", "agent.created")
         .replace("{version}", "1")
+        .replace("{group}", "no-such-agent")
 }
 
 #[tokio::test]

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     app::{self, App, Mode},
     config::{KafkaArgs, ServeArgs, TopicArgs},
+    consume::dlq,
     schema::Registry,
     topics,
 };
@@ -48,6 +49,45 @@ pub enum Command {
     /// Agent commands.
     #[command(subcommand)]
     Agent(AgentCommand),
+    /// Dead letters of an agent.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+/// `agentbus dlq ...`
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// A table of the agent's dead letters: when, type, id, attempts, error.
+    List {
+        /// The agent (consumer group).
+        group: String,
+        #[command(flatten)]
+        kafka: KafkaArgs,
+    },
+    /// Send dead letters back to the agent, through its replay topic.
+    Redrive {
+        /// The agent (consumer group).
+        group: String,
+        /// Only dead letters of this event type.
+        #[arg(long)]
+        event_type: Option<String>,
+        /// Only those that failed since: RFC 3339 or a duration back from now (`2h`).
+        #[arg(long, value_parser = parse_time)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        #[command(flatten)]
+        kafka: KafkaArgs,
+    },
+}
+
+/// RFC 3339, or a duration back from now (`30m`, `2h`, `1day`).
+pub fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.to_utc());
+    }
+    let back = humantime::parse_duration(s)
+        .map_err(|_| format!("{s:?} is neither an RFC 3339 time nor a duration like 2h"))?;
+    let back = chrono::Duration::from_std(back).map_err(|e| e.to_string())?;
+    Ok(chrono::Utc::now() - back)
 }
 
 /// `agentbus agent ...`
@@ -111,6 +151,46 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             run_until_signal(app).await
         }
         Command::Publish(args) => publish::run(args).await,
+        Command::Dlq(DlqCommand::List { group, kafka }) => {
+            let topic = format!("{}{group}.dlq", kafka.topic_prefix);
+            let letters = dlq::list(&kafka, &topic).await?;
+            println!(
+                "{:<24}  {:<28}  {:<36}  {:>8}  ERROR",
+                "FAILED AT", "TYPE", "ID", "ATTEMPTS"
+            );
+            let dash = || "-".to_string();
+            for d in &letters {
+                println!(
+                    "{:<24}  {:<28}  {:<36}  {:>8}  {}: {}",
+                    d.failed_at.clone().unwrap_or_else(dash),
+                    d.event_type.clone().unwrap_or_else(dash),
+                    d.event_id.clone().unwrap_or_else(dash),
+                    d.attempts.map_or_else(dash, |a| a.to_string()),
+                    d.error_kind.clone().unwrap_or_else(dash),
+                    d.error_message
+                        .clone()
+                        .unwrap_or_default()
+                        .replace('\n', " "),
+                );
+            }
+            println!("{} dead letters in {topic}", letters.len());
+            Ok(())
+        }
+        Command::Dlq(DlqCommand::Redrive {
+            group,
+            event_type,
+            since,
+            kafka,
+        }) => {
+            let prefix = &kafka.topic_prefix;
+            let (from, to) = (
+                format!("{prefix}{group}.dlq"),
+                format!("{prefix}{group}.replay"),
+            );
+            let sent = dlq::redrive(&kafka, &from, &to, &dlq::Filter { event_type, since }).await?;
+            println!("sent {sent} dead letters from {from} back to {group} (through {to})");
+            Ok(())
+        }
         Command::Schemas(SchemasCommand::Check { schemas_dir }) => {
             let registry = Registry::load(&schemas_dir)?;
             for t in registry.event_types() {

@@ -5,6 +5,7 @@
 //! `<agent>.dlq`, and stores an offset only once the event's outcome is final.
 
 pub mod definition;
+pub mod dlq;
 mod tracker;
 
 use std::{
@@ -75,7 +76,8 @@ pub struct RuntimeSettings {
 }
 
 /// Header names of CONTRACT.md §3.
-mod header {
+pub mod header {
+    //! The names, one constant each.
     pub const TYPE: &str = "ce_type";
     pub const ID: &str = "ce_id";
     pub const SOURCE: &str = "ce_source";

@@ -57,6 +57,31 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
+    /// `400 invalid_envelope` for a request field that is not valid.
+    pub fn invalid_request(field: &str, message: impl Into<String>) -> Self {
+        let message = message.into();
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_envelope",
+            format!("{field}: {message}"),
+        )
+        .with_details(vec![Violation {
+            path: field.to_string(),
+            message,
+        }])
+    }
+
+    /// `503 broker_unavailable` with `Retry-After`.
+    pub fn broker_unavailable(message: impl Into<String>) -> Self {
+        let mut e = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "broker_unavailable",
+            message,
+        );
+        e.retry_after = Some(RETRY_AFTER_SECS);
+        e
+    }
+
     /// `500 internal`: a fault of ours (disk, bug), never of the input.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)

@@ -1,5 +1,6 @@
 //! The HTTP API (CONTRACT.md §2): ingest, schemas, the registry, health and metrics.
 
+mod dlq;
 pub mod error;
 mod events;
 mod openapi;
@@ -19,7 +20,9 @@ use axum::{
 };
 use serde_json::json;
 
-use crate::{config::KafkaArgs, publish::Publisher, schema::Registry};
+use crate::{
+    config::KafkaArgs, consume::definition::AgentDefinition, publish::Publisher, schema::Registry,
+};
 pub use error::ApiError;
 pub use openapi::openapi;
 
@@ -54,6 +57,8 @@ pub struct AppState {
     pub readiness: Arc<Readiness>,
     /// Request limits.
     pub limits: Limits,
+    /// The agents defined in the consumers directory.
+    pub agents: Arc<Vec<AgentDefinition>>,
 }
 
 /// Every route of the API. `openapi.json` documents exactly these (a test keeps it so).
@@ -83,6 +88,8 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/registry/config", get(schemas::config))
         .route("/registry/config/{subject}", get(schemas::subject_config))
+        .route("/v1/dlq/{group}", get(dlq::list))
+        .route("/v1/dlq/{group}/redrive", post(dlq::redrive))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

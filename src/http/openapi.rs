@@ -128,6 +128,31 @@ pub fn openapi() -> Value {
                 "responses": {"200": registry_ok("The level.", json!({"type": "object", "properties": {"compatibilityLevel": {"type": "string", "enum": ["BACKWARD", "NONE"]}}})),
                     "404": registry_error("40401 Subject not found.")}
             }},
+            "/v1/dlq/{group}": {"get": {
+                "summary": "An agent's dead letters, oldest first.",
+                "parameters": [path_param("group", "the agent's name (its consumer group)")],
+                "responses": {
+                    "200": {"description": "The dead letters.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/DeadLetters"}}}},
+                    "404": error_response("No such agent."),
+                    "503": error_response("broker_unavailable.")
+                }
+            }},
+            "/v1/dlq/{group}/redrive": {"post": {
+                "summary": "Send dead letters back to the agent (through <group>.replay, with a replay id per dead letter).",
+                "parameters": [path_param("group", "the agent's name (its consumer group)")],
+                "requestBody": {"required": false, "content": {"application/json": {"schema": {
+                    "type": "object", "additionalProperties": false,
+                    "properties": {"event_type": {"type": "string"}, "since": {"type": "string", "format": "date-time"}}
+                }}}},
+                "responses": {
+                    "200": {"description": "How many were sent.", "content": {"application/json": {"schema": {
+                        "type": "object", "required": ["group", "redriven"],
+                        "properties": {"group": {"type": "string"}, "redriven": {"type": "integer"}}}}}},
+                    "400": error_response("malformed_json or invalid_envelope (a bad filter)."),
+                    "404": error_response("No such agent."),
+                    "503": error_response("broker_unavailable.")
+                }
+            }},
             "/healthz": {"get": {"summary": "The process is alive.",
                 "responses": {"200": {"description": "Alive.", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
             "/readyz": {"get": {"summary": "Ready: broker reachable, topics present, schemas loaded.",
@@ -200,6 +225,18 @@ pub fn openapi() -> Value {
                 "type": "object",
                 "required": ["error_code", "message"],
                 "properties": {"error_code": {"type": "integer"}, "message": {"type": "string"}}
+            },
+            "DeadLetters": {
+                "type": "object",
+                "required": ["group", "topic", "dead_letters"],
+                "properties": {"group": {"type": "string"}, "topic": {"type": "string"},
+                    "dead_letters": {"type": "array", "items": {"type": "object", "properties": {
+                        "failed_at": {"type": "string", "nullable": true}, "event_type": {"type": "string", "nullable": true},
+                        "event_id": {"type": "string", "nullable": true}, "attempts": {"type": "integer", "nullable": true},
+                        "error_kind": {"type": "string", "nullable": true}, "error_message": {"type": "string", "nullable": true},
+                        "original_topic": {"type": "string", "nullable": true}, "original_partition": {"type": "integer", "nullable": true},
+                        "original_offset": {"type": "integer", "nullable": true},
+                        "dlq_partition": {"type": "integer"}, "dlq_offset": {"type": "integer"}}}}}
             },
             "Readiness": {
                 "type": "object",
