@@ -51,10 +51,10 @@ async fn receive(
     if description == "slow" {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    if let Some(n) = description.strip_prefix("fail-") {
-        if attempt <= n.parse().unwrap() {
-            return (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not yet").into_response();
-        }
+    if let Some(n) = description.strip_prefix("fail-")
+        && attempt <= n.parse().unwrap()
+    {
+        return (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not yet").into_response();
     }
     if description == "poison" && !r.cured.load(std::sync::atomic::Ordering::SeqCst) {
         return (axum::http::StatusCode::BAD_REQUEST, "never").into_response();
@@ -357,6 +357,7 @@ async fn a_webhook_signature_verifies() {
     assert_eq!(app.post(&task("s", "sign me")).await.status(), 200);
     let got = receiver.wait_for(1, Duration::from_secs(60)).await;
     let _ = child.kill();
+    let _ = child.wait();
     let r = &got[0];
     assert_eq!(r.headers["content-type"], "application/cloudevents+json");
     let body = serde_json::to_vec(&r.event).unwrap();
@@ -414,6 +415,7 @@ async fn a_sigkilled_agent_handles_every_event_after_restart_and_repeats_at_most
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let _ = second.kill();
+    let _ = second.wait();
     let all = receiver.got();
     let repeats = all.len() - ids.len();
     assert!(
@@ -438,7 +440,10 @@ async fn two_processes_of_one_agent_together_handle_every_event_exactly_once() {
     assert_eq!(app.post(&Value::Array(batch)).await.status(), 200);
     receiver.wait_for(80, Duration::from_secs(90)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let _ = (a.kill(), b.kill());
+    for child in [&mut a, &mut b] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     let mut seen = receiver.descriptions();
     seen.sort();
     let before = seen.len();

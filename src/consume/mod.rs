@@ -75,9 +75,8 @@ pub struct RuntimeSettings {
     pub session_timeout: Duration,
 }
 
-/// Header names of CONTRACT.md §3.
+/// Header names of CONTRACT.md §3, one constant each.
 pub mod header {
-    //! The names, one constant each.
     pub const TYPE: &str = "ce_type";
     pub const ID: &str = "ce_id";
     pub const SOURCE: &str = "ce_source";
@@ -597,7 +596,7 @@ async fn forward(
     }
     for (name, value) in extra {
         headers = headers.insert(Header {
-            key: *name,
+            key: name,
             value: Some(value.as_bytes()),
         });
     }
