@@ -52,8 +52,13 @@ echo "==> a schema violation is refused with the field path"
 curl -sS -X POST "$url/v1/events" -H 'content-type: application/json' \
   -d '{"event_type":"agent.created","source":"run.sh","data":{"agent_id":7}}'
 echo
-echo "==> metrics"
-curl -sS "$url/metrics" | grep -E '^agentbus_events_published_total' || true
+echo "==> the loop: nutrition-planner (consumers/nutrition-planner.toml) takes the task through"
+echo "    its webhook (the demo agent agentbus serves) and publishes agent.task.completed"
+for _ in $(seq 1 100); do
+  curl -sS "$url/metrics" | grep -q 'agentbus_events_published_total{event_type="agent.task.completed",outcome="written"}' && break
+  sleep 0.2
+done
+curl -sS "$url/metrics" | grep -E '^agentbus_events_(published|consumed)_total' || true
 
 cat <<EOF
 

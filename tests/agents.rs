@@ -450,3 +450,21 @@ async fn two_processes_of_one_agent_together_handle_every_event_exactly_once() {
     seen.dedup();
     assert_eq!((before, seen.len()), (80, 80), "every event exactly once");
 }
+
+#[test]
+fn the_shipped_agent_definitions_load() {
+    let agents = agentbus::consume::definition::load_dir(&root().join("consumers")).unwrap();
+    let names: Vec<&str> = agents.iter().map(|a| a.name.as_str()).collect();
+    for expected in [
+        "nutrition-planner",
+        "workout-planner",
+        "budget-manager",
+        "report-planner",
+        "emergency-manager",
+    ] {
+        assert!(
+            names.contains(&expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+}

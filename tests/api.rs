@@ -12,6 +12,7 @@ fn sample_path(template: &str) -> String {
         .replace("{subject}", "agent.created")
         .replace("{version}", "1")
         .replace("{group}", "no-such-agent")
+        .replace("{name}", "demo")
 }
 
 #[tokio::test]

@@ -1,5 +1,6 @@
 //! The HTTP API (CONTRACT.md §2): ingest, schemas, the registry, health and metrics.
 
+mod demo;
 mod dlq;
 pub mod error;
 mod events;
@@ -90,6 +91,7 @@ pub fn router(state: AppState) -> Router {
         .route("/registry/config/{subject}", get(schemas::subject_config))
         .route("/v1/dlq/{group}", get(dlq::list))
         .route("/v1/dlq/{group}/redrive", post(dlq::redrive))
+        .route("/demo/agents/{name}", post(demo::agent))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

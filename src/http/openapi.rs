@@ -153,6 +153,15 @@ pub fn openapi() -> Value {
                     "503": error_response("broker_unavailable.")
                 }
             }},
+            "/demo/agents/{name}": {"post": {
+                "summary": "A demo webhook agent served by agentbus itself: answers an agent.task.requested CloudEvent with an agent.task.completed follow-up.",
+                "parameters": [path_param("name", "the demo agent's name (becomes the follow-up's source)")],
+                "requestBody": {"required": true, "content": {"application/cloudevents+json": {"schema": {"type": "object"}}}},
+                "responses": {
+                    "200": {"description": "Follow-up events, if any.", "content": {"application/json": {"schema": {"type": "object"}}}},
+                    "400": error_response("malformed_json.")
+                }
+            }},
             "/healthz": {"get": {"summary": "The process is alive.",
                 "responses": {"200": {"description": "Alive.", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
             "/readyz": {"get": {"summary": "Ready: broker reachable, topics present, schemas loaded.",
