@@ -18,6 +18,7 @@ use crate::{
         definition::{self, AgentDefinition},
         run_agent,
     },
+    handlers::integration::Integrations,
     http::{self, AppState, Limits, Readiness},
     publish::{self, IdempotencyStore, Publisher},
     schema::Registry,
@@ -40,6 +41,9 @@ pub enum Error {
     /// An agent definition is not valid.
     #[error("agents: {0}")]
     Agents(#[from] crate::consume::definition::Error),
+    /// An integration agent's services are not valid.
+    #[error("agents: {0}")]
+    Integrations(String),
     /// `agent run` named an agent that is not defined.
     #[error("no agent named {0:?} in the consumers directory")]
     UnknownAgent(String),
@@ -92,6 +96,15 @@ impl App {
                 return Err(Error::UnknownAgent(name.clone()));
             }
         }
+        let mut integrations = Integrations::default();
+        for agent in &agents {
+            if let definition::HandlerConfig::Integration { services } = &agent.handler {
+                let built = Integrations::new(services)
+                    .map_err(|e| Error::Integrations(format!("{}: {e}", agent.file.display())))?;
+                integrations.extend(built);
+            }
+        }
+        let integrations = Arc::new(integrations);
         for t in registry.event_types() {
             metrics::gauge!(telemetry::SCHEMAS_LOADED, "event_type" => t.name.clone())
                 .set(t.versions.len() as f64);
@@ -131,6 +144,7 @@ impl App {
                 max_batch: settings.max_batch,
             },
             agents: Arc::new(agents.clone()),
+            integrations,
         };
         Ok(App {
             listener,
@@ -186,10 +200,11 @@ impl App {
         // An agent that fails stops the process: running on without it would hide it.
         let agent_failed = CancellationToken::new();
         for agent in agents {
-            let (runtime, registry, publisher) = (
+            let (runtime, registry, publisher, integrations) = (
                 runtime.clone(),
                 state.registry.clone(),
                 state.publisher.clone(),
+                state.integrations.clone(),
             );
             let (cancel, agent_failed) = (cancel.clone(), agent_failed.clone());
             let readiness = state.readiness.clone();
@@ -203,7 +218,15 @@ impl App {
                         _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                     }
                 }
-                if let Err(e) = run_agent(agent, runtime, registry, publisher, cancel.clone()).await
+                if let Err(e) = run_agent(
+                    agent,
+                    runtime,
+                    registry,
+                    publisher,
+                    integrations,
+                    cancel.clone(),
+                )
+                .await
                 {
                     tracing::error!(agent = %name, error = %e, "agent failed");
                     agent_failed.cancel();

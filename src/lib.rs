@@ -1,3 +1,4 @@
+#![recursion_limit = "256"]
 //! agentbus: schema-validated, versioned events on Kafka for multi-agent systems.
 //!
 //! The modules follow an event's way through the service:

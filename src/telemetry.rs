@@ -32,6 +32,9 @@ pub const PAUSED_PARTITIONS: &str = "agentbus_agent_paused_partitions";
 /// Keys in an agent's dedup store, by `group`.
 pub const DEDUP_KEYS: &str = "agentbus_dedup_keys";
 
+/// State of an integration's circuit breaker, by `service`: 0 closed, 1 half-open, 2 open.
+pub const CIRCUIT_BREAKER_STATE: &str = "agentbus_circuit_breaker_state";
+
 /// Outcomes of [`EVENTS_PUBLISHED`].
 pub mod outcome {
     /// Written to Kafka and acknowledged by the broker.
@@ -124,4 +127,8 @@ fn describe() {
         "Partitions paused because the agent's lanes are full."
     );
     describe_gauge!(DEDUP_KEYS, "Keys in an agent's dedup store, by group.");
+    describe_gauge!(
+        CIRCUIT_BREAKER_STATE,
+        "Circuit breaker of an integration: 0 closed, 1 half-open, 2 open."
+    );
 }

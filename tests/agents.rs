@@ -171,7 +171,7 @@ async fn a_failing_event_is_retried_and_a_poison_one_is_dead_lettered_while_the_
     assert_eq!(retried.headers["x-agentbus-attempt"], "3");
 
     let dlq = format!("{}{name}.dlq", app.prefix);
-    let dead = read_records(&app.brokers, &dlq, 1);
+    let dead = records(&app, &dlq, 1).await;
     let d = &dead[0];
     assert_eq!(d.key(), Some(&b"same"[..]));
     assert_eq!(
@@ -201,7 +201,7 @@ async fn a_failing_event_is_retried_and_a_poison_one_is_dead_lettered_while_the_
         Some("http_status")
     );
     assert!(header(d, "agentbus-error-message").unwrap().contains("400"));
-    let original = read_records(&app.brokers, &app.topic("agent"), 4);
+    let original = records(&app, &app.topic("agent"), 4).await;
     assert_eq!(d.payload(), original[0].payload(), "value kept");
 
     let listed: Value = app
@@ -284,7 +284,7 @@ async fn follow_up_events_carry_the_causation_and_correlation_ids() {
     let answer: Value = app.post(&task("f", "follow")).await.json().await.unwrap();
     receiver.wait_for(1, Duration::from_secs(60)).await;
     // The follow-up (agent.task.completed) is an agent.task.* event too: the agent gets it.
-    let records = read_records(&app.brokers, &app.topic("agent"), 2);
+    let records = records(&app, &app.topic("agent"), 2).await;
     let completed = records
         .iter()
         .find(|r| header(r, "ce_type").as_deref() == Some("agent.task.completed"))
@@ -467,4 +467,125 @@ fn the_shipped_agent_definitions_load() {
             "{expected} missing from {names:?}"
         );
     }
+}
+
+/// `read_records` off the runtime's thread: the agent under test runs on it.
+async fn records(app: &TestApp, topic: &str, n: usize) -> Vec<rdkafka::message::OwnedMessage> {
+    let (brokers, topic) = (app.brokers.clone(), topic.to_string());
+    tokio::task::spawn_blocking(move || read_records(&brokers, &topic, n))
+        .await
+        .unwrap()
+}
+
+/// Decoded `data` and `ce_type` of every record in `topic`, in order of one partition.
+async fn decoded(app: &TestApp, topic: &str, n: usize) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    for r in records(app, topic, n).await {
+        let (id, body) = agentbus::schema::split_wire(r.payload().unwrap()).unwrap();
+        let served: Value = app
+            .get(&format!("/registry/schemas/ids/{id}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        let ce_type = header(&r, "ce_type").unwrap();
+        let version =
+            agentbus::schema::SchemaVersion::parse(&ce_type, 1, served["schema"].as_str().unwrap())
+                .unwrap();
+        let value = agentbus::schema::decode_avro(&version.schema, body).unwrap();
+        out.push((ce_type, agentbus::schema::avro_to_json(&version, &value)));
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_circuit_breaker_opens_fails_fast_and_closes_again() {
+    // The external service: 500 while down, 200 after; counts the calls that reach it.
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let hits = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let service = {
+        let (down, hits) = (down.clone(), hits.clone());
+        Router::new().route(
+            "/{*path}",
+            axum::routing::any(move || {
+                let (down, hits) = (down.clone(), hits.clone());
+                async move {
+                    hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if down.load(std::sync::atomic::Ordering::SeqCst) {
+                        (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "down").into_response()
+                    } else {
+                        "pong".into_response()
+                    }
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, service).await.unwrap() });
+
+    let consumers = tempfile::tempdir().unwrap();
+    let name = format!("integrations-{}", uuid::Uuid::new_v4().simple());
+    std::fs::write(
+        consumers.path().join("integration.toml"),
+        format!(
+            "name = \"{name}\"\nsubscribe = [\"integration.call.requested\"]\nconcurrency = 1\n\
+             [handler]\nkind = \"integration\"\n\
+             [handler.services.fake]\nbase_url = \"{base}\"\ntimeout = \"2s\"\nfailure_threshold = 2\ncooldown = \"1500ms\"\n\
+             [retry]\nattempts = 1\n"
+        ),
+    )
+    .unwrap();
+    let app = spawn(Options {
+        consumers_dir: Some(consumers.path().to_path_buf()),
+        ..Options::default()
+    })
+    .await;
+    let call = |n: u32| {
+        json!({
+            "event_type": "integration.call.requested", "source": "t", "partition_key": "fake",
+            "data": {"call_id": uuid::Uuid::new_v4(), "service": "fake", "method": "GET", "path": format!("/ping/{n}")}
+        })
+    };
+    let topic = app.topic("integration");
+    for n in 0..3 {
+        assert_eq!(app.post(&call(n)).await.status(), 200);
+    }
+    let results = decoded(&app, &topic, 6).await;
+    let outcomes: Vec<(String, Value)> = results
+        .iter()
+        .filter(|(t, _)| t != "integration.call.requested")
+        .map(|(t, d)| (t.clone(), d["error_kind"].clone()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("integration.call.failed".to_string(), json!("http_status")),
+            ("integration.call.failed".to_string(), json!("http_status")),
+            ("integration.call.failed".to_string(), json!("circuit_open")),
+        ]
+    );
+    assert_eq!(
+        hits.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "the open breaker failed fast"
+    );
+    let status: Value = app.get("/v1/integrations").await.json().await.unwrap();
+    assert_eq!(status["integrations"][0]["state"], "open");
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("agentbus_circuit_breaker_state{service=\"fake\"} 2"),
+        "{metrics}"
+    );
+
+    down.store(false, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(app.post(&call(3)).await.status(), 200);
+    let results = decoded(&app, &topic, 8).await;
+    let (last_type, last) = results.last().unwrap();
+    assert_eq!(last_type, "integration.call.succeeded");
+    assert_eq!(last["status"], 200);
+    assert_eq!(last["response_body"], "pong");
+    let status: Value = app.get("/v1/integrations").await.json().await.unwrap();
+    assert_eq!(status["integrations"][0]["state"], "closed");
 }

@@ -76,6 +76,12 @@ pub enum HandlerConfig {
         #[serde(default = "default_timeout", with = "humantime_serde")]
         timeout: Duration,
     },
+    /// Execute `integration.call.requested` events against the configured services and
+    /// publish `integration.call.succeeded` or `integration.call.failed`.
+    Integration {
+        /// The services, by the name calls use.
+        services: std::collections::BTreeMap<String, crate::handlers::integration::ServiceConfig>,
+    },
     /// Acknowledge every event without doing anything: for benchmarks and dry runs.
     Noop,
 }

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::KafkaArgs,
     envelope::format_time,
-    handlers::{Event, Failure, Handler},
+    handlers::{Event, Failure, Handler, integration::Integrations},
     publish::{self, Publisher},
     schema::{self, Registry},
     store::ExpiringStore,
@@ -182,9 +182,11 @@ pub async fn run_agent(
     settings: RuntimeSettings,
     registry: Arc<Registry>,
     publisher: Arc<Publisher>,
+    integrations: Arc<Integrations>,
     cancel: CancellationToken,
 ) -> Result<(), Error> {
-    let handler = Handler::new(&agent.handler).map_err(Error::Handler)?;
+    let handler = Handler::new(&agent.handler, agent.retry.attempts, &integrations)
+        .map_err(Error::Handler)?;
     let prefix = settings.kafka.topic_prefix.clone();
     let own_topics = [
         (
@@ -459,6 +461,7 @@ async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) {
     loop {
         attempt += 1;
         let started = Instant::now();
+        tracing::debug!(agent = %group, event = %event.id, event_type = %event.event_type, attempt, "handling");
         let result = match shared.handler.handle(&event, attempt).await {
             Ok(follow_ups) => publish_follow_ups(shared, &event, follow_ups).await,
             Err(f) => Err(f),

@@ -1,12 +1,19 @@
-//! What agents do with an event: POST it to a webhook, or nothing (for benchmarks).
+//! What agents do with an event: POST it to a webhook, execute an integration call, or
+//! nothing (for benchmarks).
 
-use std::time::{Duration, Instant};
+pub mod integration;
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{Value as Json, json};
 use sha2::Sha256;
 
 use crate::consume::definition::HandlerConfig;
+use integration::{IntegrationHandler, Integrations};
 
 /// A delivered event, as a handler sees it.
 #[derive(Debug, Clone)]
@@ -72,6 +79,8 @@ impl Failure {
 pub enum Handler {
     /// POST to a URL.
     Webhook(Webhook),
+    /// Call configured external services.
+    Integration(IntegrationHandler),
     /// Succeed at once.
     Noop,
 }
@@ -79,9 +88,18 @@ pub enum Handler {
 impl Handler {
     /// Builds the handler of a definition. A webhook secret named in the definition must be
     /// in the environment.
-    pub fn new(config: &HandlerConfig) -> Result<Handler, String> {
+    pub fn new(
+        config: &HandlerConfig,
+        attempts: u32,
+        integrations: &Arc<Integrations>,
+    ) -> Result<Handler, String> {
         match config {
             HandlerConfig::Noop => Ok(Handler::Noop),
+            HandlerConfig::Integration { .. } => Ok(Handler::Integration(IntegrationHandler {
+                services: integrations.clone(),
+                client: reqwest::Client::new(),
+                attempts,
+            })),
             HandlerConfig::Webhook {
                 url,
                 secret_env,
@@ -112,6 +130,7 @@ impl Handler {
         match self {
             Handler::Noop => Ok(Vec::new()),
             Handler::Webhook(w) => w.call(event, attempt).await,
+            Handler::Integration(i) => i.call(event, attempt).await,
         }
     }
 }

@@ -22,7 +22,8 @@ use axum::{
 use serde_json::json;
 
 use crate::{
-    config::KafkaArgs, consume::definition::AgentDefinition, publish::Publisher, schema::Registry,
+    config::KafkaArgs, consume::definition::AgentDefinition, handlers::integration::Integrations,
+    publish::Publisher, schema::Registry,
 };
 pub use error::ApiError;
 pub use openapi::openapi;
@@ -60,6 +61,8 @@ pub struct AppState {
     pub limits: Limits,
     /// The agents defined in the consumers directory.
     pub agents: Arc<Vec<AgentDefinition>>,
+    /// The integration agents' services.
+    pub integrations: Arc<Integrations>,
 }
 
 /// Every route of the API. `openapi.json` documents exactly these (a test keeps it so).
@@ -92,12 +95,17 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/dlq/{group}", get(dlq::list))
         .route("/v1/dlq/{group}/redrive", post(dlq::redrive))
         .route("/demo/agents/{name}", post(demo::agent))
+        .route("/v1/integrations", get(integrations))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi_json))
         .fallback(not_found)
         .with_state(state)
+}
+
+async fn integrations(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({ "integrations": state.integrations.status() }))
 }
 
 async fn healthz() -> Json<serde_json::Value> {

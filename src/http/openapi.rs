@@ -162,6 +162,16 @@ pub fn openapi() -> Value {
                     "400": error_response("malformed_json.")
                 }
             }},
+            "/v1/integrations": {"get": {
+                "summary": "Services of the integration agents: circuit breaker state, failures, rate limit.",
+                "responses": {"200": {"description": "The services.", "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["integrations"],
+                    "properties": {"integrations": {"type": "array", "items": {"type": "object", "properties": {
+                        "service": {"type": "string"}, "base_url": {"type": "string"},
+                        "state": {"type": "string", "enum": ["closed", "half_open", "open"]},
+                        "consecutive_failures": {"type": "integer"}, "failure_threshold": {"type": "integer"},
+                        "cooldown_ms": {"type": "integer"}, "rate_per_second": {"type": "number"}, "burst": {"type": "integer"}}}}}}}}}}
+            }},
             "/healthz": {"get": {"summary": "The process is alive.",
                 "responses": {"200": {"description": "Alive.", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
             "/readyz": {"get": {"summary": "Ready: broker reachable, topics present, schemas loaded.",
