@@ -2,6 +2,7 @@
 # Benchmarks, each against a raw librdkafka baseline on the same broker in the same run.
 #
 #   ops/bench.sh publish [agentbus-bench publish flags...]
+#   ops/bench.sh consume [agentbus-bench consume flags...]
 #
 # Starts the local broker (or uses AGENTBUS_BROKERS), builds release binaries, starts
 # `agentbus serve` on a free port with its own topic prefix and data directory, runs the load
@@ -11,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 what=${1:-}
-[ -n "$what" ] || { echo "usage: $0 publish [flags]" >&2; exit 2; }
+[ -n "$what" ] || { echo "usage: $0 publish|consume [flags]" >&2; exit 2; }
 shift
 
 # A fresh broker of its own for every run (unless AGENTBUS_BROKERS), so figures do not depend
@@ -39,7 +40,7 @@ trap cleanup EXIT
 
 AGENTBUS_BROKERS=$brokers AGENTBUS_HTTP_ADDR=127.0.0.1:$port AGENTBUS_DATA_DIR=$work \
   AGENTBUS_TOPIC_PREFIX=$prefix AGENTBUS_LOG=warn AGENTBUS_SCHEMAS_DIR=schemas \
-  target/release/agentbus serve &
+  AGENTBUS_CONSUMERS_DIR=$work/no-agents target/release/agentbus serve &
 pid=$!
 for _ in $(seq 1 300); do
   curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break
@@ -51,6 +52,10 @@ echo "broker $brokers, agentbus pid $pid on 127.0.0.1:$port, $(nproc) cores"
 case $what in
   publish)
     target/release/agentbus-bench publish --brokers "$brokers" --url "http://127.0.0.1:$port" --service-pid "$pid" "$@"
+    ;;
+  consume)
+    target/release/agentbus-bench consume --brokers "$brokers" --topic-prefix "$prefix" \
+      --url "http://127.0.0.1:$port" --agentbus target/release/agentbus "$@"
     ;;
   *) echo "unknown benchmark $what" >&2; exit 2 ;;
 esac

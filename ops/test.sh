@@ -45,8 +45,8 @@ log=$(mktemp)
 status=0
 cargo test --no-fail-fast --all-targets "$@" 2>&1 | tee "$log" || status=$?
 
-passed=$(grep -Eo '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
-failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
+passed=$(grep -E '^test result:' "$log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
+failed=$(grep -E '^test result:' "$log" | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
 echo
 echo "summary:"
 grep -E '^test result:' "$log" || true

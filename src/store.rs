@@ -49,10 +49,14 @@ pub fn now_ms() -> u64 {
 pub struct ExpiringStore {
     path: String,
     entries: sled::Tree,
+    /// Written but not yet applied by the writer: `get` sees them at once.
+    pending: Pending,
     count: Arc<AtomicI64>,
     writer: mpsc::Sender<Job>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
+
+type Pending = Arc<Mutex<std::collections::HashMap<String, Vec<u8>>>>;
 
 enum Job {
     Put {
@@ -87,11 +91,13 @@ impl ExpiringStore {
         let by_expiry = db.open_tree("entries_by_expiry").map_err(sled_error)?;
         let count = Arc::new(AtomicI64::new(entries.len() as i64));
         let (writer, jobs) = mpsc::channel(4096);
+        let pending = Pending::default();
         let state = Writer {
             db,
             entries: entries.clone(),
             by_expiry,
             count: count.clone(),
+            pending: pending.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
@@ -100,6 +106,7 @@ impl ExpiringStore {
         Ok(ExpiringStore {
             path,
             entries,
+            pending,
             count,
             writer,
             writer_thread: Mutex::new(Some(thread)),
@@ -118,6 +125,9 @@ impl ExpiringStore {
 
     /// The value under `key`, unless absent or expired.
     pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {
+        if let Some(value) = self.pending.lock().expect("not poisoned").get(key) {
+            return Ok(Some(value.clone()));
+        }
         let raw = self.entries.get(key).map_err(|source| Error::Sled {
             path: self.path.clone(),
             source,
@@ -134,6 +144,7 @@ impl ExpiringStore {
             return Ok(());
         }
         let expires = now_ms() + ttl.as_millis() as u64;
+        self.add_pending(&records);
         self.run(|reply| Job::Put {
             records,
             expires,
@@ -141,6 +152,35 @@ impl ExpiringStore {
         })
         .await
         .map(|_| ())
+    }
+
+    /// Hands `records` to the writer and returns as soon as it has them: the returned
+    /// [`Durable`] resolves once they are on disk. Lets a caller go on with other work while
+    /// many writes share one flush.
+    pub async fn put_nowait(
+        &self,
+        records: Vec<(String, Vec<u8>)>,
+        ttl: Duration,
+    ) -> Result<Durable, Error> {
+        let expires = now_ms() + ttl.as_millis() as u64;
+        self.add_pending(&records);
+        let (reply, done) = oneshot::channel();
+        self.writer
+            .send(Job::Put {
+                records,
+                expires,
+                reply,
+            })
+            .await
+            .map_err(|_| Error::Write("the writer thread stopped".into()))?;
+        Ok(Durable(done))
+    }
+
+    fn add_pending(&self, records: &[(String, Vec<u8>)]) {
+        let mut pending = self.pending.lock().expect("not poisoned");
+        for (key, value) in records {
+            pending.insert(key.clone(), value.clone());
+        }
     }
 
     /// Removes expired entries; returns how many.
@@ -164,6 +204,20 @@ impl ExpiringStore {
     }
 }
 
+/// A write on its way to disk; resolves once it is there.
+pub struct Durable(oneshot::Receiver<Result<usize, String>>);
+
+impl Durable {
+    /// Waits until the write is on disk.
+    pub async fn wait(self) -> Result<(), Error> {
+        self.0
+            .await
+            .map_err(|_| Error::Write("the writer thread stopped".into()))?
+            .map(|_| ())
+            .map_err(Error::Write)
+    }
+}
+
 impl Drop for ExpiringStore {
     /// Closes the queue and waits for the writer to finish what it has and release the
     /// database, so the directory can be opened again at once.
@@ -182,6 +236,7 @@ struct Writer {
     entries: sled::Tree,
     by_expiry: sled::Tree,
     count: Arc<AtomicI64>,
+    pending: Pending,
 }
 
 impl Writer {
@@ -199,7 +254,15 @@ impl Writer {
                 let outcome = match &job {
                     Job::Put {
                         records, expires, ..
-                    } => self.put(records, *expires).map(|()| records.len()),
+                    } => {
+                        let applied = self.put(records, *expires).map(|()| records.len());
+                        // Now in the tree (or failed, and then not to be seen either).
+                        let mut pending = self.pending.lock().expect("not poisoned");
+                        for (key, _) in records {
+                            pending.remove(key);
+                        }
+                        applied
+                    }
                     Job::Sweep { .. } => self.sweep(),
                     Job::Flush { .. } => Ok(0),
                 };

@@ -30,6 +30,30 @@ struct Cli {
 enum Command {
     /// Publish throughput (raw producer vs agentbus over HTTP) and single-event latency.
     Publish(PublishArgs),
+    /// Consume throughput (raw consumer vs an agent with a no-op handler and its dedup store)
+    /// and publish-to-handler latency.
+    Consume(ConsumeArgs),
+}
+
+#[derive(Clone, clap::Args)]
+struct ConsumeArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    /// Base URL of the agentbus that publishes (started by ops/bench.sh, without agents).
+    #[arg(long)]
+    url: String,
+    /// The agentbus binary, to start the agent process with.
+    #[arg(long)]
+    agentbus: std::path::PathBuf,
+    /// Events to consume.
+    #[arg(long, default_value_t = 20_000)]
+    events: usize,
+    /// Events per second of the latency run.
+    #[arg(long, default_value_t = 500)]
+    rate: u64,
+    /// Duration of the latency run.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    latency_duration: Duration,
 }
 
 #[derive(Clone, clap::Args)]
@@ -221,6 +245,7 @@ async fn latency(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Consume(args) => consume(args).await?,
         Command::Publish(args) => {
             let client = reqwest::Client::builder()
                 .pool_max_idle_per_host(1024)
@@ -282,4 +307,221 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
     Some((utime + stime) / 100.0)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Reads `n` records of `topic` with a plain consumer in a new group; the rate from the first
+/// record to the last.
+fn raw_consume(kafka: &KafkaArgs, topic: &str, n: usize) -> anyhow::Result<f64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = kafka
+        .client_config()
+        .set("group.id", format!("bench-raw-{}", uuid::Uuid::new_v4()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "true")
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "1000")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let mut first = None;
+    let mut seen = 0;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while seen < n {
+        if Instant::now() > deadline {
+            bail!("raw consumer read only {seen} of {n}");
+        }
+        if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+            m?;
+            first.get_or_insert_with(Instant::now);
+            seen += 1;
+        }
+    }
+    let first = first.expect("n > 0");
+    Ok((n - 1) as f64 / first.elapsed().as_secs_f64())
+}
+
+/// The value of `agentbus_events_consumed_total` for a group and outcome in a scrape.
+fn consumed(metrics: &str, group: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("agentbus_events_consumed_total{")
+                && l.contains(&format!("group=\"{group}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    // Fill the topic through agentbus, so the records are what agents really read.
+    let endpoint = format!("{}/v1/events", args.url);
+    let bodies: Vec<Value> = (0..args.events)
+        .collect::<Vec<_>>()
+        .chunks(100)
+        .map(|chunk| Value::Array(chunk.iter().map(|i| event(*i)).collect()))
+        .collect();
+    let mut posts = stream::iter(bodies)
+        .map(|body| {
+            let (client, endpoint) = (&client, &endpoint);
+            async move {
+                client
+                    .post(endpoint)
+                    .json(&body)
+                    .send()
+                    .await?
+                    .error_for_status()
+                    .map(|_| ())
+            }
+        })
+        .buffer_unordered(8);
+    while let Some(r) = posts.next().await {
+        r?;
+    }
+    let topic = args.kafka.events_topic("knowledge");
+    let (kafka, t, n) = (args.kafka.clone(), topic.clone(), args.events);
+    let raw = tokio::task::spawn_blocking(move || raw_consume(&kafka, &t, n)).await??;
+
+    // The agent process: a no-op agent on the filled topic, and a webhook agent whose
+    // endpoint (below) measures publish-to-handler latency.
+    let receiver = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let hook = format!("http://{}/hook", receiver.local_addr()?);
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::<f64>::new()));
+    {
+        let latencies = latencies.clone();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |axum::Json(ce): axum::Json<Value>| {
+                let latencies = latencies.clone();
+                async move {
+                    if let Some(t) = ce["time"]
+                        .as_str()
+                        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                    {
+                        let ms = (chrono::Utc::now() - t.to_utc())
+                            .num_microseconds()
+                            .unwrap_or(0) as f64
+                            / 1000.0;
+                        latencies.lock().unwrap().push(ms);
+                    }
+                    "ok"
+                }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(receiver, app).await });
+    }
+    let dir =
+        std::env::temp_dir().join(format!("agentbus-bench-{}", uuid::Uuid::new_v4().simple()));
+    let consumers = dir.join("consumers");
+    std::fs::create_dir_all(&consumers)?;
+    std::fs::write(
+        consumers.join("noop.toml"),
+        "name = \"bench-noop\"\nsubscribe = [\"knowledge.shared\"]\nconcurrency = 8\n[handler]\nkind = \"noop\"\n",
+    )?;
+    std::fs::write(
+        consumers.join("latency.toml"),
+        format!(
+            "name = \"bench-latency\"\nsubscribe = [\"pattern.learned\"]\nconcurrency = 8\n[handler]\nkind = \"webhook\"\nurl = \"{hook}\"\n"
+        ),
+    )?;
+    let port = free_port()?;
+    let mut agent = std::process::Command::new(&args.agentbus)
+        .arg("serve")
+        .env("AGENTBUS_BROKERS", &args.kafka.brokers)
+        .env("AGENTBUS_TOPIC_PREFIX", &args.kafka.topic_prefix)
+        .env("AGENTBUS_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("AGENTBUS_DATA_DIR", dir.join("data"))
+        .env("AGENTBUS_CONSUMERS_DIR", &consumers)
+        .env("AGENTBUS_AGENT_SESSION_TIMEOUT", "6s")
+        .env("AGENTBUS_LOG", "warn")
+        .spawn()?;
+    let metrics_url = format!("http://127.0.0.1:{port}/metrics");
+    let mut first: Option<(Instant, f64)> = None;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let ours = loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if Instant::now() > deadline {
+            let _ = agent.kill();
+            bail!("the agent did not consume {} events in time", args.events);
+        }
+        let Ok(r) = client.get(&metrics_url).send().await else {
+            continue;
+        };
+        let count = consumed(&r.text().await?, "bench-noop");
+        if count > 0.0 && first.is_none() {
+            first = Some((Instant::now(), count));
+        }
+        if count >= args.events as f64 {
+            let (t0, c0) = first.expect("set above");
+            break (count - c0) / t0.elapsed().as_secs_f64();
+        }
+    };
+    println!("consume throughput, {} events:", args.events);
+    println!("  (a) raw rdkafka consumer:                         {raw:>9.0} events/s");
+    println!("  (b) agentbus agent, no-op handler, dedup store:  {ours:>9.0} events/s");
+    println!("  ratio b/a: {:.2} (target >= 0.5)", ours / raw);
+
+    // Publish-to-handler latency at a steady rate, single events.
+    let total = (args.rate as f64 * args.latency_duration.as_secs_f64()) as usize;
+    let period = Duration::from_secs_f64(1.0 / args.rate as f64);
+    let start = tokio::time::Instant::now();
+    let mut sends = Vec::with_capacity(total);
+    for i in 0..total {
+        tokio::time::sleep_until(start + period * i as u32).await;
+        let (client, endpoint) = (client.clone(), endpoint.clone());
+        sends.push(tokio::spawn(async move {
+            let body = json!({
+                "event_type": "pattern.learned", "source": "bench", "partition_key": format!("p{}", i % 32),
+                "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                "data": {"pattern_id": uuid::Uuid::new_v4(), "agent_id": "a", "pattern_type": "bench",
+                         "description": "latency", "success_rate": 0.5, "sample_size": i as i32}
+            });
+            client.post(endpoint).json(&body).send().await.map(|r| r.status().is_success()).unwrap_or(false)
+        }));
+    }
+    let mut published = 0;
+    for s in sends {
+        if s.await? {
+            published += 1;
+        }
+    }
+    let wait_until = Instant::now() + Duration::from_secs(30);
+    while latencies.lock().unwrap().len() < published && Instant::now() < wait_until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut l = latencies.lock().unwrap().clone();
+    l.sort_by(|a, b| a.total_cmp(b));
+    if !l.is_empty() {
+        let pct = |p: f64| l[((l.len() as f64 * p) as usize).min(l.len() - 1)];
+        println!(
+            "publish-to-handler latency at {}/s for {:?}: p50 {:.1} ms, p99 {:.1} ms ({} of {published} delivered)",
+            args.rate,
+            args.latency_duration,
+            pct(0.5),
+            pct(0.99),
+            l.len()
+        );
+    }
+    let hwm = std::fs::read_to_string(format!("/proc/{}/status", agent.id()))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM")).map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse::<f64>()
+                    .unwrap_or(0.0)
+            })
+        })
+        .unwrap_or(0.0);
+    println!("agent process peak memory (VmHWM): {:.1} MiB", hwm / 1024.0);
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }

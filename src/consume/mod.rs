@@ -31,7 +31,7 @@ use crate::{
     handlers::{Event, Failure, Handler, integration::Integrations},
     publish::{self, Publisher},
     schema::{self, Registry},
-    store::ExpiringStore,
+    store::{Durable, ExpiringStore},
     telemetry,
     topics::{self, TopicSpec},
 };
@@ -331,10 +331,13 @@ pub async fn run_agent(
         tracing::warn!(agent = %shared.agent.name, "in-flight events did not finish within the grace period; they will be delivered again");
         lane_tasks.abort_all();
     }
+    // Every dedup record handed over is on disk after this flush; the completions waiting
+    // for it then store their offsets, and the final commit takes them along.
+    shared.dedup.flush().await?;
+    tokio::time::sleep(Duration::from_millis(50)).await;
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         tracing::debug!(error = %e, "final commit");
     }
-    shared.dedup.flush().await?;
     tracing::info!(agent = %shared.agent.name, "agent stopped");
     Ok(())
 }
@@ -384,19 +387,41 @@ async fn run_lane(shared: Arc<Shared>, mut work: mpsc::Receiver<Work>, cancel: C
             w.message.partition(),
             w.message.offset(),
         );
-        process(&shared, w, &cancel).await;
+        let durable = process(&shared, w, &cancel).await;
         in_flight.decrement(1.0);
-        if let Some(done) = shared.tracker.complete(&topic, partition, offset)
-            && let Err(e) = shared.consumer.store_offset(&topic, partition, done)
-        {
-            // The partition was revoked meanwhile: its next owner takes over from the commit.
-            tracing::debug!(error = %e, topic, partition, "storing offset");
+        match durable {
+            None => finish(&shared, &topic, partition, offset),
+            // The lane goes on; the offset is stored once the dedup record is on disk, so a
+            // committed offset never runs ahead of what the dedup store knows.
+            Some(durable) => {
+                let (shared, cancel) = (shared.clone(), cancel.clone());
+                tokio::spawn(async move {
+                    match durable.wait().await {
+                        Ok(()) => finish(&shared, &topic, partition, offset),
+                        Err(e) => {
+                            tracing::error!(agent = %shared.agent.name, error = %e, "dedup store unwritable; stopping the agent");
+                            cancel.cancel();
+                        }
+                    }
+                });
+            }
         }
     }
 }
 
-/// The final outcome of one record, decided and recorded.
-async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) {
+/// Marks an offset final and stores what can be stored.
+fn finish(shared: &Shared, topic: &str, partition: i32, offset: i64) {
+    if let Some(done) = shared.tracker.complete(topic, partition, offset)
+        && let Err(e) = shared.consumer.store_offset(topic, partition, done)
+    {
+        // The partition was revoked meanwhile: its next owner takes over from the commit.
+        tracing::debug!(error = %e, topic, partition, "storing offset");
+    }
+}
+
+/// The final outcome of one record, decided and recorded. For a handled event, the dedup
+/// record on its way to disk.
+async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) -> Option<Durable> {
     let group = &shared.agent.name;
     let message = &w.message;
     let event_type = header_str(message, header::TYPE);
@@ -408,14 +433,14 @@ async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) {
     if let Some(t) = &event_type
         && !shared.agent.subscribes_to(t)
     {
-        return;
+        return None;
     }
     if let Some(expires) =
         header_str(message, header::EXPIRES).and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
         && expires < Utc::now()
     {
         count(event_type.as_deref().unwrap_or(""), outcome::EXPIRED);
-        return;
+        return None;
     }
     let event = match decode(shared, message) {
         Ok(event) => event,
@@ -423,11 +448,11 @@ async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) {
             let label = event_type.as_deref().unwrap_or("");
             let failure = Failure::fatal("undecodable", reason);
             finish_failed(shared, message, w.attempts, &failure, label, cancel).await;
-            return;
+            return None;
         }
     };
     if !shared.agent.subscribes_to(&event.event_type) {
-        return;
+        return None;
     }
     let dedup_key = match header_str(message, header::REPLAY_ID) {
         Some(replay) => format!("{}|{replay}", event.idempotency_key),
@@ -436,7 +461,7 @@ async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) {
     match shared.dedup.get(&dedup_key) {
         Ok(Some(_)) => {
             count(&event.event_type, outcome::DUPLICATE);
-            return;
+            return None;
         }
         Ok(None) => {}
         Err(e) => {
@@ -470,19 +495,23 @@ async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) {
             .record(started.elapsed().as_secs_f64());
         let failure = match result {
             Ok(()) => {
-                if let Err(e) = shared
+                let durable = match shared
                     .dedup
-                    .put(vec![(dedup_key.clone(), Vec::new())], shared.dedup_ttl)
+                    .put_nowait(vec![(dedup_key.clone(), Vec::new())], shared.dedup_ttl)
                     .await
                 {
-                    tracing::error!(agent = %group, error = %e, "dedup store unwritable; stopping the agent");
-                    cancel.cancel();
-                    std::future::pending::<()>().await;
-                }
+                    Ok(durable) => durable,
+                    Err(e) => {
+                        tracing::error!(agent = %group, error = %e, "dedup store unwritable; stopping the agent");
+                        cancel.cancel();
+                        std::future::pending::<()>().await;
+                        unreachable!("pending never resolves")
+                    }
+                };
                 metrics::gauge!(telemetry::DEDUP_KEYS, "group" => group.clone())
                     .set(shared.dedup.len() as f64);
                 count(&event.event_type, outcome::PROCESSED);
-                return;
+                return Some(durable);
             }
             Err(f) => f,
         };
@@ -497,7 +526,7 @@ async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) {
                 cancel,
             )
             .await;
-            return;
+            return None;
         }
         let jitter = rand::random::<f64>() * 2.0 - 1.0;
         let wait = failure
@@ -517,7 +546,7 @@ async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) {
             let topic = shared.agent.retry_topic(&shared.kafka.topic_prefix);
             forward(shared, message, &topic, &extra, cancel).await;
             count(&event.event_type, outcome::RETRIED);
-            return;
+            return None;
         }
         tokio::select! {
             _ = cancel.cancelled() => { std::future::pending::<()>().await; }
