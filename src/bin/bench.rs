@@ -317,7 +317,7 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// Reads `n` records of `topic` with a plain consumer in a new group; the rate from the first
 /// record to the last.
-fn raw_consume(kafka: &KafkaArgs, topic: &str, n: usize) -> anyhow::Result<f64> {
+fn raw_consume(kafka: &KafkaArgs, topics: &[&str], n: usize) -> anyhow::Result<f64> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let consumer: BaseConsumer = kafka
         .client_config()
@@ -327,7 +327,7 @@ fn raw_consume(kafka: &KafkaArgs, topic: &str, n: usize) -> anyhow::Result<f64> 
         .set("session.timeout.ms", "6000")
         .set("heartbeat.interval.ms", "1000")
         .create()?;
-    consumer.subscribe(&[topic])?;
+    consumer.subscribe(topics)?;
     let mut first = None;
     let mut seen = 0;
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -385,7 +385,7 @@ async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
     }
     let topic = args.kafka.events_topic("knowledge");
     let (kafka, t, n) = (args.kafka.clone(), topic.clone(), args.events);
-    let raw = tokio::task::spawn_blocking(move || raw_consume(&kafka, &t, n)).await??;
+    let raw = tokio::task::spawn_blocking(move || raw_consume(&kafka, &[&t], n)).await??;
 
     // The agent process: a no-op agent on the filled topic, and a webhook agent whose
     // endpoint (below) measures publish-to-handler latency.
@@ -438,7 +438,10 @@ async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
         .env("AGENTBUS_DATA_DIR", dir.join("data"))
         .env("AGENTBUS_CONSUMERS_DIR", &consumers)
         .env("AGENTBUS_AGENT_SESSION_TIMEOUT", "6s")
-        .env("AGENTBUS_LOG", "warn")
+        .env(
+            "AGENTBUS_LOG",
+            std::env::var("AGENTBUS_BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .spawn()?;
     let metrics_url = format!("http://127.0.0.1:{port}/metrics");
     let mut first: Option<(Instant, f64)> = None;

@@ -12,7 +12,7 @@ use rdkafka::{
 };
 use serde::Serialize;
 
-use super::header;
+use super::{header, header_str as text};
 use crate::{config::KafkaArgs, publish};
 
 /// Errors of dead-letter operations.
@@ -54,15 +54,6 @@ pub struct DeadLetter {
     pub dlq_partition: i32,
     /// Its offset in the dead-letter topic.
     pub dlq_offset: i64,
-}
-
-fn text(message: &OwnedMessage, name: &str) -> Option<String> {
-    message
-        .headers()?
-        .iter()
-        .find(|h| h.key == name)
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 impl DeadLetter {

@@ -368,7 +368,8 @@ fn lane_of(key: Option<&[u8]>, lanes: usize) -> usize {
     (hasher.finish() % lanes as u64) as usize
 }
 
-fn header_str(message: &OwnedMessage, name: &str) -> Option<String> {
+/// The value of header `name`, as text.
+pub(crate) fn header_str(message: &OwnedMessage, name: &str) -> Option<String> {
     let headers = message.headers()?;
     headers
         .iter()
