@@ -117,6 +117,11 @@ pub mod outcome {
     pub const DROPPED: &str = "dropped";
 }
 
+/// Records a lane holds before the loop waits for it.
+const LANE_CAPACITY: usize = 256;
+/// How long the loop waits for a full lane before pausing the record's partition.
+const PAUSE_AFTER: Duration = Duration::from_millis(500);
+
 /// A record handed to a lane.
 struct Work {
     message: OwnedMessage,
@@ -255,7 +260,7 @@ pub async fn run_agent(
     let mut lanes = Vec::with_capacity(lane_count + 1);
     let mut lane_tasks = tokio::task::JoinSet::new();
     for _ in 0..=lane_count {
-        let (tx, rx) = mpsc::channel::<Work>(32);
+        let (tx, rx) = mpsc::channel::<Work>(LANE_CAPACITY);
         lanes.push(tx);
         lane_tasks.spawn(run_lane(shared.clone(), rx, cancel.clone()));
     }
@@ -298,25 +303,38 @@ pub async fn run_agent(
         } else {
             lane_of(work.message.key(), lane_count)
         };
-        if let Err(mpsc::error::TrySendError::Full(work)) = lanes[lane].try_send(work) {
-            // The lane is full: stop fetching this partition rather than buffer.
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition(work.message.topic(), work.message.partition());
-            let paused = consumer.pause(&tpl).is_ok();
-            let gauge =
-                metrics::gauge!(telemetry::PAUSED_PARTITIONS, "group" => shared.agent.name.clone());
-            gauge.increment(1.0);
-            let sent = tokio::select! {
-                _ = cancel.cancelled() => false,
-                r = lanes[lane].send(work) => r.is_ok(),
-            };
-            gauge.decrement(1.0);
-            if paused {
-                let _ = consumer.resume(&tpl);
+        let work = match lanes[lane].try_send(work) {
+            Ok(()) => continue,
+            Err(mpsc::error::TrySendError::Closed(_)) => break,
+            Err(mpsc::error::TrySendError::Full(work)) => work,
+        };
+        // A burst from one fetch can fill a lane for a moment; wait a little before pausing,
+        // since a pause makes librdkafka drop what it prefetched and fetch it again.
+        let work = match tokio::time::timeout(PAUSE_AFTER, lanes[lane].reserve()).await {
+            Ok(Ok(permit)) => {
+                permit.send(work);
+                continue;
             }
-            if !sent {
-                break;
-            }
+            Ok(Err(_)) => break,
+            Err(_) => work,
+        };
+        // The lane stays full: stop fetching this partition rather than buffer.
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(work.message.topic(), work.message.partition());
+        let paused = consumer.pause(&tpl).is_ok();
+        let gauge =
+            metrics::gauge!(telemetry::PAUSED_PARTITIONS, "group" => shared.agent.name.clone());
+        gauge.increment(1.0);
+        let sent = tokio::select! {
+            _ = cancel.cancelled() => false,
+            r = lanes[lane].send(work) => r.is_ok(),
+        };
+        gauge.decrement(1.0);
+        if paused {
+            let _ = consumer.resume(&tpl);
+        }
+        if !sent {
+            break;
         }
     }
 
@@ -356,6 +374,8 @@ fn consumer_config(settings: &RuntimeSettings, agent: &AgentDefinition) -> Clien
         ("auto.commit.interval.ms", "1000".into()),
         // A new agent starts from the oldest event still kept.
         ("auto.offset.reset", "earliest".into()),
+        // Bounds what librdkafka prefetches per partition ahead of the lanes.
+        ("queued.max.messages.kbytes", "16384".into()),
         // Several processes of one agent share partitions without one stalling the others.
         ("partition.assignment.strategy", "cooperative-sticky".into()),
     ])
