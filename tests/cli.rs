@@ -48,6 +48,7 @@ async fn serve() -> Served {
         .env("AGENTBUS_HTTP_ADDR", &addr)
         .env("AGENTBUS_DATA_DIR", data.path())
         .env("AGENTBUS_SCHEMAS_DIR", root().join("schemas"))
+        .env("AGENTBUS_CONSUMERS_DIR", data.path().join("no-agents"))
         .env("AGENTBUS_TOPIC_PARTITIONS", "2")
         .env("AGENTBUS_LOG", "warn")
         .spawn()
