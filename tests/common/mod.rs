@@ -132,10 +132,11 @@ pub async fn spawn_app() -> TestApp {
 
 pub async fn spawn(options: Options) -> TestApp {
     // Logs go to the test's captured output: shown when it fails.
-    agentbus::telemetry::init_logging(
-        &std::env::var("AGENTBUS_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-        false,
-    );
+    let filter = std::env::var("AGENTBUS_TEST_LOG").unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_test_writer()
+        .try_init();
     let (tmp, data_dir) = match options.data_dir {
         Some(dir) => (None, dir),
         None => {
