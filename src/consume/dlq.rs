@@ -7,12 +7,12 @@ use chrono::{DateTime, Utc};
 use rdkafka::{
     Message, Offset, TopicPartitionList,
     consumer::{BaseConsumer, Consumer},
-    message::{Header, Headers, OwnedHeaders, OwnedMessage},
-    producer::{FutureProducer, FutureRecord},
+    message::OwnedMessage,
+    producer::FutureProducer,
 };
 use serde::Serialize;
 
-use super::{header, header_str as text};
+use super::{copied_headers, copy_of, header, header_str as text};
 use crate::{config::KafkaArgs, publish};
 
 /// Errors of dead-letter operations.
@@ -209,31 +209,8 @@ pub async fn redrive(
             continue;
         }
         let replay_id = format!("redrive-{}-{}-{}", dlq_topic, m.partition(), m.offset());
-        let mut headers = OwnedHeaders::new();
-        if let Some(original) = m.headers() {
-            for h in original.iter() {
-                if !failure_headers.contains(&h.key) {
-                    headers = headers.insert(Header {
-                        key: h.key,
-                        value: h.value,
-                    });
-                }
-            }
-        }
-        headers = headers.insert(Header {
-            key: header::REPLAY_ID,
-            value: Some(replay_id.as_bytes()),
-        });
-        let mut record = FutureRecord::<[u8], [u8]>::to(replay_topic).headers(headers);
-        if let Some(key) = m.key() {
-            record = record.key(key);
-        }
-        if let Some(value) = m.payload() {
-            record = record.payload(value);
-        }
-        if let Some(ms) = m.timestamp().to_millis() {
-            record = record.timestamp(ms);
-        }
+        let headers = copied_headers(m, &failure_headers, &[(header::REPLAY_ID, replay_id)]);
+        let record = copy_of(m, replay_topic, headers);
         producer
             .send(record, Duration::from_secs(30))
             .await

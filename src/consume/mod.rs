@@ -636,10 +636,34 @@ async fn forward(
     extra: &[(&'static str, String)],
     cancel: &CancellationToken,
 ) {
+    let headers = copied_headers(message, &[], extra);
+    let mut wait = Duration::from_millis(200);
+    loop {
+        let record = copy_of(message, topic, headers.clone());
+        match shared.producer.send(record, Duration::from_secs(10)).await {
+            Ok(_) => return,
+            Err((e, _)) => {
+                tracing::warn!(topic, error = %e, "could not write the record; retrying");
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => { std::future::pending::<()>().await; }
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// A record's headers without those named in `drop` or in `extra`, followed by `extra`.
+pub(crate) fn copied_headers(
+    message: &OwnedMessage,
+    drop: &[&str],
+    extra: &[(&str, String)],
+) -> OwnedHeaders {
     let mut headers = OwnedHeaders::new();
     if let Some(original) = message.headers() {
         for h in original.iter() {
-            if !extra.iter().any(|(name, _)| *name == h.key) {
+            if !drop.contains(&h.key) && !extra.iter().any(|(name, _)| *name == h.key) {
                 headers = headers.insert(Header {
                     key: h.key,
                     value: h.value,
@@ -653,30 +677,26 @@ async fn forward(
             value: Some(value.as_bytes()),
         });
     }
-    let mut wait = Duration::from_millis(200);
-    loop {
-        let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers.clone());
-        if let Some(key) = message.key() {
-            record = record.key(key);
-        }
-        if let Some(value) = message.payload() {
-            record = record.payload(value);
-        }
-        if let Some(ms) = message.timestamp().to_millis() {
-            record = record.timestamp(ms);
-        }
-        match shared.producer.send(record, Duration::from_secs(10)).await {
-            Ok(_) => return,
-            Err((e, _)) => {
-                tracing::warn!(topic, error = %e, "could not write the record; retrying");
-            }
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => { std::future::pending::<()>().await; }
-            _ = tokio::time::sleep(wait) => {}
-        }
-        wait = (wait * 2).min(Duration::from_secs(10));
+    headers
+}
+
+/// A copy of `message` for `topic`: same key, value and timestamp, these headers.
+pub(crate) fn copy_of<'a>(
+    message: &'a OwnedMessage,
+    topic: &'a str,
+    headers: OwnedHeaders,
+) -> FutureRecord<'a, [u8], [u8]> {
+    let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers);
+    if let Some(key) = message.key() {
+        record = record.key(key);
     }
+    if let Some(value) = message.payload() {
+        record = record.payload(value);
+    }
+    if let Some(ms) = message.timestamp().to_millis() {
+        record = record.timestamp(ms);
+    }
+    record
 }
 
 /// Decodes a record written by agentbus (or any Confluent-framed Avro producer whose
