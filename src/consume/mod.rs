@@ -265,6 +265,7 @@ pub async fn run_agent(
         lane_tasks.spawn(run_lane(shared.clone(), rx, cancel.clone()));
     }
     let retry_topic = shared.agent.retry_topic(&prefix);
+    lane_tasks.spawn(sweep_dedup(shared.clone(), cancel.clone()));
 
     loop {
         let message = tokio::select! {
@@ -358,6 +359,26 @@ pub async fn run_agent(
     }
     tracing::info!(agent = %shared.agent.name, "agent stopped");
     Ok(())
+}
+
+/// Removes expired keys from the agent's dedup store, once a minute.
+async fn sweep_dedup(shared: Arc<Shared>, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+        match shared.dedup.sweep().await {
+            Ok(removed) => {
+                metrics::gauge!(telemetry::DEDUP_KEYS, "group" => shared.agent.name.clone())
+                    .set(shared.dedup.len() as f64);
+                if removed > 0 {
+                    tracing::debug!(agent = %shared.agent.name, removed, "swept expired dedup keys");
+                }
+            }
+            Err(e) => tracing::error!(agent = %shared.agent.name, error = %e, "dedup sweep failed"),
+        }
+    }
 }
 
 fn consumer_config(settings: &RuntimeSettings, agent: &AgentDefinition) -> ClientConfig {
