@@ -204,12 +204,7 @@ async fn a_failing_event_is_retried_and_a_poison_one_is_dead_lettered_while_the_
     let original = records(&app, &app.topic("agent"), 4).await;
     assert_eq!(d.payload(), original[0].payload(), "value kept");
 
-    let listed: Value = app
-        .get(&format!("/v1/dlq/{name}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let listed: Value = app.get_json(&format!("/v1/dlq/{name}")).await;
     let letters = listed["dead_letters"].as_array().unwrap();
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0]["error_kind"], "http_status");
@@ -482,12 +477,7 @@ async fn decoded(app: &TestApp, topic: &str, n: usize) -> Vec<(String, Value)> {
     let mut out = Vec::new();
     for r in records(app, topic, n).await {
         let (id, body) = agentbus::schema::split_wire(r.payload().unwrap()).unwrap();
-        let served: Value = app
-            .get(&format!("/registry/schemas/ids/{id}"))
-            .await
-            .json()
-            .await
-            .unwrap();
+        let served: Value = app.get_json(&format!("/registry/schemas/ids/{id}")).await;
         let ce_type = header(&r, "ce_type").unwrap();
         let version =
             agentbus::schema::SchemaVersion::parse(&ce_type, 1, served["schema"].as_str().unwrap())
@@ -570,7 +560,7 @@ async fn the_circuit_breaker_opens_fails_fast_and_closes_again() {
         2,
         "the open breaker failed fast"
     );
-    let status: Value = app.get("/v1/integrations").await.json().await.unwrap();
+    let status: Value = app.get_json("/v1/integrations").await;
     assert_eq!(status["integrations"][0]["state"], "open");
     let metrics = app.get("/metrics").await.text().await.unwrap();
     assert!(
@@ -586,6 +576,6 @@ async fn the_circuit_breaker_opens_fails_fast_and_closes_again() {
     assert_eq!(last_type, "integration.call.succeeded");
     assert_eq!(last["status"], 200);
     assert_eq!(last["response_body"], "pong");
-    let status: Value = app.get("/v1/integrations").await.json().await.unwrap();
+    let status: Value = app.get_json("/v1/integrations").await;
     assert_eq!(status["integrations"][0]["state"], "closed");
 }

@@ -18,9 +18,9 @@ fn sample_path(template: &str) -> String {
 #[tokio::test]
 async fn every_documented_operation_is_served_with_a_documented_status_and_content_type() {
     let app = spawn(Options::without_broker()).await;
-    let doc: Value = app.get("/openapi.json").await.json().await.unwrap();
+    let doc: Value = app.get_json("/openapi.json").await;
     assert_eq!(doc["openapi"], "3.0.3");
-    let schemas: Value = app.get("/v1/schemas").await.json().await.unwrap();
+    let schemas: Value = app.get_json("/v1/schemas").await;
     let some_id = schemas["event_types"][0]["versions"][0]["id"].to_string();
 
     let paths = doc["paths"].as_object().unwrap();

@@ -81,12 +81,7 @@ async fn a_published_event_lands_in_kafka_with_the_contracts_key_timestamp_heade
     // Confluent wire format, decodable with the schema the registry serves for its id.
     let payload = record.payload().unwrap();
     let (id, body) = schema::split_wire(payload).unwrap();
-    let served: Value = app
-        .get(&format!("/registry/schemas/ids/{id}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let served: Value = app.get_json(&format!("/registry/schemas/ids/{id}")).await;
     let writer = Schema::parse_str(served["schema"].as_str().unwrap()).unwrap();
     let value = schema::decode_avro(&writer, body).unwrap();
     let Avro::Record(fields) = value else {

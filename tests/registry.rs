@@ -8,16 +8,13 @@ use serde_json::Value;
 #[tokio::test]
 async fn the_registry_serves_subjects_versions_and_schemas_by_id_like_confluent() {
     let app = spawn(Options::without_broker()).await;
-    let subjects: Vec<String> = app.get("/registry/subjects").await.json().await.unwrap();
+    let subjects: Vec<String> = app.get_json("/registry/subjects").await;
     assert!(subjects.contains(&"agent.created".to_string()));
     assert_eq!(subjects.len(), 14);
 
     let versions: Vec<u32> = app
-        .get("/registry/subjects/agent.created/versions")
-        .await
-        .json()
-        .await
-        .unwrap();
+        .get_json("/registry/subjects/agent.created/versions")
+        .await;
     assert_eq!(versions, [1, 2]);
 
     let latest = app
@@ -30,12 +27,7 @@ async fn the_registry_serves_subjects_versions_and_schemas_by_id_like_confluent(
     let latest: Value = latest.json().await.unwrap();
     assert_eq!(latest["version"], 2);
     let id = latest["id"].as_u64().unwrap();
-    let by_id: Value = app
-        .get(&format!("/registry/schemas/ids/{id}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let by_id: Value = app.get_json(&format!("/registry/schemas/ids/{id}")).await;
     assert_eq!(by_id["schema"], latest["schema"]);
     apache_avro::Schema::parse_str(by_id["schema"].as_str().unwrap()).unwrap();
 
@@ -64,8 +56,8 @@ async fn the_registry_serves_subjects_versions_and_schemas_by_id_like_confluent(
 async fn schema_ids_are_the_same_for_the_same_directory_on_every_instance() {
     let a = spawn(Options::without_broker()).await;
     let b = spawn(Options::without_broker()).await;
-    let list_a: Value = a.get("/v1/schemas").await.json().await.unwrap();
-    let list_b: Value = b.get("/v1/schemas").await.json().await.unwrap();
+    let list_a: Value = a.get_json("/v1/schemas").await;
+    let list_b: Value = b.get_json("/v1/schemas").await;
     assert_eq!(list_a["event_types"].as_array().unwrap().len(), 14);
     let ids = |v: &Value| -> Vec<(String, Value)> {
         v["event_types"]

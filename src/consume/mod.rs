@@ -410,7 +410,7 @@ fn lane_of(key: Option<&[u8]>, lanes: usize) -> usize {
 }
 
 /// The value of header `name`, as text.
-pub(crate) fn header_str(message: &OwnedMessage, name: &str) -> Option<String> {
+pub fn header_str(message: &OwnedMessage, name: &str) -> Option<String> {
     let headers = message.headers()?;
     headers
         .iter()
@@ -429,13 +429,16 @@ async fn run_lane(shared: Arc<Shared>, mut work: mpsc::Receiver<Work>, cancel: C
             w.message.partition(),
             w.message.offset(),
         );
-        let durable = process(&shared, w, &cancel).await;
+        let outcome = process(&shared, w, &cancel).await;
         in_flight.decrement(1.0);
-        match durable {
-            None => finish(&shared, &topic, partition, offset),
+        match outcome {
+            Outcome::Final => finish(&shared, &topic, partition, offset),
+            // Stopping: this event and those queued behind it are given back, unstored; their
+            // next delivery (here after a restart, or to another process) handles them.
+            Outcome::GivenBack => break,
             // The lane goes on; the offset is stored once the dedup record is on disk, so a
             // committed offset never runs ahead of what the dedup store knows.
-            Some(durable) => {
+            Outcome::Handled(durable) => {
                 let (shared, cancel) = (shared.clone(), cancel.clone());
                 tokio::spawn(async move {
                     match durable.wait().await {
@@ -461,9 +464,27 @@ fn finish(shared: &Shared, topic: &str, partition: i32, offset: i64) {
     }
 }
 
-/// The final outcome of one record, decided and recorded. For a handled event, the dedup
-/// record on its way to disk.
-async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) -> Option<Durable> {
+/// What became of a record.
+#[must_use]
+enum Outcome {
+    /// Final (skipped, duplicate, expired, moved to the retry or dead-letter topic).
+    Final,
+    /// Handled; final once its dedup record is on disk.
+    Handled(Durable),
+    /// The agent is stopping: not handled, to be delivered again.
+    GivenBack,
+}
+
+/// Sleeps for `wait`; false when the agent stops first.
+async fn wait_unless_stopping(wait: Duration, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = cancel.cancelled() => false,
+        _ = tokio::time::sleep(wait) => true,
+    }
+}
+
+/// The outcome of one record, decided and recorded.
+async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) -> Outcome {
     let group = &shared.agent.name;
     let message = &w.message;
     let event_type = header_str(message, header::TYPE);
@@ -475,26 +496,25 @@ async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) -> Option
     if let Some(t) = &event_type
         && !shared.agent.subscribes_to(t)
     {
-        return None;
+        return Outcome::Final;
     }
     if let Some(expires) =
         header_str(message, header::EXPIRES).and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
         && expires < Utc::now()
     {
         count(event_type.as_deref().unwrap_or(""), outcome::EXPIRED);
-        return None;
+        return Outcome::Final;
     }
     let event = match decode(shared, message) {
         Ok(event) => event,
         Err(reason) => {
             let label = event_type.as_deref().unwrap_or("");
             let failure = Failure::fatal("undecodable", reason);
-            finish_failed(shared, message, w.attempts, &failure, label, cancel).await;
-            return None;
+            return finish_failed(shared, message, w.attempts, &failure, label, cancel).await;
         }
     };
     if !shared.agent.subscribes_to(&event.event_type) {
-        return None;
+        return Outcome::Final;
     }
     let dedup_key = match header_str(message, header::REPLAY_ID) {
         Some(replay) => format!("{}|{replay}", event.idempotency_key),
@@ -503,7 +523,7 @@ async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) -> Option
     match shared.dedup.get(&dedup_key) {
         Ok(Some(_)) => {
             count(&event.event_type, outcome::DUPLICATE);
-            return None;
+            return Outcome::Final;
         }
         Ok(None) => {}
         Err(e) => {
@@ -511,14 +531,13 @@ async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) -> Option
             // offset stays unstored and the event comes again.
             tracing::error!(agent = %group, error = %e, "dedup store unreadable; stopping the agent");
             cancel.cancel();
-            std::future::pending::<()>().await;
+            return Outcome::GivenBack;
         }
     }
     if let Some(not_before) = w.not_before {
         let wait = (not_before - Utc::now()).to_std().unwrap_or_default();
-        tokio::select! {
-            _ = cancel.cancelled() => { std::future::pending::<()>().await; }
-            _ = tokio::time::sleep(wait) => {}
+        if !wait_unless_stopping(wait, cancel).await {
+            return Outcome::GivenBack;
         }
     }
 
@@ -546,20 +565,19 @@ async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) -> Option
                     Err(e) => {
                         tracing::error!(agent = %group, error = %e, "dedup store unwritable; stopping the agent");
                         cancel.cancel();
-                        std::future::pending::<()>().await;
-                        unreachable!("pending never resolves")
+                        return Outcome::GivenBack;
                     }
                 };
                 metrics::gauge!(telemetry::DEDUP_KEYS, "group" => group.clone())
                     .set(shared.dedup.len() as f64);
                 count(&event.event_type, outcome::PROCESSED);
-                return Some(durable);
+                return Outcome::Handled(durable);
             }
             Err(f) => f,
         };
         tracing::debug!(agent = %group, event = %event.id, attempt, kind = failure.kind, error = %failure.message, "handler failed");
         if !failure.retryable || attempt >= policy.attempts {
-            finish_failed(
+            return finish_failed(
                 shared,
                 message,
                 attempt,
@@ -568,7 +586,6 @@ async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) -> Option
                 cancel,
             )
             .await;
-            return None;
         }
         let jitter = rand::random::<f64>() * 2.0 - 1.0;
         let wait = failure
@@ -586,13 +603,14 @@ async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) -> Option
             ];
             extra.extend(origin_headers(message, group));
             let topic = shared.agent.retry_topic(&shared.kafka.topic_prefix);
-            forward(shared, message, &topic, &extra, cancel).await;
+            if !forward(shared, message, &topic, &extra, cancel).await {
+                return Outcome::GivenBack;
+            }
             count(&event.event_type, outcome::RETRIED);
-            return None;
+            return Outcome::Final;
         }
-        tokio::select! {
-            _ = cancel.cancelled() => { std::future::pending::<()>().await; }
-            _ = tokio::time::sleep(wait) => {}
+        if !wait_unless_stopping(wait, cancel).await {
+            return Outcome::GivenBack;
         }
     }
 }
@@ -605,7 +623,7 @@ async fn finish_failed(
     failure: &Failure,
     event_type: &str,
     cancel: &CancellationToken,
-) {
+) -> Outcome {
     let group = &shared.agent.name;
     let count = |outcome: &'static str| {
         metrics::counter!(telemetry::EVENTS_CONSUMED, "group" => group.clone(), "event_type" => event_type.to_string(), "outcome" => outcome)
@@ -614,7 +632,7 @@ async fn finish_failed(
     if !shared.agent.dead_letter {
         tracing::error!(agent = %group, kind = failure.kind, error = %failure.message, "event failed for good and the agent has no dead-letter topic; dropped");
         count(outcome::DROPPED);
-        return;
+        return Outcome::Final;
     }
     let mut extra = vec![
         (header::ATTEMPTS, attempts.max(1).to_string()),
@@ -627,9 +645,12 @@ async fn finish_failed(
     ];
     extra.extend(origin_headers(message, group));
     let topic = shared.agent.dlq_topic(&shared.kafka.topic_prefix);
-    forward(shared, message, &topic, &extra, cancel).await;
+    if !forward(shared, message, &topic, &extra, cancel).await {
+        return Outcome::GivenBack;
+    }
     tracing::warn!(agent = %group, kind = failure.kind, error = %failure.message, "event dead-lettered");
     count(outcome::DEAD_LETTERED);
+    Outcome::Final
 }
 
 /// Where a record came from. A record already forwarded keeps its first origin.
@@ -649,27 +670,27 @@ fn origin_headers(message: &OwnedMessage, group: &str) -> Vec<(&'static str, Str
 
 /// Copies a record to `topic` — key, value and headers kept, `extra` replacing headers of
 /// the same name — and waits for the broker; retries until it succeeds or the agent stops,
-/// since the record's offset must not be stored before its copy exists.
+/// since the record's offset must not be stored before its copy exists. False when the agent
+/// stopped first.
 async fn forward(
     shared: &Shared,
     message: &OwnedMessage,
     topic: &str,
     extra: &[(&'static str, String)],
     cancel: &CancellationToken,
-) {
+) -> bool {
     let headers = copied_headers(message, &[], extra);
     let mut wait = Duration::from_millis(200);
     loop {
         let record = copy_of(message, topic, headers.clone());
         match shared.producer.send(record, Duration::from_secs(10)).await {
-            Ok(_) => return,
+            Ok(_) => return true,
             Err((e, _)) => {
                 tracing::warn!(topic, error = %e, "could not write the record; retrying");
             }
         }
-        tokio::select! {
-            _ = cancel.cancelled() => { std::future::pending::<()>().await; }
-            _ = tokio::time::sleep(wait) => {}
+        if !wait_unless_stopping(wait, cancel).await {
+            return false;
         }
         wait = (wait * 2).min(Duration::from_secs(10));
     }

@@ -13,7 +13,7 @@ use std::{
 use agentbus::{app::App, config::ServeArgs};
 use clap::Parser;
 use rdkafka::{
-    ClientConfig, Message, Offset, TopicPartitionList,
+    ClientConfig, Offset, TopicPartitionList,
     consumer::{BaseConsumer, Consumer},
     message::OwnedMessage,
 };
@@ -241,6 +241,11 @@ impl TestApp {
             .unwrap()
     }
 
+    /// GET `path` and parse the JSON answer.
+    pub async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
+        self.get(path).await.json().await.unwrap()
+    }
+
     pub fn topic(&self, domain: &str) -> String {
         format!("{}{domain}.events", self.prefix)
     }
@@ -320,13 +325,7 @@ pub fn record_count(brokers: &str, topic: &str) -> i64 {
 
 /// The string value of header `name` of a record.
 pub fn header(message: &OwnedMessage, name: &str) -> Option<String> {
-    use rdkafka::message::Headers;
-    let headers = message.headers()?;
-    headers
-        .iter()
-        .find(|h| h.key == name)
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
+    agentbus::consume::header_str(message, name)
 }
 
 /// Path of the built `agentbus` binary.
