@@ -20,7 +20,9 @@ use crate::{
     },
     handlers::integration::Integrations,
     http::{self, AppState, Limits, Readiness},
+    lag::LagMonitor,
     publish::{self, IdempotencyStore, Publisher},
+    replay::Jobs,
     schema::Registry,
     telemetry,
     topics::{self, TopicSpec},
@@ -143,6 +145,12 @@ impl App {
                 max_body_bytes: settings.max_body_bytes,
                 max_batch: settings.max_batch,
             },
+            lag: LagMonitor::new(
+                settings.kafka.clone(),
+                settings.lag.clone(),
+                agents.iter().map(|a| a.name.clone()).collect(),
+            ),
+            replays: Arc::new(Jobs::default()),
             agents: Arc::new(agents.clone()),
             integrations,
         };
@@ -188,6 +196,9 @@ impl App {
         ));
         tasks.spawn(sweep_idempotency(store.clone(), cancel.clone()));
         tasks.spawn(metrics_upkeep(cancel.clone()));
+        if listener.is_some() && state.lag.runs_in_background() {
+            tasks.spawn(state.lag.clone().run(cancel.clone()));
+        }
         let runtime = RuntimeSettings {
             kafka: settings.kafka.clone(),
             data_dir: settings.data_dir.clone(),

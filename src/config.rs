@@ -98,6 +98,9 @@ pub struct ServeArgs {
     #[arg(long, env = "AGENTBUS_PUBLISH_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub publish_timeout: Duration,
 
+    #[command(flatten)]
+    pub lag: crate::lag::LagSettings,
+
     /// How long in-flight requests may take to finish after SIGTERM.
     #[arg(long, env = "AGENTBUS_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,

@@ -35,6 +35,13 @@ pub const DEDUP_KEYS: &str = "agentbus_dedup_keys";
 /// State of an integration's circuit breaker, by `service`: 0 closed, 1 half-open, 2 open.
 pub const CIRCUIT_BREAKER_STATE: &str = "agentbus_circuit_breaker_state";
 
+/// How long the last lag collection took, in seconds.
+pub const LAG_COLLECTION_SECONDS: &str = "agentbus_lag_collection_seconds";
+/// Lag collections that failed.
+pub const LAG_COLLECTION_ERRORS: &str = "agentbus_lag_collection_errors_total";
+/// Records copied by replays, by `target` topic.
+pub const REPLAYED: &str = "agentbus_replayed_records_total";
+
 /// Outcomes of [`EVENTS_PUBLISHED`].
 pub mod outcome {
     /// Written to Kafka and acknowledged by the broker.
@@ -122,6 +129,16 @@ fn describe() {
         "Time of one handler attempt, by group."
     );
     describe_gauge!(IN_FLIGHT, "Events an agent is handling, by group.");
+    describe_gauge!(
+        LAG_COLLECTION_SECONDS,
+        metrics::Unit::Seconds,
+        "How long the last consumer lag collection took."
+    );
+    describe_counter!(
+        LAG_COLLECTION_ERRORS,
+        "Consumer lag collections that failed."
+    );
+    describe_counter!(REPLAYED, "Records copied by replays, by target topic.");
     describe_gauge!(
         PAUSED_PARTITIONS,
         "Partitions paused because the agent's lanes are full."

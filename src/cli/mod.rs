@@ -1,5 +1,7 @@
-//! The command line: `agentbus serve | publish | schemas check | topics ensure`.
+//! The command line: `agentbus serve | publish | schemas check | topics ensure | agent run |
+//! dlq | replay | lag | lag-exporter`.
 
+mod history;
 mod publish;
 
 use std::path::PathBuf;
@@ -14,6 +16,7 @@ use crate::{
     schema::Registry,
     topics,
 };
+pub use history::{LagArgs, LagExporterArgs, ReplayArgs};
 pub use publish::PublishArgs;
 
 /// agentbus: schema-validated events on Kafka for multi-agent systems.
@@ -52,6 +55,12 @@ pub enum Command {
     /// Dead letters of an agent.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Replay history from a time into an agent (or a topic), or move a group's offsets back.
+    Replay(Box<ReplayArgs>),
+    /// Consumer lag per group and partition, with the age of the oldest unconsumed record.
+    Lag(LagArgs),
+    /// Export consumer lag to Prometheus (kafka-lag-exporter's metric names), alone.
+    LagExporter(LagExporterArgs),
 }
 
 /// `agentbus dlq ...`
@@ -151,6 +160,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             run_until_signal(app).await
         }
         Command::Publish(args) => publish::run(args).await,
+        Command::Replay(args) => history::replay(*args).await,
+        Command::Lag(args) => history::lag(args).await,
+        Command::LagExporter(args) => history::lag_exporter(args).await,
         Command::Dlq(DlqCommand::List { group, kafka }) => {
             let topic = format!("{}{group}.dlq", kafka.topic_prefix);
             let letters = dlq::list(&kafka, &topic).await?;

@@ -410,7 +410,7 @@ fn lane_of(key: Option<&[u8]>, lanes: usize) -> usize {
 }
 
 /// The value of header `name`, as text.
-pub fn header_str(message: &OwnedMessage, name: &str) -> Option<String> {
+pub fn header_str<M: Message>(message: &M, name: &str) -> Option<String> {
     let headers = message.headers()?;
     headers
         .iter()
@@ -697,8 +697,8 @@ async fn forward(
 }
 
 /// A record's headers without those named in `drop` or in `extra`, followed by `extra`.
-pub(crate) fn copied_headers(
-    message: &OwnedMessage,
+pub(crate) fn copied_headers<M: Message>(
+    message: &M,
     drop: &[&str],
     extra: &[(&str, String)],
 ) -> OwnedHeaders {

@@ -1,10 +1,12 @@
 //! The HTTP API (CONTRACT.md §2): ingest, schemas, the registry, health and metrics.
 
+mod consumers;
 mod demo;
 mod dlq;
 pub mod error;
 mod events;
 mod openapi;
+mod replays;
 mod schemas;
 
 use std::sync::{
@@ -23,7 +25,7 @@ use serde_json::json;
 
 use crate::{
     config::KafkaArgs, consume::definition::AgentDefinition, handlers::integration::Integrations,
-    publish::Publisher, schema::Registry,
+    lag::LagMonitor, publish::Publisher, replay::Jobs, schema::Registry,
 };
 pub use error::ApiError;
 pub use openapi::openapi;
@@ -63,6 +65,10 @@ pub struct AppState {
     pub agents: Arc<Vec<AgentDefinition>>,
     /// The integration agents' services.
     pub integrations: Arc<Integrations>,
+    /// The consumer lag monitor.
+    pub lag: Arc<LagMonitor>,
+    /// Replay jobs started through the API.
+    pub replays: Arc<Jobs>,
 }
 
 /// Every route of the API. `openapi.json` documents exactly these (a test keeps it so).
@@ -94,6 +100,10 @@ pub fn router(state: AppState) -> Router {
         .route("/registry/config/{subject}", get(schemas::subject_config))
         .route("/v1/dlq/{group}", get(dlq::list))
         .route("/v1/dlq/{group}/redrive", post(dlq::redrive))
+        .route("/v1/consumers", get(consumers::list))
+        .route("/v1/consumers/{group}/lag", get(consumers::lag))
+        .route("/v1/replays", post(replays::start))
+        .route("/v1/replays/{id}", get(replays::status))
         .route("/demo/agents/{name}", post(demo::agent))
         .route("/v1/integrations", get(integrations))
         .route("/healthz", get(healthz))
@@ -129,13 +139,22 @@ async fn readyz(State(state): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-async fn metrics() -> Response {
+async fn metrics(State(state): State<AppState>) -> Response {
+    metrics_text(&state.lag).await
+}
+
+/// The Prometheus text: the process's own metrics and the latest lag snapshot.
+pub async fn metrics_text(lag: &LagMonitor) -> Response {
+    let mut text = crate::telemetry::prometheus().render();
+    if let Some(snapshot) = lag.latest().await {
+        text.push_str(&crate::lag::render(&snapshot));
+    }
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::telemetry::prometheus().render(),
+        text,
     )
         .into_response()
 }

@@ -1,0 +1,112 @@
+//! `POST /v1/replays` and `GET /v1/replays/{id}`: replays as background jobs.
+
+use axum::{
+    Json,
+    body::Bytes,
+    extract::State,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde::Deserialize;
+
+use super::{
+    AppState,
+    error::{ApiError, ApiPath},
+};
+use crate::{
+    cli::parse_time,
+    replay::{self, Request, Target},
+};
+
+/// The body of `POST /v1/replays`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplayBody {
+    from: String,
+    until: Option<String>,
+    topic: Option<String>,
+    #[serde(default)]
+    topics: Vec<String>,
+    #[serde(default)]
+    event_types: Vec<String>,
+    to_agent: Option<String>,
+    into_topic: Option<String>,
+    replay_id: Option<String>,
+}
+
+fn time(field: &str, value: &str) -> Result<chrono::DateTime<chrono::Utc>, ApiError> {
+    parse_time(value).map_err(|e| ApiError::invalid_request(field, e))
+}
+
+fn replay_error(e: replay::Error) -> ApiError {
+    match e {
+        replay::Error::Invalid(m) => ApiError::invalid_request("body", m),
+        replay::Error::NotFound(m) => ApiError::not_found(m),
+        other => ApiError::broker_unavailable(other.to_string()),
+    }
+}
+
+/// Plans a replay and starts it in the background: 202 with the job and its `Location`.
+pub async fn start(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let body: ReplayBody =
+        serde_json::from_slice(&body).map_err(|e| ApiError::malformed_json(e.to_string()))?;
+    let target = match (body.to_agent, body.into_topic) {
+        (Some(agent), None) => Target::Agent(agent),
+        (None, Some(topic)) => Target::Topic(topic),
+        _ => {
+            return Err(ApiError::invalid_request(
+                "to_agent",
+                "give exactly one of to_agent and into_topic",
+            ));
+        }
+    };
+    let mut topics = body.topics;
+    topics.extend(body.topic);
+    let request = Request {
+        from: time("from", &body.from)?,
+        until: body
+            .until
+            .as_deref()
+            .map(|u| time("until", u))
+            .transpose()?,
+        topics,
+        event_types: body.event_types,
+        target,
+        replay_id: body.replay_id,
+    };
+    if let Some(id) = &request.replay_id
+        && (id.is_empty() || id.len() > 200)
+    {
+        return Err(ApiError::invalid_request(
+            "replay_id",
+            "1 to 200 characters",
+        ));
+    }
+    let job = state
+        .replays
+        .start(state.kafka.clone(), request)
+        .await
+        .map_err(replay_error)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, format!("/v1/replays/{}", job.id))],
+        Json(job.view()),
+    )
+        .into_response())
+}
+
+/// A replay job's status and progress.
+pub async fn status(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    state
+        .replays
+        .get(&id)
+        .map(|job| Json(job.view()))
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no replay {id:?} in this process (jobs do not survive a restart)"
+            ))
+        })
+}

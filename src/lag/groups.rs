@@ -1,0 +1,242 @@
+//! Which consumer groups a cluster has, and who is in them.
+//!
+//! librdkafka lists groups only together with DescribeGroups (`rd_kafka_list_groups` sends
+//! both), and some Kafka-compatible brokers fail DescribeGroups (tansu 0.6 drops the
+//! connection). So listing has two ways: librdkafka's, which also names the members, and a
+//! plain `ListGroups` v0 request written here by hand (the rdkafka crate has no admin call for
+//! it) for brokers reached without TLS or SASL. Membership is then unknown, and said so.
+
+use std::{
+    io::{Read, Write},
+    net::{TcpStream, ToSocketAddrs},
+    time::Duration,
+};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use serde::Serialize;
+
+use crate::config::KafkaArgs;
+
+/// One member of a group, as DescribeGroups tells.
+#[derive(Debug, Clone, Serialize)]
+pub struct Member {
+    /// The member id the coordinator gave.
+    pub member_id: String,
+    /// The client id the member set.
+    pub client_id: String,
+    /// Where it connects from.
+    pub client_host: String,
+}
+
+/// A consumer group of the cluster.
+#[derive(Debug, Clone, Serialize)]
+pub struct Group {
+    /// Its id.
+    pub name: String,
+    /// `Stable`, `Empty`, ... when the broker described it.
+    pub state: Option<String>,
+    /// Its members when the broker described it; `None` when that is unknown.
+    pub members: Option<Vec<Member>>,
+}
+
+/// Every consumer group of the cluster: described by librdkafka when the broker can, else
+/// listed with a bare `ListGroups` (no state, no members). The second value says why the
+/// members are unknown, when they are.
+pub fn list(kafka: &KafkaArgs, timeout: Duration) -> Result<(Vec<Group>, Option<String>), String> {
+    match describe(kafka, None, timeout) {
+        Ok(groups) => Ok((groups, None)),
+        Err(why) => {
+            let why = format!("the broker did not describe groups ({why})");
+            list_bare(kafka, timeout)
+                .map(|groups| (groups, Some(why.clone())))
+                .map_err(|e| format!("{why}; listing them failed too: {e}"))
+        }
+    }
+}
+
+/// Describes `group` (or every group) through librdkafka, on a client of its own: a broker
+/// that fails the request drops that client's connection and no other.
+pub fn describe(
+    kafka: &KafkaArgs,
+    group: Option<&str>,
+    timeout: Duration,
+) -> Result<Vec<Group>, String> {
+    let client: BaseConsumer = kafka
+        .client_config_with(&[("log_level", "3".into())])
+        .create()
+        .map_err(|e| e.to_string())?;
+    let list = client
+        .fetch_group_list(group, timeout)
+        .map_err(|e| e.to_string())?;
+    Ok(list
+        .groups()
+        .iter()
+        .filter(|g| g.protocol_type() == "consumer" || g.protocol_type().is_empty())
+        .map(|g| Group {
+            name: g.name().to_string(),
+            state: Some(g.state().to_string()),
+            members: Some(
+                g.members()
+                    .iter()
+                    .map(|m| Member {
+                        member_id: m.id().to_string(),
+                        client_id: m.client_id().to_string(),
+                        client_host: m.client_host().to_string(),
+                    })
+                    .collect(),
+            ),
+        })
+        .collect())
+}
+
+fn plaintext(kafka: &KafkaArgs) -> bool {
+    kafka
+        .client_config()
+        .get("security.protocol")
+        .is_none_or(|p| p.eq_ignore_ascii_case("plaintext"))
+}
+
+/// `ListGroups` v0 to every broker of the cluster.
+fn list_bare(kafka: &KafkaArgs, timeout: Duration) -> Result<Vec<Group>, String> {
+    if !plaintext(kafka) {
+        return Err("a bare ListGroups needs a plaintext listener".into());
+    }
+    let client: BaseConsumer = kafka.client_config().create().map_err(|e| e.to_string())?;
+    let metadata = client
+        .fetch_metadata(None, timeout)
+        .map_err(|e| e.to_string())?;
+    let mut names = Vec::new();
+    for broker in metadata.brokers() {
+        let listed = list_groups_v0(&format!("{}:{}", broker.host(), broker.port()), timeout)
+            .map_err(|e| format!("ListGroups to {}:{}: {e}", broker.host(), broker.port()))?;
+        names.extend(listed);
+    }
+    names.sort();
+    names.dedup();
+    Ok(names
+        .into_iter()
+        .map(|name| Group {
+            name,
+            state: None,
+            members: None,
+        })
+        .collect())
+}
+
+const LIST_GROUPS: i16 = 16;
+
+/// The consumer groups one broker coordinates (`ListGroups` v0, the protocol's simplest
+/// request: no body; the answer is an error code and (group, protocol type) pairs).
+fn list_groups_v0(addr: &str, timeout: Duration) -> std::io::Result<Vec<String>> {
+    let target = addr
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| std::io::Error::other("no address"))?;
+    let mut stream = TcpStream::connect_timeout(&target, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let client_id = b"agentbus";
+    let mut request = Vec::new();
+    request.extend_from_slice(&LIST_GROUPS.to_be_bytes());
+    request.extend_from_slice(&0i16.to_be_bytes()); // version
+    request.extend_from_slice(&1i32.to_be_bytes()); // correlation id
+    request.extend_from_slice(&(client_id.len() as i16).to_be_bytes());
+    request.extend_from_slice(client_id);
+    stream.write_all(&(request.len() as i32).to_be_bytes())?;
+    stream.write_all(&request)?;
+    let mut size = [0u8; 4];
+    stream.read_exact(&mut size)?;
+    let size = i32::from_be_bytes(size);
+    if !(0..=16 << 20).contains(&size) {
+        return Err(std::io::Error::other(format!("answer of {size} bytes")));
+    }
+    let mut body = vec![0u8; size as usize];
+    stream.read_exact(&mut body)?;
+    parse_list_groups_v0(&body).map_err(std::io::Error::other)
+}
+
+/// Parses a `ListGroups` v0 answer (after its size): correlation id, error code, then the
+/// array of (group id, protocol type); keeps the consumer groups.
+fn parse_list_groups_v0(body: &[u8]) -> Result<Vec<String>, String> {
+    let mut r = Reader(body);
+    let _correlation = r.i32()?;
+    let error = r.i16()?;
+    if error != 0 {
+        return Err(format!("error code {error}"));
+    }
+    let count = r.i32()?;
+    let mut out = Vec::new();
+    for _ in 0..count.max(0) {
+        let group = r.string()?;
+        let protocol = r.string()?;
+        if protocol == "consumer" || protocol.is_empty() {
+            out.push(group);
+        }
+    }
+    Ok(out)
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], String> {
+        if self.0.len() < n {
+            return Err("answer cut short".into());
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Ok(head)
+    }
+    fn i16(&mut self) -> Result<i16, String> {
+        Ok(i16::from_be_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
+    }
+    fn i32(&mut self) -> Result<i32, String> {
+        Ok(i32::from_be_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn string(&mut self) -> Result<String, String> {
+        let n = self.i16()?;
+        let bytes = self.take(n.max(0) as usize)?;
+        String::from_utf8(bytes.to_vec()).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn string(s: &str) -> Vec<u8> {
+        let mut v = (s.len() as i16).to_be_bytes().to_vec();
+        v.extend_from_slice(s.as_bytes());
+        v
+    }
+
+    #[test]
+    fn parses_a_list_groups_answer_and_keeps_consumer_groups() {
+        let mut body = Vec::new();
+        body.extend_from_slice(&1i32.to_be_bytes());
+        body.extend_from_slice(&0i16.to_be_bytes());
+        body.extend_from_slice(&2i32.to_be_bytes());
+        body.extend(string("planner"));
+        body.extend(string("consumer"));
+        body.extend(string("connect-cluster"));
+        body.extend(string("connect"));
+        assert_eq!(parse_list_groups_v0(&body).unwrap(), vec!["planner"]);
+    }
+
+    #[test]
+    fn a_short_or_failed_answer_is_an_error_not_a_panic() {
+        assert!(parse_list_groups_v0(&[0, 0, 0, 1, 0]).is_err());
+        let mut failed = 1i32.to_be_bytes().to_vec();
+        failed.extend_from_slice(&15i16.to_be_bytes());
+        assert_eq!(parse_list_groups_v0(&failed).unwrap_err(), "error code 15");
+        let mut cut = 1i32.to_be_bytes().to_vec();
+        cut.extend_from_slice(&0i16.to_be_bytes());
+        cut.extend_from_slice(&3i32.to_be_bytes());
+        cut.extend(string("a"));
+        assert!(parse_list_groups_v0(&cut).is_err());
+    }
+}

@@ -1,0 +1,899 @@
+//! Replay from a timestamp: copy a bounded range of history into an agent's `<agent>.replay`
+//! topic (or any topic), or move a group's committed offsets back to a time.
+//!
+//! A replay finds each partition's first offset at or after `from` (offsets-for-times), fixes
+//! the end at the high watermark of the moment it starts (or the first offset at `until`),
+//! and copies the records of that range whose timestamp lies in `[from, until)` and whose
+//! `ce_type` matches: key, value, timestamp and headers untouched, plus `agentbus-replay-id`.
+//! It reads with its own consumer that joins no group and commits nothing, so the live
+//! consumers of the source topics never notice it. The replay id makes the copies new to the
+//! agent's dedup store; giving the same id again (`--replay-id`) makes a repeated or resumed
+//! replay a no-op for what was already handled.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use chrono::{DateTime, Utc};
+use rdkafka::{
+    ClientContext, Message, Offset, TopicPartitionList,
+    consumer::{BaseConsumer, CommitMode, Consumer},
+    error::KafkaError,
+    message::DeliveryResult,
+    producer::{BaseProducer, BaseRecord, Producer, ProducerContext},
+    types::RDKafkaErrorCode,
+};
+use serde::Serialize;
+
+use crate::{
+    config::KafkaArgs,
+    consume::{copied_headers, definition::pattern_matches, header, header_str},
+    lag::groups,
+    publish, telemetry,
+};
+
+/// Errors of a replay or an offset reset.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is not valid (times, filters).
+    #[error("{0}")]
+    Invalid(String),
+    /// A topic or agent that does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The group has active members (or that cannot be ruled out).
+    #[error("{0}")]
+    GroupActive(String),
+    /// Kafka failed.
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    /// Records could not be written.
+    #[error("writing to {topic} failed: {reason}")]
+    Write {
+        /// Where.
+        topic: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Where a replay writes.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// The agent's `<agent>.replay` topic: the agent handles the records again.
+    Agent(String),
+    /// Any other topic.
+    Topic(String),
+}
+
+/// What to replay.
+#[derive(Debug, Clone, Serialize)]
+pub struct Request {
+    /// Records at or after this time.
+    pub from: DateTime<Utc>,
+    /// Records before this time (default: up to the end fixed at the start).
+    pub until: Option<DateTime<Utc>>,
+    /// Source topics.
+    pub topics: Vec<String>,
+    /// Event types (or patterns like `agent.task.*`); their domains' topics are read and
+    /// only matching records copied.
+    pub event_types: Vec<String>,
+    /// Where to write.
+    pub target: Target,
+    /// The replay id written on every copy; a fresh one when absent.
+    pub replay_id: Option<String>,
+}
+
+impl Request {
+    /// Checks what needs no broker.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.topics.is_empty() && self.event_types.is_empty() {
+            return Err(Error::Invalid(
+                "name what to replay: a topic or at least one event type".into(),
+            ));
+        }
+        if let Some(until) = self.until
+            && until <= self.from
+        {
+            return Err(Error::Invalid(format!(
+                "from ({}) must be before until ({})",
+                self.from.to_rfc3339(),
+                until.to_rfc3339()
+            )));
+        }
+        if self.from > Utc::now() {
+            return Err(Error::Invalid(format!(
+                "from ({}) is in the future",
+                self.from.to_rfc3339()
+            )));
+        }
+        for t in &self.event_types {
+            if !t.contains('.') || t.starts_with('.') {
+                return Err(Error::Invalid(format!(
+                    "event type {t:?} is not a dotted name or pattern like agent.task.*"
+                )));
+            }
+        }
+        match &self.target {
+            Target::Agent(a) | Target::Topic(a) if a.trim().is_empty() => {
+                Err(Error::Invalid("the target is empty".into()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The topics to read: the named ones and the domain topics of the event types.
+    pub fn source_topics(&self, kafka: &KafkaArgs) -> Vec<String> {
+        let mut topics = self.topics.clone();
+        for t in &self.event_types {
+            let domain = t.split('.').next().unwrap_or(t);
+            topics.push(kafka.events_topic(domain));
+        }
+        topics.sort();
+        topics.dedup();
+        topics
+    }
+
+    /// The topic the copies go to.
+    pub fn target_topic(&self, kafka: &KafkaArgs) -> String {
+        match &self.target {
+            Target::Agent(g) => format!("{}{g}.replay", kafka.topic_prefix),
+            Target::Topic(t) => t.clone(),
+        }
+    }
+
+    fn matches(&self, timestamp: Option<i64>, event_type: Option<&str>) -> bool {
+        let from = self.from.timestamp_millis();
+        let in_time = timestamp
+            .is_some_and(|ts| ts >= from && self.until.is_none_or(|u| ts < u.timestamp_millis()));
+        let type_ok = self.event_types.is_empty()
+            || event_type.is_some_and(|t| self.event_types.iter().any(|p| pattern_matches(p, t)));
+        in_time && type_ok
+    }
+}
+
+/// One partition's range.
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionPlan {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    /// The first offset at or after `from`.
+    pub start_offset: i64,
+    /// The end fixed at the start (exclusive).
+    pub end_offset: i64,
+}
+
+impl PartitionPlan {
+    /// Records in the range (some may fall outside the filters).
+    pub fn records(&self) -> u64 {
+        (self.end_offset - self.start_offset).max(0) as u64
+    }
+}
+
+/// A replay, planned: ranges fixed.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    /// The replay id written on every copy.
+    pub replay_id: String,
+    /// Where the copies go.
+    pub target_topic: String,
+    /// Every partition of the source topics.
+    pub partitions: Vec<PartitionPlan>,
+}
+
+impl Plan {
+    /// Records in all ranges.
+    pub fn records(&self) -> u64 {
+        self.partitions.iter().map(PartitionPlan::records).sum()
+    }
+}
+
+/// Counters a replay updates as it goes (read by the progress bar and `GET /v1/replays/{id}`).
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Records in the ranges.
+    pub total: AtomicU64,
+    /// Records read so far.
+    pub scanned: AtomicU64,
+    /// Records that matched the filters.
+    pub matched: AtomicU64,
+    /// Copies the broker acknowledged.
+    pub copied: AtomicU64,
+    /// Set to stop early.
+    pub cancel: AtomicBool,
+}
+
+/// Per partition: the count a replay copied (or, dry, would copy).
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionCount {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    /// The range.
+    pub start_offset: i64,
+    /// The range's end (exclusive).
+    pub end_offset: i64,
+    /// Matching records.
+    pub matched: u64,
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// The replay id.
+    pub replay_id: String,
+    /// Where the copies went.
+    pub target_topic: String,
+    /// Records read.
+    pub scanned: u64,
+    /// Records matching.
+    pub matched: u64,
+    /// Records written (0 on a dry run).
+    pub copied: u64,
+    /// Per partition.
+    pub partitions: Vec<PartitionCount>,
+    /// Seconds it took.
+    pub seconds: f64,
+}
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+fn reader(kafka: &KafkaArgs) -> Result<BaseConsumer, Error> {
+    Ok(kafka
+        .client_config_with(&[
+            // A group id librdkafka needs for nothing here: the reader is assigned its
+            // partitions, joins no group and commits nothing.
+            (
+                "group.id",
+                format!("agentbus-replay-{}", uuid::Uuid::now_v7()),
+            ),
+            ("enable.auto.commit", "false".into()),
+            ("enable.auto.offset.store", "false".into()),
+            ("enable.partition.eof", "false".into()),
+        ])
+        .create()?)
+}
+
+/// The partitions of `topic`, or `NotFound`.
+fn partitions_of(consumer: &BaseConsumer, topic: &str) -> Result<Vec<i32>, Error> {
+    let metadata = consumer.fetch_metadata(Some(topic), TIMEOUT)?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .first()
+        .filter(|t| t.error().is_none())
+        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+        .unwrap_or_default();
+    if partitions.is_empty() {
+        return Err(Error::NotFound(format!("no topic {topic}")));
+    }
+    Ok(partitions)
+}
+
+/// Offsets for `time` (milliseconds; or `Offset::End`) of every (topic, partition); a
+/// partition with no record at or after the time answers its end.
+fn offsets_at(
+    consumer: &BaseConsumer,
+    parts: &[(String, i32)],
+    at: Offset,
+    ends: Option<&HashMap<(String, i32), i64>>,
+) -> Result<HashMap<(String, i32), i64>, Error> {
+    let mut tpl = TopicPartitionList::new();
+    for (t, p) in parts {
+        tpl.add_partition_offset(t, *p, at)?;
+    }
+    let answered = consumer.offsets_for_times(tpl, TIMEOUT)?;
+    let mut out = HashMap::new();
+    for e in answered.elements() {
+        let key = (e.topic().to_string(), e.partition());
+        let end = ends.and_then(|ends| ends.get(&key).copied());
+        let offset = match (e.offset(), end) {
+            (Offset::Offset(o), Some(end)) => o.min(end),
+            (Offset::Offset(o), None) => o,
+            (_, Some(end)) => end,
+            (other, None) => {
+                return Err(Error::Invalid(format!(
+                    "the broker answered {other:?} for the end of {}/{}",
+                    key.0, key.1
+                )));
+            }
+        };
+        out.insert(key, offset);
+    }
+    Ok(out)
+}
+
+/// Plans a replay: checks that the sources and the target exist, fixes every range.
+pub fn plan(kafka: &KafkaArgs, request: &Request) -> Result<Plan, Error> {
+    request.validate()?;
+    let consumer = reader(kafka)?;
+    let target_topic = request.target_topic(kafka);
+    if let Err(Error::NotFound(_)) = partitions_of(&consumer, &target_topic) {
+        return Err(Error::NotFound(match &request.target {
+            Target::Agent(g) => {
+                format!("no agent {g:?}: its replay topic {target_topic} does not exist")
+            }
+            Target::Topic(t) => format!("no topic {t}"),
+        }));
+    }
+    let mut parts = Vec::new();
+    for topic in request.source_topics(kafka) {
+        if topic == target_topic {
+            return Err(Error::Invalid(format!("{topic} is both source and target")));
+        }
+        for p in partitions_of(&consumer, &topic)? {
+            parts.push((topic.clone(), p));
+        }
+    }
+    let ends = offsets_at(&consumer, &parts, Offset::End, None)?;
+    let starts = offsets_at(
+        &consumer,
+        &parts,
+        Offset::Offset(request.from.timestamp_millis()),
+        Some(&ends),
+    )?;
+    let untils = match request.until {
+        Some(u) => offsets_at(
+            &consumer,
+            &parts,
+            Offset::Offset(u.timestamp_millis()),
+            Some(&ends),
+        )?,
+        None => ends.clone(),
+    };
+    let mut partitions: Vec<PartitionPlan> = parts
+        .into_iter()
+        .map(|key| {
+            let start = starts[&key];
+            PartitionPlan {
+                end_offset: untils[&key].max(start),
+                start_offset: start,
+                topic: key.0,
+                partition: key.1,
+            }
+        })
+        .collect();
+    partitions.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+    Ok(Plan {
+        replay_id: request
+            .replay_id
+            .clone()
+            .unwrap_or_else(|| format!("replay-{}", uuid::Uuid::now_v7())),
+        target_topic,
+        partitions,
+    })
+}
+
+/// Counts deliveries.
+#[derive(Default)]
+struct Deliveries {
+    acked: AtomicU64,
+    failed: AtomicU64,
+    first_error: Mutex<Option<String>>,
+    progress: Option<Arc<Progress>>,
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        match result {
+            Ok(_) => {
+                self.acked.fetch_add(1, Ordering::Relaxed);
+                if let Some(p) = &self.progress {
+                    p.copied.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err((e, _)) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                let mut first = self.first_error.lock().expect("delivery error lock");
+                first.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+}
+
+/// Runs a planned replay (blocking). With `dry_run` it reads and counts what it would copy
+/// and writes nothing.
+pub fn execute(
+    kafka: &KafkaArgs,
+    request: &Request,
+    plan: &Plan,
+    progress: Arc<Progress>,
+    dry_run: bool,
+) -> Result<Summary, Error> {
+    let started = Instant::now();
+    progress.total.store(plan.records(), Ordering::Relaxed);
+    let consumer = reader(kafka)?;
+    let producer: Option<BaseProducer<Deliveries>> = if dry_run {
+        None
+    } else {
+        Some(
+            publish::producer_config(kafka, Duration::from_secs(60))
+                .set("linger.ms", "20")
+                .create_with_context(Deliveries {
+                    progress: Some(progress.clone()),
+                    ..Deliveries::default()
+                })?,
+        )
+    };
+    let mut assignment = TopicPartitionList::new();
+    let mut open: HashMap<(String, i32), i64> = HashMap::new();
+    let mut counts: BTreeMap<(String, i32), PartitionCount> = BTreeMap::new();
+    for p in &plan.partitions {
+        counts.insert(
+            (p.topic.clone(), p.partition),
+            PartitionCount {
+                topic: p.topic.clone(),
+                partition: p.partition,
+                start_offset: p.start_offset,
+                end_offset: p.end_offset,
+                matched: 0,
+            },
+        );
+        if p.end_offset > p.start_offset {
+            assignment.add_partition_offset(
+                &p.topic,
+                p.partition,
+                Offset::Offset(p.start_offset),
+            )?;
+            open.insert((p.topic.clone(), p.partition), p.end_offset);
+        }
+    }
+    if !open.is_empty() {
+        consumer.assign(&assignment)?;
+    }
+    let replay_id = plan.replay_id.clone();
+    let extra = [(header::REPLAY_ID, replay_id.clone())];
+    let mut idle_since = Instant::now();
+    while !open.is_empty() {
+        if progress.cancel.load(Ordering::Relaxed) {
+            return Err(Error::Invalid("cancelled".into()));
+        }
+        if let Some(p) = &producer {
+            p.poll(Duration::ZERO);
+        }
+        let Some(result) = consumer.poll(Duration::from_millis(100)) else {
+            // A range may end on offsets that hold no record (transaction markers,
+            // compaction): the reader's position past the end closes it.
+            if idle_since.elapsed() > Duration::from_secs(2) {
+                close_passed(&consumer, &mut open)?;
+                idle_since = Instant::now();
+            }
+            continue;
+        };
+        idle_since = Instant::now();
+        let m = result?;
+        let key = (m.topic().to_string(), m.partition());
+        let Some(&end) = open.get(&key) else {
+            continue;
+        };
+        if m.offset() >= end {
+            done(&consumer, &mut open, &key)?;
+            continue;
+        }
+        progress.scanned.fetch_add(1, Ordering::Relaxed);
+        let event_type = header_str(&m, header::TYPE);
+        if request.matches(m.timestamp().to_millis(), event_type.as_deref()) {
+            progress.matched.fetch_add(1, Ordering::Relaxed);
+            if let Some(c) = counts.get_mut(&key) {
+                c.matched += 1;
+            }
+            if let Some(producer) = &producer {
+                let headers = copied_headers(&m, &[], &extra);
+                let mut record = BaseRecord::<[u8], [u8]>::to(&plan.target_topic).headers(headers);
+                if let Some(k) = m.key() {
+                    record = record.key(k);
+                }
+                if let Some(v) = m.payload() {
+                    record = record.payload(v);
+                }
+                if let Some(ts) = m.timestamp().to_millis() {
+                    record = record.timestamp(ts);
+                }
+                let mut record = record;
+                loop {
+                    match producer.send(record) {
+                        Ok(()) => break,
+                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                            record = back;
+                            producer.poll(Duration::from_millis(50));
+                        }
+                        Err((e, _)) => {
+                            return Err(Error::Write {
+                                topic: plan.target_topic.clone(),
+                                reason: e.to_string(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        if m.offset() + 1 >= end {
+            done(&consumer, &mut open, &key)?;
+        }
+    }
+    let mut copied = 0;
+    if let Some(producer) = producer {
+        producer.flush(Duration::from_secs(120))?;
+        let context = producer.context();
+        if context.failed.load(Ordering::Relaxed) > 0 {
+            return Err(Error::Write {
+                topic: plan.target_topic.clone(),
+                reason: format!(
+                    "{} records were not acknowledged: {}",
+                    context.failed.load(Ordering::Relaxed),
+                    context
+                        .first_error
+                        .lock()
+                        .expect("delivery error lock")
+                        .clone()
+                        .unwrap_or_default()
+                ),
+            });
+        }
+        copied = context.acked.load(Ordering::Relaxed);
+        metrics::counter!(telemetry::REPLAYED, "target" => plan.target_topic.clone())
+            .increment(copied);
+    }
+    Ok(Summary {
+        replay_id,
+        target_topic: plan.target_topic.clone(),
+        scanned: progress.scanned.load(Ordering::Relaxed),
+        matched: progress.matched.load(Ordering::Relaxed),
+        copied,
+        partitions: counts.into_values().collect(),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn done(
+    consumer: &BaseConsumer,
+    open: &mut HashMap<(String, i32), i64>,
+    key: &(String, i32),
+) -> Result<(), Error> {
+    open.remove(key);
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(&key.0, key.1);
+    consumer.pause(&tpl)?;
+    Ok(())
+}
+
+fn close_passed(
+    consumer: &BaseConsumer,
+    open: &mut HashMap<(String, i32), i64>,
+) -> Result<(), Error> {
+    let position = consumer.position()?;
+    for e in position.elements() {
+        let key = (e.topic().to_string(), e.partition());
+        if let (Some(&end), Offset::Offset(at)) = (open.get(&key), e.offset())
+            && at >= end
+        {
+            done(consumer, open, &key)?;
+        }
+    }
+    Ok(())
+}
+
+/// One partition of an offset reset.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResetLine {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    /// The committed offset now, if any.
+    pub current: Option<i64>,
+    /// The offset it moves to.
+    pub new: i64,
+}
+
+/// Plans moving `group`'s committed offsets on the request's source topics to the first
+/// offset at or after `from` (the end where there is none).
+pub fn plan_reset(
+    kafka: &KafkaArgs,
+    group: &str,
+    request: &Request,
+) -> Result<Vec<ResetLine>, Error> {
+    if request.topics.is_empty() && request.event_types.is_empty() {
+        return Err(Error::Invalid(
+            "name the topics to reset: --topic or --event-type".into(),
+        ));
+    }
+    if request.from > Utc::now() {
+        return Err(Error::Invalid("from is in the future".into()));
+    }
+    let consumer = reader(kafka)?;
+    let mut parts = Vec::new();
+    for topic in request.source_topics(kafka) {
+        for p in partitions_of(&consumer, &topic)? {
+            parts.push((topic.clone(), p));
+        }
+    }
+    let ends = offsets_at(&consumer, &parts, Offset::End, None)?;
+    let new = offsets_at(
+        &consumer,
+        &parts,
+        Offset::Offset(request.from.timestamp_millis()),
+        Some(&ends),
+    )?;
+    let group_client: BaseConsumer = kafka
+        .client_config_with(&[
+            ("group.id", group.to_string()),
+            ("enable.auto.commit", "false".into()),
+        ])
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for (t, p) in &parts {
+        tpl.add_partition(t, *p);
+    }
+    let committed = group_client.committed_offsets(tpl, TIMEOUT)?;
+    let mut lines: Vec<ResetLine> = parts
+        .into_iter()
+        .map(|key| {
+            let current = committed
+                .find_partition(&key.0, key.1)
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                });
+            ResetLine {
+                new: new[&key],
+                current,
+                topic: key.0,
+                partition: key.1,
+            }
+        })
+        .collect();
+    lines.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+    Ok(lines)
+}
+
+/// Commits the planned offsets for `group`, only when it has no active members. Brokers that
+/// cannot describe groups leave that unknown: then it acts only with `assume_inactive`.
+pub fn execute_reset(
+    kafka: &KafkaArgs,
+    group: &str,
+    lines: &[ResetLine],
+    assume_inactive: bool,
+) -> Result<(), Error> {
+    match groups::describe(kafka, Some(group), Duration::from_secs(5)) {
+        Ok(described) => {
+            let members = described
+                .iter()
+                .find(|g| g.name == group)
+                .and_then(|g| g.members.as_ref())
+                .map_or(0, Vec::len);
+            if members > 0 {
+                return Err(Error::GroupActive(format!(
+                    "group {group} has {members} active members; stop them first (offsets unchanged)"
+                )));
+            }
+        }
+        Err(why) if !assume_inactive => {
+            return Err(Error::GroupActive(format!(
+                "cannot tell whether group {group} has active members: the broker did not \
+                 describe it ({why}); stop its consumers and pass --assume-inactive to go \
+                 ahead (offsets unchanged)"
+            )));
+        }
+        Err(why) => {
+            tracing::warn!(%group, %why, "membership unknown; resetting as told (--assume-inactive)");
+        }
+    }
+    let client: BaseConsumer = kafka
+        .client_config_with(&[
+            ("group.id", group.to_string()),
+            ("enable.auto.commit", "false".into()),
+        ])
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for l in lines {
+        tpl.add_partition_offset(&l.topic, l.partition, Offset::Offset(l.new))?;
+    }
+    client.commit(&tpl, CommitMode::Sync)?;
+    Ok(())
+}
+
+/// A replay running in the background (`POST /v1/replays`).
+#[derive(Debug, Serialize)]
+pub struct Job {
+    /// Its id (= the replay id).
+    pub id: String,
+    /// What was asked.
+    pub request: Request,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// The ranges.
+    pub plan: Plan,
+    #[serde(skip)]
+    progress: Arc<Progress>,
+    #[serde(skip)]
+    outcome: Mutex<Option<Result<Summary, String>>>,
+}
+
+/// The replay jobs of this process. They live in memory: a restart forgets them (a replay
+/// that was running is then neither finished nor resumed; run it again with the same replay
+/// id and the agent skips what it already handled).
+#[derive(Debug, Default)]
+pub struct Jobs {
+    jobs: Mutex<HashMap<String, Arc<Job>>>,
+}
+
+impl Jobs {
+    /// Plans and starts a replay in the background; answers the job once planned.
+    pub async fn start(&self, kafka: KafkaArgs, request: Request) -> Result<Arc<Job>, Error> {
+        let (k, r) = (kafka.clone(), request.clone());
+        let plan = tokio::task::spawn_blocking(move || plan(&k, &r))
+            .await
+            .expect("planning does not panic")?;
+        if let Some(existing) = self
+            .jobs
+            .lock()
+            .expect("jobs lock")
+            .get(&plan.replay_id)
+            .filter(|j| j.status() == "running")
+        {
+            return Err(Error::Invalid(format!(
+                "replay {} is running already",
+                existing.id
+            )));
+        }
+        let job = Arc::new(Job {
+            id: plan.replay_id.clone(),
+            request,
+            started_at: Utc::now(),
+            plan,
+            progress: Arc::new(Progress::default()),
+            outcome: Mutex::new(None),
+        });
+        self.jobs
+            .lock()
+            .expect("jobs lock")
+            .insert(job.id.clone(), job.clone());
+        let running = job.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = execute(
+                &kafka,
+                &running.request,
+                &running.plan,
+                running.progress.clone(),
+                false,
+            );
+            if let Err(e) = &result {
+                tracing::warn!(replay = %running.id, error = %e, "replay failed");
+            }
+            *running.outcome.lock().expect("job outcome lock") =
+                Some(result.map_err(|e| e.to_string()));
+        });
+        Ok(job)
+    }
+
+    /// A job by id.
+    pub fn get(&self, id: &str) -> Option<Arc<Job>> {
+        self.jobs.lock().expect("jobs lock").get(id).cloned()
+    }
+}
+
+impl Job {
+    /// `running`, `succeeded` or `failed`.
+    pub fn status(&self) -> &'static str {
+        Self::status_of(&self.outcome.lock().expect("job outcome lock"))
+    }
+
+    /// The job as the API shows it.
+    pub fn view(&self) -> serde_json::Value {
+        let outcome = self.outcome.lock().expect("job outcome lock").clone();
+        let total = self.plan.records();
+        let scanned = self.progress.scanned.load(Ordering::Relaxed);
+        let mut view = serde_json::json!({
+            "id": self.id,
+            "status": Self::status_of(&outcome),
+            "started_at": self.started_at,
+            "request": self.request,
+            "target_topic": self.plan.target_topic,
+            "total": total,
+            "scanned": scanned,
+            "matched": self.progress.matched.load(Ordering::Relaxed),
+            "copied": self.progress.copied.load(Ordering::Relaxed),
+            "progress": if total == 0 { 1.0 } else { scanned as f64 / total as f64 },
+            "partitions": self.plan.partitions,
+            "note": "replay jobs live in this process's memory: a restart forgets them",
+        });
+        match outcome {
+            Some(Ok(summary)) => {
+                view["progress"] = 1.0.into();
+                view["seconds"] = summary.seconds.into();
+            }
+            Some(Err(reason)) => view["error"] = reason.into(),
+            None => {}
+        }
+        view
+    }
+
+    fn status_of(outcome: &Option<Result<Summary, String>>) -> &'static str {
+        match outcome {
+            None => "running",
+            Some(Ok(_)) => "succeeded",
+            Some(Err(_)) => "failed",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> Request {
+        Request {
+            from: Utc::now() - chrono::Duration::hours(2),
+            until: None,
+            topics: vec![],
+            event_types: vec!["agent.task.*".into()],
+            target: Target::Agent("planner".into()),
+            replay_id: None,
+        }
+    }
+
+    #[test]
+    fn bad_requests_are_refused_with_a_reason() {
+        let mut r = request();
+        r.until = Some(r.from - chrono::Duration::minutes(1));
+        assert!(
+            r.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("must be before")
+        );
+        let mut r = request();
+        r.event_types.clear();
+        assert!(r.validate().unwrap_err().to_string().contains("name what"));
+        let mut r = request();
+        r.from = Utc::now() + chrono::Duration::hours(1);
+        assert!(r.validate().unwrap_err().to_string().contains("future"));
+        let mut r = request();
+        r.event_types = vec!["nodots".into()];
+        assert!(r.validate().is_err());
+        assert!(request().validate().is_ok());
+    }
+
+    #[test]
+    fn matches_time_window_and_type_patterns() {
+        let mut r = request();
+        let from = r.from.timestamp_millis();
+        r.until = Some(r.from + chrono::Duration::minutes(10));
+        assert!(r.matches(Some(from), Some("agent.task.requested")));
+        assert!(!r.matches(Some(from - 1), Some("agent.task.requested")));
+        assert!(!r.matches(Some(from + 600_000), Some("agent.task.requested")));
+        assert!(!r.matches(Some(from), Some("agent.created")));
+        assert!(!r.matches(None, Some("agent.task.requested")));
+    }
+
+    #[test]
+    fn event_types_read_their_domain_topics() {
+        let kafka = KafkaArgs {
+            brokers: "x".into(),
+            topic_prefix: "t1-".into(),
+        };
+        let mut r = request();
+        r.event_types = vec![
+            "agent.task.*".into(),
+            "agent.created".into(),
+            "budget.x".into(),
+        ];
+        assert_eq!(
+            r.source_topics(&kafka),
+            vec!["t1-agent.events", "t1-budget.events"]
+        );
+        assert_eq!(r.target_topic(&kafka), "t1-planner.replay");
+    }
+}
