@@ -24,6 +24,19 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
+# promtool checks the alert rules; a real Prometheus server scrapes agentbus in one test.
+if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "installing Debian's prometheus package (promtool and the server)..."
+    (apt-get install -y -qq prometheus >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; })
+    # The package starts a system-wide server on :9090; the tests run their own.
+    systemctl stop prometheus >/dev/null 2>&1 || service prometheus stop >/dev/null 2>&1 || pkill -x prometheus || true
+  else
+    echo "promtool and prometheus are required: install Debian's prometheus package" >&2
+    exit 1
+  fi
+fi
+
 # The tests' broker: its own port and data directory (tests/common/mod.rs uses the same).
 export AGENTBUS_TEST_BROKER_PORT=${AGENTBUS_TEST_BROKER_PORT:-19092}
 export AGENTBUS_TEST_DATA_DIR=${AGENTBUS_TEST_DATA_DIR:-$PWD/target/test-data}

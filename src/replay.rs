@@ -33,7 +33,7 @@ use serde::Serialize;
 use crate::{
     config::KafkaArgs,
     consume::{copied_headers, definition::pattern_matches, header, header_str},
-    lag::groups,
+    lag::{self, groups},
     publish, telemetry,
 };
 
@@ -278,35 +278,72 @@ fn partitions_of(consumer: &BaseConsumer, topic: &str) -> Result<Vec<i32>, Error
     Ok(partitions)
 }
 
-/// Offsets for `time` (milliseconds; or `Offset::End`) of every (topic, partition); a
-/// partition with no record at or after the time answers its end.
-fn offsets_at(
+/// The end offsets (high watermarks) of every (topic, partition).
+fn ends_of(
     consumer: &BaseConsumer,
     parts: &[(String, i32)],
-    at: Offset,
-    ends: Option<&HashMap<(String, i32), i64>>,
 ) -> Result<HashMap<(String, i32), i64>, Error> {
     let mut tpl = TopicPartitionList::new();
     for (t, p) in parts {
-        tpl.add_partition_offset(t, *p, at)?;
+        tpl.add_partition_offset(t, *p, Offset::End)?;
+    }
+    let answered = consumer.offsets_for_times(tpl, TIMEOUT)?;
+    answered
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => Ok(((e.topic().to_string(), e.partition()), o)),
+            other => Err(Error::Invalid(format!(
+                "the broker answered {other:?} for the end of {}/{}",
+                e.topic(),
+                e.partition()
+            ))),
+        })
+        .collect()
+}
+
+/// The first offset whose record's timestamp is at or after `time`, per (topic, partition);
+/// the end where there is none.
+///
+/// Every answer is checked against the record it points at: some brokers answer offset 0
+/// instead of "none" when every record is older than `time` (tansu 0.6), which would
+/// replay or reset a whole partition.
+fn offsets_at(
+    kafka: &KafkaArgs,
+    consumer: &BaseConsumer,
+    parts: &[(String, i32)],
+    time: DateTime<Utc>,
+    ends: &HashMap<(String, i32), i64>,
+) -> Result<HashMap<(String, i32), i64>, Error> {
+    let target = time.timestamp_millis();
+    let mut tpl = TopicPartitionList::new();
+    for (t, p) in parts {
+        tpl.add_partition_offset(t, *p, Offset::Offset(target))?;
     }
     let answered = consumer.offsets_for_times(tpl, TIMEOUT)?;
     let mut out = HashMap::new();
+    let mut to_check = Vec::new();
     for e in answered.elements() {
         let key = (e.topic().to_string(), e.partition());
-        let end = ends.and_then(|ends| ends.get(&key).copied());
-        let offset = match (e.offset(), end) {
-            (Offset::Offset(o), Some(end)) => o.min(end),
-            (Offset::Offset(o), None) => o,
-            (_, Some(end)) => end,
-            (other, None) => {
-                return Err(Error::Invalid(format!(
-                    "the broker answered {other:?} for the end of {}/{}",
-                    key.0, key.1
-                )));
+        let end = ends.get(&key).copied().unwrap_or(0);
+        let offset = match e.offset() {
+            Offset::Offset(o) if o < end => {
+                to_check.push((key.0.clone(), key.1, o));
+                o
             }
+            _ => end,
         };
         out.insert(key, offset);
+    }
+    for chunk in to_check.chunks(64) {
+        let found = lag::first_timestamps(kafka, chunk)?;
+        for ((topic, partition, _), ts) in found {
+            if ts < target {
+                let key = (topic, partition);
+                let end = ends.get(&key).copied().unwrap_or(0);
+                out.insert(key, end);
+            }
+        }
     }
     Ok(out)
 }
@@ -333,20 +370,10 @@ pub fn plan(kafka: &KafkaArgs, request: &Request) -> Result<Plan, Error> {
             parts.push((topic.clone(), p));
         }
     }
-    let ends = offsets_at(&consumer, &parts, Offset::End, None)?;
-    let starts = offsets_at(
-        &consumer,
-        &parts,
-        Offset::Offset(request.from.timestamp_millis()),
-        Some(&ends),
-    )?;
+    let ends = ends_of(&consumer, &parts)?;
+    let starts = offsets_at(kafka, &consumer, &parts, request.from, &ends)?;
     let untils = match request.until {
-        Some(u) => offsets_at(
-            &consumer,
-            &parts,
-            Offset::Offset(u.timestamp_millis()),
-            Some(&ends),
-        )?,
+        Some(u) => offsets_at(kafka, &consumer, &parts, u, &ends)?,
         None => ends.clone(),
     };
     let mut partitions: Vec<PartitionPlan> = parts
@@ -619,13 +646,8 @@ pub fn plan_reset(
             parts.push((topic.clone(), p));
         }
     }
-    let ends = offsets_at(&consumer, &parts, Offset::End, None)?;
-    let new = offsets_at(
-        &consumer,
-        &parts,
-        Offset::Offset(request.from.timestamp_millis()),
-        Some(&ends),
-    )?;
+    let ends = ends_of(&consumer, &parts)?;
+    let new = offsets_at(kafka, &consumer, &parts, request.from, &ends)?;
     let group_client: BaseConsumer = kafka
         .client_config_with(&[
             ("group.id", group.to_string()),

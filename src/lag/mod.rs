@@ -152,7 +152,7 @@ pub enum Error {
 }
 
 /// A position in the log: topic, partition, offset.
-type Position = (String, i32, i64);
+pub(crate) type Position = (String, i32, i64);
 
 #[derive(Default)]
 struct Cache {
@@ -365,7 +365,7 @@ impl LagMonitor {
             .cloned()
             .collect();
         for chunk in missing.chunks(self.settings.fetch_concurrency.max(1)) {
-            let found = self.first_timestamps(chunk)?;
+            let found = first_timestamps(&self.kafka, chunk)?;
             cache.timestamps.extend(found);
         }
         let now_ms = collected_at.timestamp_millis();
@@ -446,61 +446,63 @@ impl LagMonitor {
         }
         Ok(&cache.clients[group])
     }
+}
 
-    /// The timestamp of the first record at or after each position: one reader assigned to
-    /// all of them, each partition paused once its first record arrived.
-    fn first_timestamps(&self, positions: &[Position]) -> Result<Vec<(Position, i64)>, Error> {
-        let reader: BaseConsumer = self
-            .kafka
-            .client_config_with(&[
-                ("group.id", "agentbus-lag-reader".into()),
-                ("enable.auto.commit", "false".into()),
-                ("enable.auto.offset.store", "false".into()),
-                ("fetch.max.bytes", (1 << 20).to_string()),
-                ("max.partition.fetch.bytes", (64 << 10).to_string()),
-                ("queued.max.messages.kbytes", "1024".into()),
-                ("fetch.wait.max.ms", "10".into()),
-            ])
-            .create()?;
-        let mut assignment = TopicPartitionList::new();
-        for (topic, partition, offset) in positions {
-            assignment.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
-        }
-        reader.assign(&assignment)?;
-        let mut open: HashMap<(String, i32), i64> = positions
-            .iter()
-            .map(|(t, p, o)| ((t.clone(), *p), *o))
-            .collect();
-        let mut found = Vec::new();
-        let deadline = Instant::now() + TIMEOUT;
-        while !open.is_empty() && Instant::now() < deadline {
-            let Some(result) = reader.poll(Duration::from_millis(100)) else {
-                continue;
-            };
-            let m = result?;
-            let key = (m.topic().to_string(), m.partition());
-            let Some(&position) = open.get(&key) else {
-                continue;
-            };
-            if m.offset() < position {
-                continue;
-            }
-            if let Some(ts) = m.timestamp().to_millis() {
-                found.push(((key.0.clone(), key.1, position), ts));
-            }
-            let mut done = TopicPartitionList::new();
-            done.add_partition(&key.0, key.1);
-            reader.pause(&done)?;
-            open.remove(&key);
-        }
-        if !open.is_empty() {
-            tracing::warn!(
-                partitions = open.len(),
-                "no record read at the committed offset in time; lag seconds left 0 there"
-            );
-        }
-        Ok(found)
+/// The timestamp of the first record at or after each position: one reader assigned to
+/// all of them, each partition paused once its first record arrived.
+pub(crate) fn first_timestamps(
+    kafka: &KafkaArgs,
+    positions: &[Position],
+) -> Result<Vec<(Position, i64)>, rdkafka::error::KafkaError> {
+    let reader: BaseConsumer = kafka
+        .client_config_with(&[
+            ("group.id", "agentbus-lag-reader".into()),
+            ("enable.auto.commit", "false".into()),
+            ("enable.auto.offset.store", "false".into()),
+            ("fetch.max.bytes", (1 << 20).to_string()),
+            ("max.partition.fetch.bytes", (64 << 10).to_string()),
+            ("queued.max.messages.kbytes", "1024".into()),
+            ("fetch.wait.max.ms", "10".into()),
+        ])
+        .create()?;
+    let mut assignment = TopicPartitionList::new();
+    for (topic, partition, offset) in positions {
+        assignment.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
     }
+    reader.assign(&assignment)?;
+    let mut open: HashMap<(String, i32), i64> = positions
+        .iter()
+        .map(|(t, p, o)| ((t.clone(), *p), *o))
+        .collect();
+    let mut found = Vec::new();
+    let deadline = Instant::now() + TIMEOUT;
+    while !open.is_empty() && Instant::now() < deadline {
+        let Some(result) = reader.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let m = result?;
+        let key = (m.topic().to_string(), m.partition());
+        let Some(&position) = open.get(&key) else {
+            continue;
+        };
+        if m.offset() < position {
+            continue;
+        }
+        if let Some(ts) = m.timestamp().to_millis() {
+            found.push(((key.0.clone(), key.1, position), ts));
+        }
+        let mut done = TopicPartitionList::new();
+        done.add_partition(&key.0, key.1);
+        reader.pause(&done)?;
+        open.remove(&key);
+    }
+    if !open.is_empty() {
+        tracing::warn!(
+            partitions = open.len(),
+            "no record read at a position in time"
+        );
+    }
+    Ok(found)
 }
 
 fn bare(name: &str) -> groups::Group {

@@ -3,6 +3,8 @@
 //! topic prefix and data directory, so tests run in parallel and again.
 #![allow(dead_code)]
 
+pub mod agents;
+
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -175,6 +177,10 @@ pub async fn spawn(options: Options) -> TestApp {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    // The lag monitor collects on demand only, unless a test asks for an interval.
+    if !options.extra.iter().any(|a| a == "--lag-interval") {
+        args.extend(["--lag-interval".to_string(), "0s".to_string()]);
+    }
     args.extend(options.extra);
     let settings = Wrapper::try_parse_from(args).unwrap().serve;
     let app = App::build(settings).await.expect("the app builds");

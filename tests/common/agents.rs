@@ -1,0 +1,149 @@
+//! A webhook receiver that plays an agent's endpoint in tests, and agent definitions for it.
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use axum::{Json, Router, extract::State, http::HeaderMap, response::IntoResponse, routing::post};
+use serde_json::{Value, json};
+
+use super::{Options, TestApp, spawn};
+
+/// What the receiver got: the CloudEvent and its headers.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub event: Value,
+    pub headers: HashMap<String, String>,
+}
+
+#[derive(Clone, Default)]
+pub struct Receiver {
+    pub got: Arc<Mutex<Vec<Received>>>,
+    pub attempts: Arc<Mutex<HashMap<String, u32>>>,
+    /// Once set, `poison` is accepted too.
+    pub cured: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Behaviour by the task's description: `fail-N` fails N times with 503, `poison` answers
+/// 400, `follow` answers with a follow-up event, `slow` takes 100 ms; anything else 200.
+async fn receive(
+    State(r): State<Receiver>,
+    headers: HeaderMap,
+    Json(event): Json<Value>,
+) -> axum::response::Response {
+    let description = event["data"]["description"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let id = event["id"].as_str().unwrap_or("").to_string();
+    let attempt = {
+        let mut attempts = r.attempts.lock().unwrap();
+        let a = attempts.entry(id.clone()).or_insert(0);
+        *a += 1;
+        *a
+    };
+    if description == "slow" {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Some(n) = description.strip_prefix("fail-")
+        && attempt <= n.parse().unwrap()
+    {
+        return (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not yet").into_response();
+    }
+    if description == "poison" && !r.cured.load(std::sync::atomic::Ordering::SeqCst) {
+        return (axum::http::StatusCode::BAD_REQUEST, "never").into_response();
+    }
+    let headers = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    r.got.lock().unwrap().push(Received {
+        event: event.clone(),
+        headers,
+    });
+    if description == "follow" {
+        let completed = json!({"events": [{
+            "event_type": "agent.task.completed",
+            "data": {"task_id": event["data"]["task_id"], "agent_id": event["data"]["agent_id"],
+                     "status": "succeeded", "result": "done", "duration_ms": 5}
+        }]});
+        return Json(completed).into_response();
+    }
+    Json(json!({})).into_response()
+}
+
+impl Receiver {
+    pub async fn start() -> (Receiver, String) {
+        let r = Receiver::default();
+        let app = Router::new()
+            .route("/hook", post(receive))
+            .with_state(r.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (r, url)
+    }
+
+    pub fn got(&self) -> Vec<Received> {
+        self.got.lock().unwrap().clone()
+    }
+
+    pub fn descriptions(&self) -> Vec<String> {
+        self.got()
+            .iter()
+            .map(|r| r.event["data"]["description"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Received> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.got();
+            if got.len() >= n {
+                return got;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} events arrived: {:?}",
+                got.len(),
+                self.descriptions()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+pub fn agent_file(dir: &Path, name: &str, url: &str, extra: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join(format!("{name}.toml")),
+        format!(
+            "name = \"{name}\"\nsubscribe = [\"agent.task.*\"]\nconcurrency = 4\n{extra}\n\
+             [handler]\nkind = \"webhook\"\nurl = \"{url}\"\ntimeout = \"5s\"\n\
+             [retry]\nattempts = 4\ninitial_backoff = \"50ms\"\nmax_backoff = \"200ms\"\nmax_hold = \"2s\"\n"
+        ),
+    )
+    .unwrap();
+}
+
+pub fn task(agent_id: &str, description: &str) -> Value {
+    json!({
+        "event_type": "agent.task.requested", "source": "planner", "partition_key": agent_id,
+        "data": {"task_id": uuid::Uuid::new_v4(), "agent_id": agent_id, "description": description},
+        "metadata": {"correlation_id": format!("corr-{description}")}
+    })
+}
+
+pub async fn app_with_agent(url: &str, name: &str) -> (TestApp, tempfile::TempDir) {
+    let consumers = tempfile::tempdir().unwrap();
+    agent_file(consumers.path(), name, url, "");
+    let app = spawn(Options {
+        consumers_dir: Some(consumers.path().to_path_buf()),
+        ..Options::default()
+    })
+    .await;
+    (app, consumers)
+}
