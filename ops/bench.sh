@@ -3,6 +3,8 @@
 #
 #   ops/bench.sh publish [agentbus-bench publish flags...]
 #   ops/bench.sh consume [agentbus-bench consume flags...]
+#   ops/bench.sh replay  [agentbus-bench replay flags...]   replay vs a raw consume-and-produce copy
+#   ops/bench.sh lag     [agentbus-bench lag flags...]      one lag collection, 50 groups x 16 partitions
 #
 # Starts the local broker (or uses AGENTBUS_BROKERS), builds release binaries, starts
 # `agentbus serve` on a free port with its own topic prefix and data directory, runs the load
@@ -12,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 what=${1:-}
-[ -n "$what" ] || { echo "usage: $0 publish|consume [flags]" >&2; exit 2; }
+[ -n "$what" ] || { echo "usage: $0 publish|consume|replay|lag [flags]" >&2; exit 2; }
 shift
 
 # A fresh broker of its own for every run (unless AGENTBUS_BROKERS), so figures do not depend
@@ -25,10 +27,20 @@ if [ -z "${AGENTBUS_BROKERS:-}" ]; then
 fi
 brokers=$(ops/broker.sh start)
 cargo build --release --quiet --bin agentbus --bin agentbus-bench
+prefix="bench$(date +%s)."
+
+# Replay and lag need no running service.
+case $what in
+  replay|lag)
+    trap '[ -z "${AGENTBUS_BROKERS:-}" ] && ops/broker.sh stop' EXIT
+    echo "broker $brokers, $(nproc) cores"
+    target/release/agentbus-bench "$what" --brokers "$brokers" --topic-prefix "$prefix" "$@"
+    exit
+    ;;
+esac
 
 work=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-prefix="bench$(date +%s)."
 pid=
 cleanup() {
   [ -n "$pid" ] && kill "$pid" 2>/dev/null

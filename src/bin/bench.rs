@@ -19,6 +19,9 @@ use rdkafka::{
 };
 use serde_json::{Value, json};
 
+#[path = "bench/history.rs"]
+mod history;
+
 #[derive(Parser)]
 #[command(about = "agentbus benchmarks (run through ops/bench.sh)")]
 struct Cli {
@@ -33,6 +36,10 @@ enum Command {
     /// Consume throughput (raw consumer vs an agent with a no-op handler and its dedup store)
     /// and publish-to-handler latency.
     Consume(ConsumeArgs),
+    /// Replay throughput (agentbus replay vs a raw consume-and-produce copy).
+    Replay(history::ReplayArgs),
+    /// Time of one lag collection over many groups and partitions.
+    Lag(history::LagArgs),
 }
 
 #[derive(Clone, clap::Args)]
@@ -246,6 +253,8 @@ async fn latency(
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Consume(args) => consume(args).await?,
+        Command::Replay(args) => history::replay(args).await?,
+        Command::Lag(args) => history::lag(args).await?,
         Command::Publish(args) => {
             let client = reqwest::Client::builder()
                 .pool_max_idle_per_host(1024)

@@ -175,6 +175,12 @@ pub struct LagMonitor {
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Groups whose committed offsets are fetched at once.
+const GROUP_CONCURRENCY: usize = 16;
+
+/// Partitions of one read round, each with the positions (offsets) to read there.
+type Round = Vec<((String, i32), Vec<i64>)>;
+
 impl LagMonitor {
     /// A monitor of the cluster `kafka` reaches; `known` groups are always reported.
     pub fn new(kafka: KafkaArgs, settings: LagSettings, known: Vec<String>) -> Arc<LagMonitor> {
@@ -296,24 +302,44 @@ impl LagMonitor {
                 all.add_partition(t.name(), p.id());
             }
         }
-        // Committed offsets, one request per group.
-        let mut committed: BTreeMap<String, Vec<(String, i32, i64)>> = BTreeMap::new();
-        let mut used: HashSet<(String, i32)> = HashSet::new();
+        // Committed offsets: one request per group, up to GROUP_CONCURRENCY at a time.
         for name in described.keys() {
-            let client = self.client(&mut cache, name)?;
-            let offsets = if all.count() == 0 {
-                TopicPartitionList::new()
-            } else {
-                client.committed_offsets(all.clone(), TIMEOUT)?
-            };
-            let mut mine = Vec::new();
-            for e in offsets.elements() {
-                if let Offset::Offset(o) = e.offset() {
-                    mine.push((e.topic().to_string(), e.partition(), o));
-                    used.insert((e.topic().to_string(), e.partition()));
+            self.client(&mut cache, name)?;
+        }
+        let mut committed: BTreeMap<String, Vec<Position>> = BTreeMap::new();
+        let mut used: HashSet<(String, i32)> = HashSet::new();
+        let names: Vec<&String> = described.keys().collect();
+        for chunk in names.chunks(GROUP_CONCURRENCY) {
+            let answers: Vec<Result<TopicPartitionList, rdkafka::error::KafkaError>> =
+                std::thread::scope(|scope| {
+                    let asks: Vec<_> = chunk
+                        .iter()
+                        .map(|name| {
+                            let client = &cache.clients[name.as_str()];
+                            let all = &all;
+                            scope.spawn(move || {
+                                if all.count() == 0 {
+                                    Ok(TopicPartitionList::new())
+                                } else {
+                                    client.committed_offsets(all.clone(), TIMEOUT)
+                                }
+                            })
+                        })
+                        .collect();
+                    asks.into_iter()
+                        .map(|a| a.join().expect("an offset fetch does not panic"))
+                        .collect()
+                });
+            for (name, offsets) in chunk.iter().zip(answers) {
+                let mut mine = Vec::new();
+                for e in offsets?.elements() {
+                    if let Offset::Offset(o) = e.offset() {
+                        mine.push((e.topic().to_string(), e.partition(), o));
+                        used.insert((e.topic().to_string(), e.partition()));
+                    }
                 }
+                committed.insert((*name).clone(), mine);
             }
-            committed.insert(name.clone(), mine);
         }
         // Keep clients of groups still watched only.
         cache
@@ -448,12 +474,42 @@ impl LagMonitor {
     }
 }
 
-/// The timestamp of the first record at or after each position: one reader assigned to
-/// all of them, each partition paused once its first record arrived.
+/// Positions of one partition further apart than this are read in separate rounds, so that
+/// two groups far apart do not make the reader walk the records between them.
+const MAX_RUN: i64 = 1_000;
+
+/// The timestamp of the first record at or after each position. One reader: each partition
+/// is assigned at its lowest position and read until it passed the highest one of its run
+/// (several groups sit at different offsets of one partition), then paused.
 pub(crate) fn first_timestamps(
     kafka: &KafkaArgs,
     positions: &[Position],
 ) -> Result<Vec<(Position, i64)>, rdkafka::error::KafkaError> {
+    let mut by_partition: BTreeMap<(String, i32), Vec<i64>> = BTreeMap::new();
+    for (topic, partition, offset) in positions {
+        by_partition
+            .entry((topic.clone(), *partition))
+            .or_default()
+            .push(*offset);
+    }
+    let mut rounds: Vec<Round> = Vec::new();
+    for (key, mut offsets) in by_partition {
+        offsets.sort_unstable();
+        offsets.dedup();
+        let mut runs: Vec<Vec<i64>> = Vec::new();
+        for o in offsets {
+            match runs.last_mut() {
+                Some(run) if o - run[0] <= MAX_RUN => run.push(o),
+                _ => runs.push(vec![o]),
+            }
+        }
+        for (i, run) in runs.into_iter().enumerate() {
+            if rounds.len() <= i {
+                rounds.push(Vec::new());
+            }
+            rounds[i].push((key.clone(), run));
+        }
+    }
     let reader: BaseConsumer = kafka
         .client_config_with(&[
             ("group.id", "agentbus-lag-reader".into()),
@@ -465,42 +521,47 @@ pub(crate) fn first_timestamps(
             ("fetch.wait.max.ms", "10".into()),
         ])
         .create()?;
-    let mut assignment = TopicPartitionList::new();
-    for (topic, partition, offset) in positions {
-        assignment.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
-    }
-    reader.assign(&assignment)?;
-    let mut open: HashMap<(String, i32), i64> = positions
-        .iter()
-        .map(|(t, p, o)| ((t.clone(), *p), *o))
-        .collect();
     let mut found = Vec::new();
     let deadline = Instant::now() + TIMEOUT;
-    while !open.is_empty() && Instant::now() < deadline {
-        let Some(result) = reader.poll(Duration::from_millis(100)) else {
-            continue;
-        };
-        let m = result?;
-        let key = (m.topic().to_string(), m.partition());
-        let Some(&position) = open.get(&key) else {
-            continue;
-        };
-        if m.offset() < position {
-            continue;
+    for round in rounds {
+        let mut assignment = TopicPartitionList::new();
+        let mut open: HashMap<(String, i32), std::collections::VecDeque<i64>> = HashMap::new();
+        for ((topic, partition), run) in round {
+            assignment.add_partition_offset(&topic, partition, Offset::Offset(run[0]))?;
+            open.insert((topic, partition), run.into());
         }
-        if let Some(ts) = m.timestamp().to_millis() {
-            found.push(((key.0.clone(), key.1, position), ts));
+        reader.assign(&assignment)?;
+        while !open.is_empty() && Instant::now() < deadline {
+            let Some(result) = reader.poll(Duration::from_millis(100)) else {
+                continue;
+            };
+            let m = result?;
+            let key = (m.topic().to_string(), m.partition());
+            let Some(pending) = open.get_mut(&key) else {
+                continue;
+            };
+            let ts = m.timestamp().to_millis();
+            while let Some(&position) = pending.front()
+                && position <= m.offset()
+            {
+                pending.pop_front();
+                if let Some(ts) = ts {
+                    found.push(((key.0.clone(), key.1, position), ts));
+                }
+            }
+            if pending.is_empty() {
+                let mut done = TopicPartitionList::new();
+                done.add_partition(&key.0, key.1);
+                reader.pause(&done)?;
+                open.remove(&key);
+            }
         }
-        let mut done = TopicPartitionList::new();
-        done.add_partition(&key.0, key.1);
-        reader.pause(&done)?;
-        open.remove(&key);
-    }
-    if !open.is_empty() {
-        tracing::warn!(
-            partitions = open.len(),
-            "no record read at a position in time"
-        );
+        if !open.is_empty() {
+            tracing::warn!(
+                partitions = open.len(),
+                "no record read at a position in time"
+            );
+        }
     }
     Ok(found)
 }
