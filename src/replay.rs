@@ -247,6 +247,13 @@ pub struct Summary {
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// An offset per (topic, partition).
+type Offsets = HashMap<(String, i32), i64>;
+
+/// How long checking the broker's offsets-for-times answers may take (some brokers serve a
+/// first fetch slowly).
+const CHECK_TIMEOUT: Duration = Duration::from_secs(60);
+
 fn reader(kafka: &KafkaArgs) -> Result<BaseConsumer, Error> {
     Ok(kafka
         .client_config_with(&[
@@ -315,6 +322,37 @@ fn offsets_at(
     time: DateTime<Utc>,
     ends: &HashMap<(String, i32), i64>,
 ) -> Result<HashMap<(String, i32), i64>, Error> {
+    let (out, to_check) = offsets_answered(consumer, parts, time, ends)?;
+    let target = time.timestamp_millis();
+    let mut out = out;
+    let mut unread = 0;
+    for chunk in to_check.chunks(64) {
+        let found = lag::first_timestamps(kafka, chunk, CHECK_TIMEOUT)?;
+        unread += chunk.len() - found.len();
+        for ((topic, partition, _), ts) in found {
+            if ts < target {
+                let key = (topic, partition);
+                let end = ends.get(&key).copied().unwrap_or(0);
+                out.insert(key, end);
+            }
+        }
+    }
+    if unread > 0 {
+        return Err(Error::Invalid(format!(
+            "could not read the records at {unread} offsets to check the broker's answer; try again"
+        )));
+    }
+    Ok(out)
+}
+
+/// The broker's answer to offsets-for-times: offsets per (topic, partition) (the end where it
+/// has none), and the positions that answer points at, unchecked.
+fn offsets_answered(
+    consumer: &BaseConsumer,
+    parts: &[(String, i32)],
+    time: DateTime<Utc>,
+    ends: &HashMap<(String, i32), i64>,
+) -> Result<(Offsets, Vec<lag::Position>), Error> {
     let target = time.timestamp_millis();
     let mut tpl = TopicPartitionList::new();
     for (t, p) in parts {
@@ -335,17 +373,7 @@ fn offsets_at(
         };
         out.insert(key, offset);
     }
-    for chunk in to_check.chunks(64) {
-        let found = lag::first_timestamps(kafka, chunk)?;
-        for ((topic, partition, _), ts) in found {
-            if ts < target {
-                let key = (topic, partition);
-                let end = ends.get(&key).copied().unwrap_or(0);
-                out.insert(key, end);
-            }
-        }
-    }
-    Ok(out)
+    Ok((out, to_check))
 }
 
 /// Plans a replay: checks that the sources and the target exist, fixes every range.
@@ -370,10 +398,23 @@ pub fn plan(kafka: &KafkaArgs, request: &Request) -> Result<Plan, Error> {
             parts.push((topic.clone(), p));
         }
     }
+    // The ranges only bound the reading; each record's own timestamp decides whether it is
+    // copied. So the broker's offsets-for-times answers are taken unchecked: where a broker
+    // answers 0 for "no record that late" (tansu 0.6), the replay reads more, never less.
+    // `until` bounds the reading only where the answer is past the start.
     let ends = ends_of(&consumer, &parts)?;
-    let starts = offsets_at(kafka, &consumer, &parts, request.from, &ends)?;
+    let (starts, _) = offsets_answered(&consumer, &parts, request.from, &ends)?;
     let untils = match request.until {
-        Some(u) => offsets_at(kafka, &consumer, &parts, u, &ends)?,
+        Some(u) => {
+            let (untils, _) = offsets_answered(&consumer, &parts, u, &ends)?;
+            untils
+                .into_iter()
+                .map(|(key, o)| {
+                    let end = if o > starts[&key] { o } else { ends[&key] };
+                    (key, end)
+                })
+                .collect()
+        }
         None => ends.clone(),
     };
     let mut partitions: Vec<PartitionPlan> = parts

@@ -251,6 +251,10 @@ async fn latency(
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    agentbus::telemetry::init_logging(
+        &std::env::var("AGENTBUS_LOG").unwrap_or_else(|_| "warn".into()),
+        false,
+    );
     match Cli::parse().command {
         Command::Consume(args) => consume(args).await?,
         Command::Replay(args) => history::replay(args).await?,

@@ -15,6 +15,7 @@ fn unavailable(e: lag::Error) -> ApiError {
 
 /// Every consumer group: state and members (when the broker describes groups), lag.
 pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    super::broker_reachable(&state)?;
     let snapshot = state.lag.current().await.map_err(unavailable)?;
     let consumers: Vec<Value> = snapshot
         .groups
@@ -45,6 +46,7 @@ pub async fn lag(
     State(state): State<AppState>,
     ApiPath(group): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
+    super::broker_reachable(&state)?;
     let snapshot = state
         .lag
         .collect(Some(vec![group.clone()]))

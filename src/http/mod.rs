@@ -114,6 +114,16 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// `503 broker_unavailable` at once while the broker watch says it is unreachable, rather
+/// than after the Kafka client's timeouts.
+pub(crate) fn broker_reachable(state: &AppState) -> Result<(), ApiError> {
+    if state.readiness.broker.load(Ordering::Relaxed) {
+        Ok(())
+    } else {
+        Err(ApiError::broker_unavailable("the broker is not reachable"))
+    }
+}
+
 async fn integrations(State(state): State<AppState>) -> Json<serde_json::Value> {
     Json(json!({ "integrations": state.integrations.status() }))
 }

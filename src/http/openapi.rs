@@ -153,6 +153,59 @@ pub fn openapi() -> Value {
                     "503": error_response("broker_unavailable.")
                 }
             }},
+            "/v1/consumers": {"get": {
+                "summary": "Consumer groups of the cluster (agents and others): state and members when the broker describes groups, lag.",
+                "responses": {
+                    "200": {"description": "The groups, from the lag monitor's latest collection.", "content": {"application/json": {"schema": {
+                        "type": "object", "required": ["cluster_name", "collected_at", "consumers"],
+                        "properties": {"cluster_name": {"type": "string"}, "collected_at": {"type": "string", "format": "date-time"},
+                            "members_unknown": {"type": "string", "nullable": true, "description": "Why state and members are unknown (the broker failed DescribeGroups)."},
+                            "consumers": {"type": "array", "items": {"type": "object", "properties": {
+                                "group": {"type": "string"}, "agent": {"type": "boolean"},
+                                "state": {"type": "string", "nullable": true},
+                                "members": {"type": "array", "nullable": true, "items": {"type": "object"}},
+                                "sum_lag": {"type": "integer"}, "max_lag": {"type": "integer"},
+                                "max_lag_seconds": {"type": "number"}, "partitions": {"type": "integer"}}}}}}}}},
+                    "503": error_response("broker_unavailable.")
+                }
+            }},
+            "/v1/consumers/{group}/lag": {"get": {
+                "summary": "A group's lag per partition, collected now: committed offset, end offset, lag, and lag in seconds (the age of the oldest unconsumed record, from its own timestamp).",
+                "parameters": [path_param("group", "the consumer group")],
+                "responses": {
+                    "200": {"description": "The lag.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/GroupLag"}}}},
+                    "404": error_response("No such group (none with committed offsets)."),
+                    "503": error_response("broker_unavailable.")
+                }
+            }},
+            "/v1/replays": {"post": {
+                "summary": "Start a replay in the background: copy the records of [from, until) (end offsets fixed at the start) into an agent's <agent>.replay topic or another topic, with a replay id.",
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {
+                    "type": "object", "additionalProperties": false, "required": ["from"],
+                    "properties": {
+                        "from": {"type": "string", "description": "RFC 3339, or a duration back from now (2h, 30m)."},
+                        "until": {"type": "string", "description": "RFC 3339, or a duration back from now."},
+                        "topic": {"type": "string"}, "topics": {"type": "array", "items": {"type": "string"}},
+                        "event_types": {"type": "array", "items": {"type": "string"}, "description": "Event types or patterns (agent.task.*)."},
+                        "to_agent": {"type": "string"}, "into_topic": {"type": "string"},
+                        "replay_id": {"type": "string", "minLength": 1, "maxLength": 200, "description": "Reusing one makes the agent skip what it handled under it."}
+                    }}}}},
+                "responses": {
+                    "202": {"description": "Started; Location names the job.", "headers": {"Location": {"schema": {"type": "string"}}},
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ReplayJob"}}}},
+                    "400": error_response("malformed_json or invalid_envelope: a bad time, from after until, nothing to replay, both or neither target."),
+                    "404": error_response("No such topic or agent."),
+                    "503": error_response("broker_unavailable.")
+                }
+            }},
+            "/v1/replays/{id}": {"get": {
+                "summary": "A replay job: status (running, succeeded, failed with the reason), matched, copied, progress. Jobs live in the process's memory.",
+                "parameters": [path_param("id", "the job id (= its replay id)")],
+                "responses": {
+                    "200": {"description": "The job.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ReplayJob"}}}},
+                    "404": error_response("No such job in this process.")
+                }
+            }},
             "/demo/agents/{name}": {"post": {
                 "summary": "A demo webhook agent served by agentbus itself: answers an agent.task.requested CloudEvent with an agent.task.completed follow-up.",
                 "parameters": [path_param("name", "the demo agent's name (becomes the follow-up's source)")],
@@ -256,6 +309,31 @@ pub fn openapi() -> Value {
                         "original_topic": {"type": "string", "nullable": true}, "original_partition": {"type": "integer", "nullable": true},
                         "original_offset": {"type": "integer", "nullable": true},
                         "dlq_partition": {"type": "integer"}, "dlq_offset": {"type": "integer"}}}}}
+            },
+            "GroupLag": {
+                "type": "object",
+                "required": ["group", "partitions", "sum_lag", "max_lag", "max_lag_seconds"],
+                "properties": {"cluster_name": {"type": "string"}, "collected_at": {"type": "string", "format": "date-time"},
+                    "group": {"type": "string"}, "state": {"type": "string", "nullable": true},
+                    "members": {"type": "array", "nullable": true, "items": {"type": "object"}},
+                    "members_unknown": {"type": "string", "nullable": true},
+                    "sum_lag": {"type": "integer"}, "max_lag": {"type": "integer"}, "max_lag_seconds": {"type": "number"},
+                    "partitions": {"type": "array", "items": {"type": "object", "properties": {
+                        "topic": {"type": "string"}, "partition": {"type": "integer"},
+                        "committed_offset": {"type": "integer"}, "earliest_offset": {"type": "integer"},
+                        "end_offset": {"type": "integer"}, "lag": {"type": "integer"}, "lag_seconds": {"type": "number"},
+                        "oldest_unconsumed_at": {"type": "string", "format": "date-time", "nullable": true}}}}}
+            },
+            "ReplayJob": {
+                "type": "object",
+                "required": ["id", "status", "total", "scanned", "matched", "copied", "progress", "target_topic"],
+                "properties": {"id": {"type": "string"}, "status": {"type": "string", "enum": ["running", "succeeded", "failed"]},
+                    "error": {"type": "string", "description": "Why it failed."},
+                    "started_at": {"type": "string", "format": "date-time"}, "request": {"type": "object"},
+                    "target_topic": {"type": "string"}, "total": {"type": "integer", "description": "Records in the fixed ranges."},
+                    "scanned": {"type": "integer"}, "matched": {"type": "integer"}, "copied": {"type": "integer"},
+                    "progress": {"type": "number", "minimum": 0, "maximum": 1}, "seconds": {"type": "number"},
+                    "partitions": {"type": "array", "items": {"type": "object"}}, "note": {"type": "string"}}
             },
             "Readiness": {
                 "type": "object",

@@ -82,6 +82,7 @@ pub async fn start(State(state): State<AppState>, body: Bytes) -> Result<Respons
             "1 to 200 characters",
         ));
     }
+    super::broker_reachable(&state)?;
     let job = state
         .replays
         .start(state.kafka.clone(), request)

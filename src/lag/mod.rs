@@ -391,7 +391,7 @@ impl LagMonitor {
             .cloned()
             .collect();
         for chunk in missing.chunks(self.settings.fetch_concurrency.max(1)) {
-            let found = first_timestamps(&self.kafka, chunk)?;
+            let found = first_timestamps(&self.kafka, chunk, TIMEOUT)?;
             cache.timestamps.extend(found);
         }
         let now_ms = collected_at.timestamp_millis();
@@ -484,6 +484,7 @@ const MAX_RUN: i64 = 1_000;
 pub(crate) fn first_timestamps(
     kafka: &KafkaArgs,
     positions: &[Position],
+    timeout: Duration,
 ) -> Result<Vec<(Position, i64)>, rdkafka::error::KafkaError> {
     let mut by_partition: BTreeMap<(String, i32), Vec<i64>> = BTreeMap::new();
     for (topic, partition, offset) in positions {
@@ -515,14 +516,11 @@ pub(crate) fn first_timestamps(
             ("group.id", "agentbus-lag-reader".into()),
             ("enable.auto.commit", "false".into()),
             ("enable.auto.offset.store", "false".into()),
-            ("fetch.max.bytes", (1 << 20).to_string()),
-            ("max.partition.fetch.bytes", (64 << 10).to_string()),
-            ("queued.max.messages.kbytes", "1024".into()),
-            ("fetch.wait.max.ms", "10".into()),
+            ("enable.partition.eof", "false".into()),
         ])
         .create()?;
     let mut found = Vec::new();
-    let deadline = Instant::now() + TIMEOUT;
+    let deadline = Instant::now() + timeout;
     for round in rounds {
         let mut assignment = TopicPartitionList::new();
         let mut open: HashMap<(String, i32), std::collections::VecDeque<i64>> = HashMap::new();
