@@ -59,6 +59,10 @@ for _ in $(seq 1 100); do
   sleep 0.2
 done
 curl -sS "$url/metrics" | grep -E '^agentbus_events_(published|consumed)_total' || true
+echo "==> consumer lag of the agent (agentbus lag --group nutrition-planner)"
+$bin lag --group nutrition-planner || true
+echo "==> what replaying the last hour of tasks to it would copy (agentbus replay --dry-run)"
+$bin replay --from 1h --event-type 'agent.task.*' --to-agent nutrition-planner --dry-run | tail -1 || true
 
 cat <<EOF
 
@@ -66,7 +70,7 @@ agentbus is running (pid $pid):
   API        $url/v1/events   (POST an envelope or a batch)
   schemas    $url/v1/schemas  and the Confluent registry at $url/registry
   health     $url/healthz  $url/readyz
-  metrics    $url/metrics
+  metrics    $url/metrics  (lag: $url/v1/consumers)
   OpenAPI    $url/openapi.json
   Kafka      $AGENTBUS_BROKERS  (topics <domain>.events)
 Ctrl-C stops it (the broker keeps running; ops/broker.sh stop stops it).

@@ -379,3 +379,61 @@ async fn prometheus_sees_the_lag_alert_of_a_group_falling_behind() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_lag_exporter_alone_serves_the_lag_metrics() {
+    let app = spawn(Options::default()).await;
+    let (topic, _) = history(&app).await;
+    let group = group_name("exported");
+    commit(&app.brokers, &group, &topic, [4, 0]).await;
+    let port = free_port();
+    let mut exporter = Command::new(agentbus_bin())
+        .args([
+            "lag-exporter",
+            "--brokers",
+            &app.brokers,
+            "--http-addr",
+            &format!("127.0.0.1:{port}"),
+            "--lag-interval",
+            "1s",
+            "--lag-groups",
+            &group,
+            "--cluster-name",
+            "test-cluster",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let expected = format!(
+        "kafka_consumergroup_group_sum_lag{{cluster_name=\"test-cluster\",group=\"{group}\"}} 4\n"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let client = reqwest::Client::new();
+    loop {
+        let text = match client
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await
+        {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if text.contains(&expected) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the exporter never exported {expected}: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &exporter.id().to_string()])
+        .status();
+    let status = tokio::task::spawn_blocking(move || exporter.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "SIGTERM ends it cleanly: {status}");
+    app.stop().await;
+}
