@@ -49,6 +49,15 @@ pub enum Error {
     /// `agent run` named an agent that is not defined.
     #[error("no agent named {0:?} in the consumers directory")]
     UnknownAgent(String),
+    /// The keys file is not valid.
+    #[error("API keys: {0}")]
+    Keys(#[from] crate::auth::Error),
+    /// A non-loopback address without API keys.
+    #[error(
+        "refusing to serve {0} without API keys: give --api-keys FILE (agentbus keys new makes \
+         them), listen on 127.0.0.1, or pass --insecure-no-auth"
+    )]
+    Insecure(SocketAddr),
     /// The HTTP address could not be bound.
     #[error("listening on {addr}: {source}")]
     Bind {
@@ -111,6 +120,24 @@ impl App {
             metrics::gauge!(telemetry::SCHEMAS_LOADED, "event_type" => t.name.clone())
                 .set(t.versions.len() as f64);
         }
+        let keys = match &settings.api_keys {
+            Some(file) => crate::auth::Keys::load(file, settings.key_rate)?,
+            None => crate::auth::Keys::default(),
+        };
+        if matches!(mode, Mode::Serve) {
+            if !keys.is_empty() {
+                tracing::info!(keys = ?keys.names(), "API keys required");
+            } else if !settings.http_addr.ip().is_loopback() {
+                if !settings.insecure_no_auth {
+                    return Err(Error::Insecure(settings.http_addr));
+                }
+                tracing::warn!(
+                    addr = %settings.http_addr,
+                    "INSECURE: serving without API keys on a non-loopback address (--insecure-no-auth): \
+                     anyone who reaches it may publish, replay and redrive"
+                );
+            }
+        }
         let store = IdempotencyStore::open(
             &settings.data_dir.join("idempotency"),
             settings.idempotency_ttl,
@@ -144,7 +171,9 @@ impl App {
             limits: Limits {
                 max_body_bytes: settings.max_body_bytes,
                 max_batch: settings.max_batch,
+                request_timeout: settings.request_timeout,
             },
+            keys: Arc::new(keys),
             lag: LagMonitor::new(
                 settings.kafka.clone(),
                 settings.lag.clone(),

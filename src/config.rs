@@ -101,6 +101,24 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub lag: crate::lag::LagSettings,
 
+    /// API keys: a TOML file of `[[key]]` entries (`agentbus keys new` makes them). Without
+    /// keys the service starts only on a loopback address, unless `--insecure-no-auth`.
+    #[arg(long, env = "AGENTBUS_API_KEYS_FILE")]
+    pub api_keys: Option<PathBuf>,
+
+    /// Serve a non-loopback address without API keys: anyone who reaches it may publish,
+    /// replay and redrive.
+    #[arg(long, env = "AGENTBUS_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+
+    /// Requests a second per API key on average, unless its entry sets its own.
+    #[arg(long, env = "AGENTBUS_KEY_RATE", default_value_t = 1000.0)]
+    pub key_rate: f64,
+
+    /// Longest a request may take before it is answered 503.
+    #[arg(long, env = "AGENTBUS_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+
     /// How long in-flight requests may take to finish after SIGTERM.
     #[arg(long, env = "AGENTBUS_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,

@@ -7,6 +7,7 @@
 //! [`telemetry`], the [`cli`] client commands and [`app`], which wires a running service.
 
 pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod consume;
@@ -15,6 +16,7 @@ pub mod handlers;
 pub mod http;
 pub mod lag;
 pub mod publish;
+pub mod ratelimit;
 pub mod replay;
 pub mod schema;
 pub mod store;

@@ -61,6 +61,35 @@ pub enum Command {
     Lag(LagArgs),
     /// Export consumer lag to Prometheus (kafka-lag-exporter's metric names), alone.
     LagExporter(LagExporterArgs),
+    /// API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+/// `agentbus keys ...`
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Make a new API key: prints the key once, and the entry for the keys file (which holds
+    /// only a salted hash of it).
+    New {
+        /// Who holds it (shown in logs).
+        #[arg(long)]
+        name: String,
+        /// Its scopes: publish, read, admin (repeatable).
+        #[arg(long = "scope", required = true, value_parser = parse_scope)]
+        scopes: Vec<crate::auth::Scope>,
+        /// Event types or patterns it may publish (repeatable; default all).
+        #[arg(long = "event-type")]
+        event_types: Vec<String>,
+        /// `source` names it may publish as (repeatable; default any).
+        #[arg(long = "source")]
+        sources: Vec<String>,
+    },
+}
+
+fn parse_scope(s: &str) -> Result<crate::auth::Scope, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_ascii_lowercase()))
+        .map_err(|_| format!("{s:?} is not a scope: publish, read or admin"))
 }
 
 /// `agentbus dlq ...`
@@ -163,6 +192,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Replay(args) => history::replay(*args).await,
         Command::Lag(args) => history::lag(args).await,
         Command::LagExporter(args) => history::lag_exporter(args).await,
+        Command::Keys(KeysCommand::New {
+            name,
+            scopes,
+            event_types,
+            sources,
+        }) => {
+            let (key, mut entry) = crate::auth::new_key(&name, &scopes);
+            if !event_types.is_empty() {
+                entry.push_str(&format!("event_types = {event_types:?}\n"));
+            }
+            if !sources.is_empty() {
+                entry.push_str(&format!("sources = {sources:?}\n"));
+            }
+            eprintln!("the key, shown this once (give it to {name}; it is not stored anywhere):");
+            println!("{key}");
+            eprintln!("\nadd this to the keys file (AGENTBUS_API_KEYS_FILE):\n");
+            print!("{entry}");
+            Ok(())
+        }
         Command::Dlq(DlqCommand::List { group, kafka }) => {
             let topic = format!("{}{group}.dlq", kafka.topic_prefix);
             let letters = dlq::list(&kafka, &topic).await?;

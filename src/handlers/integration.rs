@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value as Json, json};
 
 use super::{Event, Failure};
-use crate::telemetry;
+use crate::{ratelimit::TokenBucket, telemetry};
 
 /// One external service, as configured in the agent's file.
 #[derive(Debug, Clone, Deserialize)]
@@ -82,19 +82,13 @@ struct Breaker {
     probe_in_flight: bool,
 }
 
-#[derive(Debug)]
-struct Bucket {
-    tokens: f64,
-    last: Instant,
-}
-
 /// One service at run time.
 pub struct Service {
     name: String,
     config: ServiceConfig,
     auth: Option<String>,
     breaker: Mutex<Breaker>,
-    bucket: Mutex<Bucket>,
+    bucket: TokenBucket,
 }
 
 impl Service {
@@ -156,32 +150,6 @@ impl Service {
         self.report(b.state);
     }
 
-    /// Waits for a token, at most `limit`; false when none came in time.
-    async fn take_token(&self, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        loop {
-            let wait = {
-                let mut bucket = self.bucket.lock().expect("not poisoned");
-                let now = Instant::now();
-                let refill =
-                    now.duration_since(bucket.last).as_secs_f64() * self.config.rate_per_second;
-                bucket.tokens = (bucket.tokens + refill).min(f64::from(self.config.burst.max(1)));
-                bucket.last = now;
-                if bucket.tokens >= 1.0 {
-                    bucket.tokens -= 1.0;
-                    return true;
-                }
-                Duration::from_secs_f64(
-                    (1.0 - bucket.tokens) / self.config.rate_per_second.max(1e-9),
-                )
-            };
-            if Instant::now() + wait > deadline {
-                return false;
-            }
-            tokio::time::sleep(wait).await;
-        }
-    }
-
     /// What `GET /v1/integrations` shows.
     pub fn status(&self) -> Json {
         let b = self.breaker.lock().expect("not poisoned");
@@ -238,10 +206,7 @@ impl Integrations {
                     open_until: None,
                     probe_in_flight: false,
                 }),
-                bucket: Mutex::new(Bucket {
-                    tokens: f64::from(config.burst.max(1)),
-                    last: Instant::now(),
-                }),
+                bucket: TokenBucket::new(config.rate_per_second, config.burst),
             });
             service.report(BreakerState::Closed);
             services.insert(name.clone(), service);
@@ -325,7 +290,7 @@ impl IntegrationHandler {
             .map(Duration::from_millis)
             .unwrap_or(service.config.timeout)
             .min(service.config.timeout);
-        if !service.take_token(timeout).await {
+        if !service.bucket.take_within(timeout).await {
             service.release_probe();
             return Ok(failed(
                 event,

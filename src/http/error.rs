@@ -82,6 +82,39 @@ impl ApiError {
         e
     }
 
+    /// `401 unauthorized` (with `WWW-Authenticate: Bearer`).
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    /// `403 forbidden`, with the offending field when there is one.
+    pub fn forbidden(message: impl Into<String>, details: Vec<Violation>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message).with_details(details)
+    }
+
+    /// `429 rate_limited` with `Retry-After`.
+    pub fn rate_limited(message: impl Into<String>, retry_after: std::time::Duration) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message);
+        e.retry_after = Some(retry_after.as_secs_f64().ceil().max(1.0) as u64);
+        e
+    }
+
+    /// `431` for request headers past the limit (code `payload_too_large`).
+    pub fn headers_too_large(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "payload_too_large",
+            message,
+        )
+    }
+
+    /// `503 broker_unavailable` for a request that took longer than the limit.
+    pub fn timed_out(message: impl Into<String>) -> Self {
+        let mut e = Self::broker_unavailable(message);
+        e.retry_after = Some(RETRY_AFTER_SECS);
+        e
+    }
+
     /// `500 internal`: a fault of ours (disk, bug), never of the input.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
@@ -150,6 +183,12 @@ impl IntoResponse for ApiError {
             }
         });
         let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"agentbus\""),
+            );
+        }
         if let Some(secs) = self.retry_after {
             response
                 .headers_mut()

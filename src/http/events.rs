@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Instant};
 use axum::{
     Json,
     body::Body,
-    extract::State,
+    extract::{Extension, State},
     http::{HeaderMap, HeaderValue, header},
     response::{IntoResponse, Response},
 };
@@ -13,12 +13,18 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 
 use super::{AppState, error::ApiError};
-use crate::{envelope::check_idempotency_key, publish, schema::Violation, telemetry};
+use crate::{auth::ApiKey, envelope::check_idempotency_key, publish, schema::Violation, telemetry};
 
 /// Publishes the envelopes in the body; answers once the broker acknowledged them all.
-pub async fn publish(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+pub async fn publish(
+    State(state): State<AppState>,
+    key: Option<Extension<Arc<ApiKey>>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let started = Instant::now();
-    let response = match handle(&state, &headers, body).await {
+    let key = key.map(|Extension(k)| k);
+    let response = match handle(&state, key.as_deref(), &headers, body).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
     };
@@ -28,7 +34,12 @@ pub async fn publish(State(state): State<AppState>, headers: HeaderMap, body: Bo
     response
 }
 
-async fn handle(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn handle(
+    state: &AppState,
+    key: Option<&ApiKey>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let limit = state.limits.max_body_bytes;
     let too_large =
         || ApiError::payload_too_large(format!("the body is larger than {limit} bytes"));
@@ -59,6 +70,9 @@ async fn handle(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Res
             items.len(),
             state.limits.max_batch
         )));
+    }
+    if let Some(key) = key {
+        allowed(key, &items, batch)?;
     }
     let idempotency_key = match headers.get("idempotency-key") {
         None => None,
@@ -95,6 +109,48 @@ async fn handle(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Res
             .insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     Ok(response)
+}
+
+/// 403 unless the key may publish every item's event type as its source. Items without those
+/// fields are left to the envelope checks.
+fn allowed(key: &ApiKey, items: &[Value], batch: bool) -> Result<(), ApiError> {
+    let mut denied = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let at = |field: &str| {
+            if batch {
+                format!("[{i}].{field}")
+            } else {
+                field.to_string()
+            }
+        };
+        if let Some(t) = item.get("event_type").and_then(Value::as_str)
+            && let Err(message) = key.may_publish(t)
+        {
+            denied.push(Violation {
+                path: at("event_type"),
+                message,
+            });
+        }
+        if let Some(s) = item.get("source").and_then(Value::as_str)
+            && let Err(message) = key.may_publish_as(s)
+        {
+            denied.push(Violation {
+                path: at("source"),
+                message,
+            });
+        }
+    }
+    if denied.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(
+            format!(
+                "key {:?} may not publish these events; nothing was written",
+                key.name
+            ),
+            denied,
+        ))
+    }
 }
 
 fn bad_header(message: impl Into<String>) -> ApiError {

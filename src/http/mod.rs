@@ -1,5 +1,6 @@
 //! The HTTP API (CONTRACT.md §2): ingest, schemas, the registry, health and metrics.
 
+mod access;
 mod consumers;
 mod demo;
 mod dlq;
@@ -24,8 +25,9 @@ use axum::{
 use serde_json::json;
 
 use crate::{
-    config::KafkaArgs, consume::definition::AgentDefinition, handlers::integration::Integrations,
-    lag::LagMonitor, publish::Publisher, replay::Jobs, schema::Registry,
+    auth::Keys, config::KafkaArgs, consume::definition::AgentDefinition,
+    handlers::integration::Integrations, lag::LagMonitor, publish::Publisher, replay::Jobs,
+    schema::Registry,
 };
 pub use error::ApiError;
 pub use openapi::openapi;
@@ -37,6 +39,8 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Most envelopes in one batch.
     pub max_batch: usize,
+    /// Longest a request may take (503 beyond).
+    pub request_timeout: std::time::Duration,
 }
 
 /// What `/readyz` checks.
@@ -69,6 +73,8 @@ pub struct AppState {
     pub lag: Arc<LagMonitor>,
     /// Replay jobs started through the API.
     pub replays: Arc<Jobs>,
+    /// The API keys; none: no authentication (loopback or `--insecure-no-auth`).
+    pub keys: Arc<Keys>,
 }
 
 /// Every route of the API. `openapi.json` documents exactly these (a test keeps it so).
@@ -111,6 +117,10 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi_json))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            access::check,
+        ))
         .with_state(state)
 }
 
