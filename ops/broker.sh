@@ -8,7 +8,8 @@
 #
 # With AGENTBUS_BROKERS set, nothing is started: that Kafka is used and its address printed.
 # Settings: AGENTBUS_DATA_DIR (default ./data; the broker keeps data in $AGENTBUS_DATA_DIR/tansu),
-# AGENTBUS_BROKER_PORT (default 9092).
+# AGENTBUS_BROKER_PORT (default 9092), AGENTBUS_BROKER_ADVERTISED (the host:port the broker tells
+# clients to connect to; default its own address — set it to put a proxy in front, e.g. TLS).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -56,7 +57,7 @@ start() {
   # tansu reads the SQLite path of the URL relative to its working directory.
   (cd "$dir" && exec setsid tansu broker \
     --listener-url "tcp://$addr" \
-    --advertised-listener-url "tcp://$addr" \
+    --advertised-listener-url "tcp://${AGENTBUS_BROKER_ADVERTISED:-$addr}" \
     --storage-engine "sqlite://./broker.db" \
     </dev/null >>"$log" 2>&1 9>&-) &
   echo $! >"$pidfile"

@@ -12,6 +12,10 @@ export AGENTBUS_DATA_DIR=${AGENTBUS_DATA_DIR:-$PWD/data}
 export AGENTBUS_SCHEMAS_DIR=${AGENTBUS_SCHEMAS_DIR:-$PWD/schemas}
 export AGENTBUS_CONSUMERS_DIR=${AGENTBUS_CONSUMERS_DIR:-$PWD/consumers}
 
+if ! pkg-config --exists openssl 2>/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "==> installing OpenSSL headers (librdkafka is built with TLS)"
+  apt-get install -y -qq libssl-dev pkg-config >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq libssl-dev pkg-config >/dev/null; }
+fi
 echo "==> building agentbus (release)"
 cargo build --release --quiet --bin agentbus
 bin=target/release/agentbus

@@ -24,6 +24,20 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
+# librdkafka is built with TLS (OpenSSL): it needs OpenSSL's headers and pkg-config.
+if ! pkg-config --exists openssl 2>/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get install -y -qq libssl-dev pkg-config >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq libssl-dev pkg-config >/dev/null; }
+  else
+    echo "OpenSSL headers are required: install libssl-dev and pkg-config" >&2
+    exit 1
+  fi
+fi
+# The TLS test puts socat (OpenSSL) in front of its broker; the rules tests need promtool.
+if ! command -v socat >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  apt-get install -y -qq socat >/dev/null 2>&1 || true
+fi
+
 # promtool checks the alert rules; a real Prometheus server scrapes agentbus in one test.
 if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
