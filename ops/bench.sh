@@ -5,6 +5,7 @@
 #   ops/bench.sh consume [agentbus-bench consume flags...]
 #   ops/bench.sh replay  [agentbus-bench replay flags...]   replay vs a raw consume-and-produce copy
 #   ops/bench.sh lag     [agentbus-bench lag flags...]      one lag collection, 50 groups x 16 partitions
+#   ops/bench.sh soak    [agentbus-bench soak flags...]     steady load for 10 minutes, memory sampled
 #
 # Starts the local broker (or uses AGENTBUS_BROKERS), builds release binaries, starts
 # `agentbus serve` on a free port with its own topic prefix and data directory, runs the load
@@ -14,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 what=${1:-}
-[ -n "$what" ] || { echo "usage: $0 publish|consume|replay|lag [flags]" >&2; exit 2; }
+[ -n "$what" ] || { echo "usage: $0 publish|consume|replay|lag|soak [flags]" >&2; exit 2; }
 shift
 
 # A fresh broker of its own for every run (unless AGENTBUS_BROKERS), so figures do not depend
@@ -64,6 +65,9 @@ echo "broker $brokers, agentbus pid $pid on 127.0.0.1:$port, $(nproc) cores"
 case $what in
   publish)
     target/release/agentbus-bench publish --brokers "$brokers" --url "http://127.0.0.1:$port" --service-pid "$pid" "$@"
+    ;;
+  soak)
+    target/release/agentbus-bench soak --url "http://127.0.0.1:$port" --service-pid "$pid" "$@"
     ;;
   consume)
     target/release/agentbus-bench consume --brokers "$brokers" --topic-prefix "$prefix" \

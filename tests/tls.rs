@@ -15,7 +15,7 @@ use std::{
 
 use common::*;
 use rdkafka::{
-    ClientConfig, Message,
+    ClientConfig,
     consumer::{BaseConsumer, Consumer},
 };
 use serde_json::json;

@@ -21,6 +21,8 @@ use serde_json::{Value, json};
 
 #[path = "bench/history.rs"]
 mod history;
+#[path = "bench/soak.rs"]
+mod soak;
 
 #[derive(Parser)]
 #[command(about = "agentbus benchmarks (run through ops/bench.sh)")]
@@ -40,6 +42,8 @@ enum Command {
     Replay(history::ReplayArgs),
     /// Time of one lag collection over many groups and partitions.
     Lag(history::LagArgs),
+    /// A steady publish load for a long time, with the service's memory sampled.
+    Soak(soak::SoakArgs),
 }
 
 #[derive(Clone, clap::Args)]
@@ -259,6 +263,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Consume(args) => consume(args).await?,
         Command::Replay(args) => history::replay(args).await?,
         Command::Lag(args) => history::lag(args).await?,
+        Command::Soak(args) => soak::soak(args).await?,
         Command::Publish(args) => {
             let client = reqwest::Client::builder()
                 .pool_max_idle_per_host(1024)

@@ -1,0 +1,117 @@
+//! `agentbus-bench soak`: a steady publish load for a long time, with the service's memory
+//! sampled as it goes.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use serde_json::json;
+
+#[derive(Clone, clap::Args)]
+pub struct SoakArgs {
+    /// Base URL of the agentbus under test.
+    #[arg(long)]
+    url: String,
+    /// Its pid, to sample its resident memory.
+    #[arg(long)]
+    service_pid: u32,
+    /// Events a second, in batches of `--batch`.
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
+    /// Events per request.
+    #[arg(long, default_value_t = 10)]
+    batch: usize,
+    /// How long.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Seconds per report line.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    every: Duration,
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+pub async fn soak(args: SoakArgs) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()?;
+    let endpoint = Arc::new(format!("{}/v1/events", args.url));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let requests_per_second = (args.rate as f64 / args.batch as f64).max(1.0);
+    let period = Duration::from_secs_f64(1.0 / requests_per_second);
+    let start = tokio::time::Instant::now();
+    let end = start + args.duration;
+    let mut next_report = start + args.every;
+    let mut last_ok = 0;
+    let mut samples = Vec::new();
+    println!(
+        "soak: {} events/s in batches of {} for {:?}; memory is the service's RSS",
+        args.rate, args.batch, args.duration
+    );
+    println!(
+        "{:>8} {:>12} {:>10} {:>10}",
+        "minute", "events/s", "failed", "RSS MiB"
+    );
+    let mut i: u64 = 0;
+    while tokio::time::Instant::now() < end {
+        let at = start + period * i as u32;
+        tokio::time::sleep_until(at).await;
+        let batch: Vec<_> = (0..args.batch)
+            .map(|j| {
+                json!({"event_type": "knowledge.shared", "source": "soak",
+                    "partition_key": format!("agent-{}", j % 64),
+                    "data": {"knowledge_id": uuid::Uuid::new_v4().to_string(),
+                             "from_agent": "soak", "domain": "soak",
+                             "content": "x".repeat(200), "confidence": 0.5}})
+            })
+            .collect();
+        let (client, endpoint, acked, refused) =
+            (client.clone(), endpoint.clone(), ok.clone(), failed.clone());
+        let n = args.batch as u64;
+        tokio::spawn(async move {
+            match client.post(endpoint.as_str()).json(&batch).send().await {
+                Ok(r) if r.status().is_success() => acked.fetch_add(n, Ordering::Relaxed),
+                _ => refused.fetch_add(n, Ordering::Relaxed),
+            };
+        });
+        i += 1;
+        if tokio::time::Instant::now() >= next_report {
+            let now_ok = ok.load(Ordering::Relaxed);
+            let rss = rss_mib(args.service_pid);
+            samples.push(rss);
+            println!(
+                "{:>8.1} {:>12.0} {:>10} {:>10.1}",
+                start.elapsed().as_secs_f64() / 60.0,
+                (now_ok - last_ok) as f64 / args.every.as_secs_f64(),
+                failed.load(Ordering::Relaxed),
+                rss
+            );
+            last_ok = now_ok;
+            next_report += args.every;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let first = samples.first().copied().unwrap_or(0.0);
+    let last = samples.last().copied().unwrap_or(0.0);
+    let max = samples.iter().copied().fold(0.0, f64::max);
+    println!(
+        "sustained {:.0} events/s for {:?}: {ok} acknowledged, {failed} failed; RSS first {first:.1} MiB, last {last:.1} MiB, max {max:.1} MiB",
+        ok as f64 / args.duration.as_secs_f64(),
+        args.duration
+    );
+    Ok(())
+}
