@@ -247,6 +247,9 @@ pub struct Summary {
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A replay that reads nothing for this long fails.
+const STALL_LIMIT: Duration = Duration::from_secs(120);
+
 /// An offset per (topic, partition).
 type Offsets = HashMap<(String, i32), i64>;
 
@@ -523,9 +526,18 @@ pub fn execute(
     let replay_id = plan.replay_id.clone();
     let extra = [(header::REPLAY_ID, replay_id.clone())];
     let mut idle_since = Instant::now();
+    let mut last_record = Instant::now();
     while !open.is_empty() {
         if progress.cancel.load(Ordering::Relaxed) {
             return Err(Error::Invalid("cancelled".into()));
+        }
+        if last_record.elapsed() > STALL_LIMIT {
+            return Err(Error::Invalid(format!(
+                "no record read for {}s with {} partitions unfinished; run it again with \
+                 --replay-id {replay_id} to skip what was handled",
+                STALL_LIMIT.as_secs(),
+                open.len()
+            )));
         }
         if let Some(p) = &producer {
             p.poll(Duration::ZERO);
@@ -540,7 +552,16 @@ pub fn execute(
             continue;
         };
         idle_since = Instant::now();
-        let m = result?;
+        // The client retries by itself; an error here is reported and the reading goes on
+        // (the stall limit above ends a replay that no longer progresses).
+        let m = match result {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "replay: reading");
+                continue;
+            }
+        };
+        last_record = Instant::now();
         let key = (m.topic().to_string(), m.partition());
         let Some(&end) = open.get(&key) else {
             continue;
@@ -784,6 +805,9 @@ pub struct Job {
     outcome: Mutex<Option<Result<Summary, String>>>,
 }
 
+/// Replay jobs kept in memory.
+const MAX_JOBS: usize = 100;
+
 /// The replay jobs of this process. They live in memory: a restart forgets them (a replay
 /// that was running is then neither finished nor resumed; run it again with the same replay
 /// id and the agent skips what it already handled).
@@ -819,10 +843,22 @@ impl Jobs {
             progress: Arc::new(Progress::default()),
             outcome: Mutex::new(None),
         });
-        self.jobs
-            .lock()
-            .expect("jobs lock")
-            .insert(job.id.clone(), job.clone());
+        {
+            let mut jobs = self.jobs.lock().expect("jobs lock");
+            // Keep the newest jobs: finished ones beyond the cap are forgotten, oldest first.
+            while jobs.len() >= MAX_JOBS {
+                let oldest = jobs
+                    .values()
+                    .filter(|j| j.status() != "running")
+                    .min_by_key(|j| j.started_at)
+                    .map(|j| j.id.clone());
+                match oldest {
+                    Some(id) => jobs.remove(&id),
+                    None => break,
+                };
+            }
+            jobs.insert(job.id.clone(), job.clone());
+        }
         let running = job.clone();
         tokio::task::spawn_blocking(move || {
             let result = execute(

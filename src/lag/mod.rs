@@ -171,9 +171,13 @@ pub struct LagMonitor {
     known: Vec<String>,
     cache: Mutex<Cache>,
     latest: RwLock<Option<Arc<Snapshot>>>,
+    describe_failure: Mutex<Option<(Instant, String)>>,
 }
 
 const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a failed DescribeGroups is not tried again.
+const DESCRIBE_RETRY: Duration = Duration::from_secs(600);
 
 /// Groups whose committed offsets are fetched at once.
 const GROUP_CONCURRENCY: usize = 16;
@@ -190,6 +194,7 @@ impl LagMonitor {
             known,
             cache: Mutex::default(),
             latest: RwLock::new(None),
+            describe_failure: Mutex::new(None),
         })
     }
 
@@ -264,7 +269,12 @@ impl LagMonitor {
                 for name in names {
                     described.insert(name.clone(), bare(name));
                 }
-                match groups::describe(&self.kafka, None, Duration::from_secs(5)) {
+                let result = match self.describe_failed_recently() {
+                    Some(why) => Err(why),
+                    None => groups::describe(&self.kafka, None, Duration::from_secs(5))
+                        .inspect_err(|why| self.describe_failed(why)),
+                };
+                match result {
                     Ok(all) => {
                         for g in all {
                             if let Some(slot) = described.get_mut(&g.name) {
@@ -279,7 +289,12 @@ impl LagMonitor {
                 }
             }
             None => {
-                let (all, why) = groups::list(&self.kafka, TIMEOUT).map_err(Error::Groups)?;
+                let try_describe = self.describe_failed_recently().is_none();
+                let (all, why) =
+                    groups::list(&self.kafka, TIMEOUT, try_describe).map_err(Error::Groups)?;
+                if let (true, Some(why)) = (try_describe, &why) {
+                    self.describe_failed(why);
+                }
                 members_unknown = why;
                 for g in all {
                     described.insert(g.name.clone(), g);
@@ -458,6 +473,22 @@ impl LagMonitor {
         })
     }
 
+    /// Why DescribeGroups failed, if it did within [`DESCRIBE_RETRY`]: a broker that fails it
+    /// (and drops the connection) is not asked again at every collection.
+    fn describe_failed_recently(&self) -> Option<String> {
+        self.describe_failure
+            .lock()
+            .expect("describe failure lock")
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < DESCRIBE_RETRY)
+            .map(|(_, why)| why.clone())
+    }
+
+    fn describe_failed(&self, why: &str) {
+        *self.describe_failure.lock().expect("describe failure lock") =
+            Some((Instant::now(), why.to_string()));
+    }
+
     fn client<'c>(&self, cache: &'c mut Cache, group: &str) -> Result<&'c BaseConsumer, Error> {
         if !cache.clients.contains_key(group) {
             let client: BaseConsumer = self
@@ -533,7 +564,9 @@ pub(crate) fn first_timestamps(
             let Some(result) = reader.poll(Duration::from_millis(100)) else {
                 continue;
             };
-            let m = result?;
+            let Ok(m) = result else {
+                continue;
+            };
             let key = (m.topic().to_string(), m.partition());
             let Some(pending) = open.get_mut(&key) else {
                 continue;
