@@ -147,3 +147,14 @@ pub struct TopicArgs {
     #[arg(long = "topic-retention", env = "AGENTBUS_TOPIC_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
     pub retention: Duration,
 }
+
+/// RFC 3339, or a duration back from now (`30m`, `2h`, `1day`).
+pub fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.to_utc());
+    }
+    let back = humantime::parse_duration(s)
+        .map_err(|_| format!("{s:?} is neither an RFC 3339 time nor a duration like 2h"))?;
+    let back = chrono::Duration::from_std(back).map_err(|e| e.to_string())?;
+    Ok(chrono::Utc::now() - back)
+}

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+pub use crate::config::parse_time;
 use crate::{
     app::{self, App, Mode},
     config::{KafkaArgs, ServeArgs, TopicArgs},
@@ -115,17 +116,6 @@ pub enum DlqCommand {
         #[command(flatten)]
         kafka: KafkaArgs,
     },
-}
-
-/// RFC 3339, or a duration back from now (`30m`, `2h`, `1day`).
-pub fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
-    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
-        return Ok(t.to_utc());
-    }
-    let back = humantime::parse_duration(s)
-        .map_err(|_| format!("{s:?} is neither an RFC 3339 time nor a duration like 2h"))?;
-    let back = chrono::Duration::from_std(back).map_err(|e| e.to_string())?;
-    Ok(chrono::Utc::now() - back)
 }
 
 /// `agentbus agent ...`

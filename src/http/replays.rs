@@ -14,7 +14,7 @@ use super::{
     error::{ApiError, ApiPath},
 };
 use crate::{
-    cli::parse_time,
+    config::parse_time,
     replay::{self, Request, Target},
 };
 
