@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Longer chaos runs ("Nothing lost"): the scenarios of tests/chaos.rs with more load and longer
+# outages, then a report of what each came to.
+#
+#   ops/chaos.sh              every scenario, one after the other
+#   ops/chaos.sh broker       only those whose test name matches (cargo test filter):
+#                             broker, sigkilled, dedup_store, did_not_write
+#
+# Scenarios: the broker stopped and restarted under a steady publish load (a broker of its own
+# on a free port and a temporary data directory, never the shared test broker); the service
+# SIGKILLed under load, restarted, and every event retried; an agent whose dedup store becomes
+# unwritable (needs root: chattr +i); records agentbus did not write on a subscribed topic.
+#
+# Knobs (environment; defaults here, the tests' own defaults are shorter):
+#   CHAOS_BROKER_RATE=50     events/s while the broker is stopped and restarted
+#   CHAOS_BEFORE_SECS=10     load before the broker stops
+#   CHAOS_DOWN_SECS=20       how long the broker stays down
+#   CHAOS_AFTER_SECS=15      load after it is started again
+#   CHAOS_RECOVERY_SECS=60   then, how long to wait for a publish to succeed again
+#   CHAOS_KILL_RATE=400      events/s before the service is SIGKILLed
+#   CHAOS_KILL_AFTER_SECS=10 load before the kill
+#   CHAOS_AGENT_EVENTS=200   events before and after the dedup store breaks
+#   CHAOS_STRICT=1           also fail when a retry wrote an unanswered event a second time
+#   CHAOS_RELEASE=1          build the service and the tests with --release
+#
+# The report: per load scenario, events sent, acknowledged (200), refused, unanswered, found
+# in Kafka, acknowledged but missing (must be 0) and records written twice; then every
+# scenario's detail line. Exits non-zero when a test failed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH=$HOME/.cargo/bin:$PATH
+
+export CHAOS_BROKER_RATE=${CHAOS_BROKER_RATE:-50}
+export CHAOS_BEFORE_SECS=${CHAOS_BEFORE_SECS:-10}
+export CHAOS_DOWN_SECS=${CHAOS_DOWN_SECS:-20}
+export CHAOS_AFTER_SECS=${CHAOS_AFTER_SECS:-15}
+export CHAOS_RECOVERY_SECS=${CHAOS_RECOVERY_SECS:-60}
+export CHAOS_KILL_RATE=${CHAOS_KILL_RATE:-400}
+export CHAOS_KILL_AFTER_SECS=${CHAOS_KILL_AFTER_SECS:-10}
+export CHAOS_AGENT_EVENTS=${CHAOS_AGENT_EVENTS:-200}
+
+# The shared test broker (the scenarios that do not stop a broker use it), as ops/test.sh.
+export AGENTBUS_TEST_BROKER_PORT=${AGENTBUS_TEST_BROKER_PORT:-19092}
+export AGENTBUS_TEST_DATA_DIR=${AGENTBUS_TEST_DATA_DIR:-$PWD/target/test-data}
+broker() { AGENTBUS_BROKER_PORT=$AGENTBUS_TEST_BROKER_PORT AGENTBUS_DATA_DIR=$AGENTBUS_TEST_DATA_DIR ops/broker.sh "$@"; }
+started_broker=
+if [ -z "${AGENTBUS_BROKERS:-}" ] && ! broker status >/dev/null 2>&1; then
+  started_broker=1
+fi
+echo "broker: $(broker start)"
+log=$(mktemp)
+cleanup() {
+  rm -f "$log"
+  if [ -n "$started_broker" ]; then broker stop; fi
+}
+trap cleanup EXIT
+
+profile=()
+[ -n "${CHAOS_RELEASE:-}" ] && profile=(--release)
+status=0
+cargo test "${profile[@]}" --test chaos "$@" -- --nocapture --test-threads=1 2>&1 | tee "$log" || status=$?
+
+# With --nocapture a test's lines can follow its "test ... " line: take them from anywhere.
+echo
+echo "chaos report"
+sed -n 's/.*\(CHAOS-ROW .*\)/\1/p' "$log" | awk '
+  BEGIN { printf "%-16s %8s %8s %8s %10s %8s %8s %10s\n", "scenario", "sent", "acked", "refused", "unanswered", "found", "missing", "duplicates" }
+  { printf "%-16s %8s %8s %8s %10s %8s %8s %10s\n", $2, $3, $4, $5, $6, $7, $8, $9 }
+'
+echo
+sed -n 's/.*CHAOS \([a-z-]* *[a-z]*:.*\)/\1/p' "$log"
+echo
+grep -E '^test result:' "$log" || true
+failed=$(grep -E '^    [a-z0-9_]+$' "$log" | sort -u || true)
+[ -n "$failed" ] && printf 'failed:\n%s\n' "$failed"
+exit $status
