@@ -72,6 +72,9 @@ enum Job {
     },
 }
 
+/// Page cache of one store.
+const CACHE_BYTES: u64 = 16 * 1024 * 1024;
+
 impl ExpiringStore {
     /// Opens (or creates) the store in `dir` and starts its writer thread, which ends when
     /// the store is dropped.
@@ -83,6 +86,9 @@ impl ExpiringStore {
         };
         let db = sled::Config::new()
             .path(dir)
+            // sled caches up to 1 GiB by default: with a day of keys that is memory that grows
+            // for hours. The keys are read rarely (repeats, sweeps); a small cache serves them.
+            .cache_capacity(CACHE_BYTES)
             // The writer thread flushes; a second flusher would race it.
             .flush_every_ms(None)
             .open()
