@@ -48,6 +48,9 @@ pub fn now_ms() -> u64 {
 /// The store. Entries read as absent once expired, and are removed by [`ExpiringStore::sweep`].
 pub struct ExpiringStore {
     path: String,
+    /// Why the last write or flush failed: from then on the store refuses reads and writes,
+    /// so that nobody goes on as if it remembered.
+    broken: Broken,
     entries: sled::Tree,
     /// Written but not yet applied by the writer: `get` sees them at once.
     pending: Pending,
@@ -57,6 +60,7 @@ pub struct ExpiringStore {
 }
 
 type Pending = Arc<Mutex<std::collections::HashMap<String, Vec<u8>>>>;
+type Broken = Arc<Mutex<Option<String>>>;
 
 enum Job {
     Put {
@@ -98,7 +102,10 @@ impl ExpiringStore {
         let count = Arc::new(AtomicI64::new(entries.len() as i64));
         let (writer, jobs) = mpsc::channel(4096);
         let pending = Pending::default();
+        let broken = Broken::default();
         let state = Writer {
+            path: path.clone(),
+            broken: broken.clone(),
             db,
             entries: entries.clone(),
             by_expiry,
@@ -111,6 +118,7 @@ impl ExpiringStore {
             .map_err(|e| Error::Write(format!("starting the writer thread: {e}")))?;
         Ok(ExpiringStore {
             path,
+            broken,
             entries,
             pending,
             count,
@@ -129,8 +137,21 @@ impl ExpiringStore {
         self.len() == 0
     }
 
+    /// Why the store stopped working, if it did (a write or flush failed).
+    pub fn broken(&self) -> Option<String> {
+        self.broken.lock().expect("not poisoned").clone()
+    }
+
+    fn check(&self) -> Result<(), Error> {
+        match self.broken() {
+            Some(why) => Err(Error::Write(why)),
+            None => Ok(()),
+        }
+    }
+
     /// The value under `key`, unless absent or expired.
     pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {
+        self.check()?;
         if let Some(value) = self.pending.lock().expect("not poisoned").get(key) {
             return Ok(Some(value.clone()));
         }
@@ -149,6 +170,7 @@ impl ExpiringStore {
         if records.is_empty() {
             return Ok(());
         }
+        self.check()?;
         let expires = now_ms() + ttl.as_millis() as u64;
         self.add_pending(&records);
         self.run(|reply| Job::Put {
@@ -168,6 +190,7 @@ impl ExpiringStore {
         records: Vec<(String, Vec<u8>)>,
         ttl: Duration,
     ) -> Result<Durable, Error> {
+        self.check()?;
         let expires = now_ms() + ttl.as_millis() as u64;
         self.add_pending(&records);
         let (reply, done) = oneshot::channel();
@@ -238,6 +261,8 @@ impl Drop for ExpiringStore {
 
 /// The writer thread's side of the store.
 struct Writer {
+    path: String,
+    broken: Broken,
     db: sled::Db,
     entries: sled::Tree,
     by_expiry: sled::Tree,
@@ -275,6 +300,15 @@ impl Writer {
                 applied.push((job, outcome.map_err(|e| e.to_string())));
             }
             let flushed = self.db.flush().map(|_| ()).map_err(|e| e.to_string());
+            let failed = flushed.clone().err().or_else(|| {
+                applied.iter().find_map(|(_, outcome)| outcome.clone().err())
+            });
+            if let Some(why) = failed {
+                self.broken
+                    .lock()
+                    .expect("not poisoned")
+                    .get_or_insert_with(|| format!("{}: {why}", self.path));
+            }
             for (job, outcome) in applied {
                 let (Job::Put { reply, .. } | Job::Sweep { reply } | Job::Flush { reply }) = job;
                 // A requester that went away no longer needs the answer.

@@ -423,6 +423,11 @@ async fn run_lane(shared: Arc<Shared>, mut work: mpsc::Receiver<Work>, cancel: C
     let group = shared.agent.name.clone();
     let in_flight = metrics::gauge!(telemetry::IN_FLIGHT, "group" => group.clone());
     while let Some(w) = work.recv().await {
+        // Stopping (SIGTERM, or the dedup store failed): what is queued is given back, not
+        // handled; its next delivery handles it.
+        if cancel.is_cancelled() {
+            break;
+        }
         in_flight.increment(1.0);
         let (topic, partition, offset) = (
             w.message.topic().to_string(),
@@ -444,7 +449,7 @@ async fn run_lane(shared: Arc<Shared>, mut work: mpsc::Receiver<Work>, cancel: C
                     match durable.wait().await {
                         Ok(()) => finish(&shared, &topic, partition, offset),
                         Err(e) => {
-                            tracing::error!(agent = %shared.agent.name, error = %e, "dedup store unwritable; stopping the agent");
+                            tracing::error!(agent = %shared.agent.name, error = %e, "dedup store unwritable: the agent stops taking events (they stay unconsumed) and exits");
                             cancel.cancel();
                         }
                     }
@@ -529,7 +534,7 @@ async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) -> Outcom
         Err(e) => {
             // Without its dedup store the agent must not handle events: stop here, the
             // offset stays unstored and the event comes again.
-            tracing::error!(agent = %group, error = %e, "dedup store unreadable; stopping the agent");
+            tracing::error!(agent = %group, error = %e, "dedup store failed: the agent stops taking events (they stay unconsumed) and exits");
             cancel.cancel();
             return Outcome::GivenBack;
         }
