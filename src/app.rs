@@ -85,7 +85,6 @@ pub struct App {
     state: AppState,
     settings: ServeArgs,
     store: Arc<IdempotencyStore>,
-    producer: FutureProducer,
 }
 
 impl App {
@@ -146,7 +145,7 @@ impl App {
             publish::producer_config(&settings.kafka, settings.publish_timeout).create()?;
         let readiness = Arc::new(Readiness::default());
         let publisher = Arc::new(Publisher::new(
-            producer.clone(),
+            producer,
             registry.clone(),
             store.clone(),
             settings.kafka.clone(),
@@ -189,7 +188,6 @@ impl App {
             state,
             settings,
             store,
-            producer,
         })
     }
 
@@ -209,11 +207,11 @@ impl App {
             state,
             settings,
             store,
-            producer,
         } = self;
+        let publisher = state.publisher.clone();
         let tasks = TaskTracker::new();
         tasks.spawn(publish::watch_broker(
-            producer.clone(),
+            state.publisher.clone(),
             state.readiness.broker.clone(),
             Duration::from_secs(2),
             cancel.clone(),
@@ -292,6 +290,7 @@ impl App {
             None => cancel.cancelled().await,
         }
         tasks.wait().await;
+        let producer = publisher.producer();
         let flushed = tokio::task::spawn_blocking(move || producer.flush(grace)).await?;
         if let Err(e) = flushed {
             tracing::warn!(error = %e, "producer flush incomplete at shutdown");

@@ -84,7 +84,8 @@ pub struct Request {
 
 /// Publishes events. Shared by the HTTP handlers behind an `Arc`.
 pub struct Publisher {
-    producer: FutureProducer,
+    producer: std::sync::RwLock<FutureProducer>,
+    renewed: std::sync::Mutex<Option<Instant>>,
     registry: Arc<Registry>,
     store: Arc<IdempotencyStore>,
     kafka: KafkaArgs,
@@ -122,7 +123,8 @@ impl Publisher {
         broker_up: Arc<AtomicBool>,
     ) -> Self {
         Publisher {
-            producer,
+            producer: std::sync::RwLock::new(producer),
+            renewed: std::sync::Mutex::new(None),
             registry,
             store,
             kafka,
@@ -132,8 +134,31 @@ impl Publisher {
     }
 
     /// The producer, for flushing at shutdown and probing the broker.
-    pub fn producer(&self) -> &FutureProducer {
-        &self.producer
+    pub fn producer(&self) -> FutureProducer {
+        self.producer.read().expect("producer lock").clone()
+    }
+
+    /// Replaces the producer by a new one (a new idempotent producer id), at most once per
+    /// [`RENEW_AT_MOST_EVERY`]. After deliveries timed out, librdkafka bumps the producer's
+    /// epoch when the broker is back; a broker that mishandles that (tansu 0.6 panics on it and
+    /// then fails every request until restarted) would never take this producer's writes
+    /// again. A new producer starts clean. The old one's queued deliveries fail (503: not
+    /// acknowledged).
+    pub fn renew_producer(&self, why: &str) {
+        let mut renewed = self.renewed.lock().expect("renew lock");
+        if renewed.is_some_and(|at| at.elapsed() < RENEW_AT_MOST_EVERY) {
+            return;
+        }
+        match producer_config(&self.kafka, self.timeout).create::<FutureProducer>() {
+            Ok(fresh) => {
+                let old = std::mem::replace(&mut *self.producer.write().expect("producer lock"), fresh);
+                *renewed = Some(Instant::now());
+                tracing::warn!(why, "renewed the Kafka producer");
+                // Destroying a client joins its threads: not on the runtime's workers.
+                std::thread::spawn(move || drop(old));
+            }
+            Err(e) => tracing::error!(error = %e, "could not create a new Kafka producer"),
+        }
     }
 
     /// Validates every item, then writes those not written before, and answers in input
@@ -365,6 +390,7 @@ impl Publisher {
         which: &[usize],
     ) -> Vec<Result<(i32, i64), String>> {
         let deadline = Instant::now() + self.timeout + Duration::from_secs(1);
+        let producer = self.producer();
         let mut pending = Vec::with_capacity(which.len());
         for &i in which {
             let p = &prepared[i];
@@ -374,7 +400,7 @@ impl Publisher {
                 .payload(&p.value)
                 .timestamp(p.envelope.timestamp.timestamp_millis())
                 .headers(headers);
-            pending.push(self.producer.send_result(record).map_err(|(e, _)| e));
+            pending.push(producer.send_result(record).map_err(|(e, _)| e));
         }
         let waits = pending.into_iter().map(|sent| async move {
             let future = sent.map_err(describe)?;
@@ -385,9 +411,19 @@ impl Publisher {
                 Ok(Ok(Ok(delivery))) => Ok((delivery.partition, delivery.offset)),
             }
         });
-        join_all(waits).await
+        let results = join_all(waits).await;
+        if results
+            .iter()
+            .any(|r| matches!(r, Err(why) if why.contains("did not acknowledge in time")))
+        {
+            self.renew_producer("deliveries timed out");
+        }
+        results
     }
 }
+
+/// The least time between two renewals of the producer.
+const RENEW_AT_MOST_EVERY: Duration = Duration::from_secs(30);
 
 fn conflict(key: &str, why: &str) -> Error {
     Error::IdempotencyConflict(format!("idempotency key {key:?} {why}"))
@@ -474,14 +510,14 @@ const PROBES_TO_FAIL: u32 = 2;
 /// fast while it is away and `/readyz` tells the truth. It counts as reachable from the first
 /// answer, and as unreachable after [`PROBES_TO_FAIL`] probes in a row got none.
 pub async fn watch_broker(
-    producer: FutureProducer,
+    publisher: Arc<Publisher>,
     up: Arc<AtomicBool>,
     interval: Duration,
     cancel: tokio_util::sync::CancellationToken,
 ) {
     let mut failures = 0;
     loop {
-        let client = producer.clone();
+        let client = publisher.producer();
         let answered = tokio::task::spawn_blocking(move || {
             client
                 .client()
@@ -497,6 +533,7 @@ pub async fn watch_broker(
                 tracing::info!("broker reachable");
             } else {
                 tracing::warn!("broker unreachable; publishes answer 503 until it is back");
+                publisher.renew_producer("the broker became unreachable");
             }
         }
         metrics::gauge!(telemetry::BROKER_UP).set(if reachable { 1.0 } else { 0.0 });
