@@ -213,7 +213,7 @@ impl App {
         tasks.spawn(publish::watch_broker(
             state.publisher.clone(),
             state.readiness.broker.clone(),
-            Duration::from_secs(2),
+            Duration::from_secs(1),
             cancel.clone(),
         ));
         tasks.spawn(ensure_topics_until_done(

@@ -521,7 +521,7 @@ pub async fn watch_broker(
         let answered = tokio::task::spawn_blocking(move || {
             client
                 .client()
-                .fetch_metadata(None, Duration::from_secs(3))
+                .fetch_metadata(None, Duration::from_secs(2))
                 .is_ok()
         })
         .await
