@@ -301,7 +301,9 @@ impl Writer {
             }
             let flushed = self.db.flush().map(|_| ()).map_err(|e| e.to_string());
             let failed = flushed.clone().err().or_else(|| {
-                applied.iter().find_map(|(_, outcome)| outcome.clone().err())
+                applied
+                    .iter()
+                    .find_map(|(_, outcome)| outcome.clone().err())
             });
             if let Some(why) = failed {
                 self.broken

@@ -151,7 +151,8 @@ impl Publisher {
         }
         match producer_config(&self.kafka, self.timeout).create::<FutureProducer>() {
             Ok(fresh) => {
-                let old = std::mem::replace(&mut *self.producer.write().expect("producer lock"), fresh);
+                let old =
+                    std::mem::replace(&mut *self.producer.write().expect("producer lock"), fresh);
                 *renewed = Some(Instant::now());
                 tracing::warn!(why, "renewed the Kafka producer");
                 // Destroying a client joins its threads: not on the runtime's workers.
