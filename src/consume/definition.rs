@@ -149,10 +149,17 @@ impl RetryPolicy {
         let exp = self
             .initial_backoff
             .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)));
-        let base = exp.min(self.max_backoff).as_secs_f64();
-        Duration::from_secs_f64((base * (1.0 + self.jitter * unit.clamp(-1.0, 1.0))).max(0.0))
+        let base = exp.min(self.max_backoff).min(LONGEST_BACKOFF).as_secs_f64();
+        let jittered = (base * (1.0 + self.jitter * unit.clamp(-1.0, 1.0))).max(0.0);
+        Duration::try_from_secs_f64(jittered)
+            .unwrap_or(LONGEST_BACKOFF)
+            .min(LONGEST_BACKOFF)
     }
 }
+
+/// No wait between attempts is longer than this, whatever the file says (a wait past it
+/// would overflow clocks and means "never" anyway).
+const LONGEST_BACKOFF: Duration = Duration::from_secs(30 * 24 * 3600);
 
 impl AgentDefinition {
     /// Whether the agent receives `event_type`.

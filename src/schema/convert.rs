@@ -117,7 +117,11 @@ impl<'s> Converter<'s> {
             },
             Schema::Int => self.int(json, path).map(Value::Int),
             Schema::Long => self.long(json, path).map(Value::Long),
-            Schema::Float => self.double(json, path).map(|f| Value::Float(f as f32)),
+            Schema::Float => match self.double(json, path) {
+                Some(f) if f.abs() <= f64::from(f32::MAX) => Some(Value::Float(f as f32)),
+                Some(_) => self.fail(path, "beyond the range of a float (32 bits)"),
+                None => None,
+            },
             Schema::Double => self.double(json, path).map(Value::Double),
             Schema::Bytes => self.bytes(json, path).map(Value::Bytes),
             Schema::String => match json {
@@ -193,31 +197,39 @@ impl<'s> Converter<'s> {
                 Json::String(s) => self
                     .time(s, path)
                     .map(|t| Value::TimeMillis((t / 1_000_000) as i32)),
-                _ => self.int(json, path).map(Value::TimeMillis),
+                _ => match self.int(json, path) {
+                    Some(ms) if (0..86_400_000).contains(&ms) => Some(Value::TimeMillis(ms)),
+                    Some(_) => self.fail(path, "a time of day is 0 to 86399999 milliseconds"),
+                    None => None,
+                },
             },
             Schema::TimeMicros => match json {
                 Json::String(s) => self
                     .time(s, path)
                     .map(|t| Value::TimeMicros((t / 1000) as i64)),
-                _ => self.long(json, path).map(Value::TimeMicros),
+                _ => match self.long(json, path) {
+                    Some(us) if (0..86_400_000_000).contains(&us) => Some(Value::TimeMicros(us)),
+                    Some(_) => self.fail(path, "a time of day is 0 to 86399999999 microseconds"),
+                    None => None,
+                },
             },
             Schema::TimestampMillis => self
-                .timestamp(json, path, false, |n| n / 1_000_000)
+                .timestamp(json, path, false, |n| n / 1_000_000, 1_000)
                 .map(Value::TimestampMillis),
             Schema::TimestampMicros => self
-                .timestamp(json, path, false, |n| n / 1000)
+                .timestamp(json, path, false, |n| n / 1000, 1_000_000)
                 .map(Value::TimestampMicros),
             Schema::TimestampNanos => self
-                .timestamp(json, path, false, |n| n)
+                .timestamp(json, path, false, |n| n, 1_000_000_000)
                 .map(Value::TimestampNanos),
             Schema::LocalTimestampMillis => self
-                .timestamp(json, path, true, |n| n / 1_000_000)
+                .timestamp(json, path, true, |n| n / 1_000_000, 1_000)
                 .map(Value::LocalTimestampMillis),
             Schema::LocalTimestampMicros => self
-                .timestamp(json, path, true, |n| n / 1000)
+                .timestamp(json, path, true, |n| n / 1000, 1_000_000)
                 .map(Value::LocalTimestampMicros),
             Schema::LocalTimestampNanos => self
-                .timestamp(json, path, true, |n| n)
+                .timestamp(json, path, true, |n| n, 1_000_000_000)
                 .map(Value::LocalTimestampNanos),
             Schema::Duration(_) => self.duration(json, path),
             Schema::Ref { name } => match self.names.get(&name.fullname(None)) {
@@ -450,9 +462,20 @@ impl<'s> Converter<'s> {
         path: &Path<'_>,
         local: bool,
         unit: fn(i64) -> i64,
+        per_second: i64,
     ) -> Option<i64> {
         let Json::String(s) = json else {
-            return self.long(json, path);
+            // Years 0000 to 9999, as RFC 3339 can write them (and as they are read back).
+            const FIRST: i64 = -62_167_219_200;
+            const PAST_LAST: i64 = 253_402_300_800;
+            return match self.long(json, path) {
+                Some(n) if (FIRST..PAST_LAST).contains(&n.div_euclid(per_second)) => Some(n),
+                Some(_) => {
+                    self.fail(path, "a timestamp from year 0000 to 9999");
+                    None
+                }
+                None => None,
+            };
         };
         let parsed = if local {
             NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")

@@ -65,8 +65,8 @@ fn convert(version: &SchemaVersion, schema: &Schema, value: &Value) -> Json {
         (_, Value::Date(days)) => NaiveDate::default()
             .checked_add_signed(chrono::Duration::days(i64::from(*days)))
             .map_or(json!(days), |d| json!(d.format("%Y-%m-%d").to_string())),
-        (_, Value::TimeMillis(ms)) => time_of_day(i64::from(*ms) * 1_000_000),
-        (_, Value::TimeMicros(us)) => time_of_day(us.saturating_mul(1000)),
+        (_, Value::TimeMillis(ms)) => time_of_day(i64::from(*ms) * 1_000_000, "%H:%M:%S%.3f"),
+        (_, Value::TimeMicros(us)) => time_of_day(us.saturating_mul(1000), "%H:%M:%S%.6f"),
         (_, Value::TimestampMillis(ms)) => DateTime::from_timestamp_millis(*ms)
             .map_or(json!(ms), |t| json!(crate::envelope::format_time(&t))),
         (_, Value::TimestampMicros(us)) => {
@@ -74,11 +74,20 @@ fn convert(version: &SchemaVersion, schema: &Schema, value: &Value) -> Json {
         }
         (_, Value::TimestampNanos(ns)) => json!(DateTime::from_timestamp_nanos(*ns).to_rfc3339()),
         (_, Value::LocalTimestampMillis(ms)) => DateTime::from_timestamp_millis(*ms)
-            .map_or(json!(ms), |t| json!(t.naive_utc().to_string())),
+            .map_or(json!(ms), |t| {
+                json!(t.naive_utc().format(LOCAL).to_string())
+            }),
         (_, Value::LocalTimestampMicros(us)) => DateTime::from_timestamp_micros(*us)
-            .map_or(json!(us), |t| json!(t.naive_utc().to_string())),
+            .map_or(json!(us), |t| {
+                json!(t.naive_utc().format(LOCAL).to_string())
+            }),
         (_, Value::LocalTimestampNanos(ns)) => {
-            json!(DateTime::from_timestamp_nanos(*ns).naive_utc().to_string())
+            json!(
+                DateTime::from_timestamp_nanos(*ns)
+                    .naive_utc()
+                    .format(LOCAL)
+                    .to_string()
+            )
         }
         (_, Value::Uuid(u)) => json!(u.to_string()),
         (Schema::Decimal(d), Value::Decimal(decimal)) => decimal_string(d, decimal),
@@ -96,26 +105,26 @@ fn convert(version: &SchemaVersion, schema: &Schema, value: &Value) -> Json {
     }
 }
 
-fn time_of_day(nanos: i64) -> Json {
-    let secs = (nanos / 1_000_000_000) as u32;
-    let sub = (nanos % 1_000_000_000) as u32;
-    NaiveTime::from_num_seconds_from_midnight_opt(secs, sub).map_or(json!(nanos), |t| {
-        json!(t.format("%H:%M:%S%.3f").to_string())
-    })
+/// A local date-time as the converter reads it back (`T` between date and time).
+const LOCAL: &str = "%Y-%m-%dT%H:%M:%S%.f";
+
+fn time_of_day(nanos: i64, format: &str) -> Json {
+    let secs = u32::try_from(nanos.div_euclid(1_000_000_000)).ok();
+    let sub = nanos.rem_euclid(1_000_000_000) as u32;
+    secs.and_then(|secs| NaiveTime::from_num_seconds_from_midnight_opt(secs, sub))
+        .map_or(json!(nanos), |t| json!(t.format(format).to_string()))
 }
 
 fn decimal_string(schema: &DecimalSchema, decimal: &apache_avro::Decimal) -> Json {
     let Ok(bytes) = <Vec<u8>>::try_from(decimal) else {
         return Json::Null;
     };
-    if bytes.is_empty() || bytes.len() > 16 {
+    if bytes.is_empty() {
         return Json::Null;
     }
-    let fill = if bytes[0] & 0x80 != 0 { 0xff } else { 0 };
-    let mut full = [fill; 16];
-    full[16 - bytes.len()..].copy_from_slice(&bytes);
-    let unscaled = i128::from_be_bytes(full);
-    let digits = unscaled.unsigned_abs().to_string();
+    let unscaled = num_bigint::BigInt::from_signed_bytes_be(&bytes);
+    let negative = unscaled.sign() == num_bigint::Sign::Minus;
+    let digits = unscaled.magnitude().to_string();
     let scale = schema.scale;
     let text = if scale == 0 {
         digits
@@ -124,11 +133,7 @@ fn decimal_string(schema: &DecimalSchema, decimal: &apache_avro::Decimal) -> Jso
         let (int, frac) = padded.split_at(padded.len() - scale);
         format!("{int}.{frac}")
     };
-    json!(if unscaled < 0 {
-        format!("-{text}")
-    } else {
-        text
-    })
+    json!(if negative { format!("-{text}") } else { text })
 }
 
 #[cfg(test)]
