@@ -275,13 +275,7 @@ fn reader(kafka: &KafkaArgs) -> Result<BaseConsumer, Error> {
 
 /// The partitions of `topic`, or `NotFound`.
 fn partitions_of(consumer: &BaseConsumer, topic: &str) -> Result<Vec<i32>, Error> {
-    let metadata = consumer.fetch_metadata(Some(topic), TIMEOUT)?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .first()
-        .filter(|t| t.error().is_none())
-        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
-        .unwrap_or_default();
+    let partitions = crate::topics::partitions_of(consumer, topic)?;
     if partitions.is_empty() {
         return Err(Error::NotFound(format!("no topic {topic}")));
     }

@@ -72,3 +72,18 @@ pub async fn ensure(kafka: &KafkaArgs, specs: &[TopicSpec]) -> Result<Vec<String
     }
     Ok(created)
 }
+
+/// The partitions of `topic` as the broker's metadata tells; empty when it does not exist.
+pub fn partitions_of<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &rdkafka::consumer::BaseConsumer<C>,
+    topic: &str,
+) -> Result<Vec<i32>, rdkafka::error::KafkaError> {
+    use rdkafka::consumer::Consumer;
+    let metadata = consumer.fetch_metadata(Some(topic), std::time::Duration::from_secs(10))?;
+    Ok(metadata
+        .topics()
+        .first()
+        .filter(|t| t.error().is_none())
+        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+        .unwrap_or_default())
+}

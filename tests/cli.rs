@@ -28,14 +28,6 @@ impl Drop for Served {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn serve() -> Served {
     let data = tempfile::tempdir().unwrap();
     let brokers = brokers();

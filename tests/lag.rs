@@ -267,14 +267,6 @@ impl Drop for Prometheus {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Starts Prometheus scraping `target` every second with the project's alert rules, the lag
 /// alert's threshold lowered to 60 s and its `for` to 2 s.
 fn start_prometheus(target: &str) -> Prometheus {

@@ -20,14 +20,6 @@ use rdkafka::{
 };
 use serde_json::json;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn run(program: &str, args: &[&str], dir: &Path) {
     let out = Command::new(program)
         .args(args)

@@ -89,13 +89,7 @@ pub fn read_to_end(
             ("enable.auto.commit", "false".into()),
         ])
         .create()?;
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .first()
-        .filter(|t| t.error().is_none())
-        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
-        .unwrap_or_default();
+    let partitions = crate::topics::partitions_of(&consumer, topic)?;
     if partitions.is_empty() {
         return Err(Error::NoTopic(topic.to_string()));
     }

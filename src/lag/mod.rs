@@ -149,6 +149,9 @@ pub enum Error {
     /// The groups could not be listed.
     #[error("listing consumer groups: {0}")]
     Groups(String),
+    /// The process is stopping.
+    #[error("stopping")]
+    Stopping,
 }
 
 /// A position in the log: topic, partition, offset.
@@ -172,6 +175,8 @@ pub struct LagMonitor {
     cache: Mutex<Cache>,
     latest: RwLock<Option<Arc<Snapshot>>>,
     describe_failure: Mutex<Option<(Instant, String)>>,
+    /// Set when the process stops: a collection under way gives up between two requests.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -195,6 +200,7 @@ impl LagMonitor {
             cache: Mutex::default(),
             latest: RwLock::new(None),
             describe_failure: Mutex::new(None),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -238,7 +244,14 @@ impl LagMonitor {
     /// Collects every interval until `cancel`.
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
         loop {
-            match self.collect_and_keep().await {
+            let collected = tokio::select! {
+                collected = self.collect_and_keep() => collected,
+                _ = cancel.cancelled() => {
+                    self.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return;
+                }
+            };
+            match collected {
                 Ok(s) => tracing::debug!(
                     groups = s.groups.len(),
                     seconds = s.duration_seconds,
@@ -325,6 +338,9 @@ impl LagMonitor {
         let mut used: HashSet<(String, i32)> = HashSet::new();
         let names: Vec<&String> = described.keys().collect();
         for chunk in names.chunks(GROUP_CONCURRENCY) {
+            if self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(Error::Stopping);
+            }
             let answers: Vec<Result<TopicPartitionList, rdkafka::error::KafkaError>> =
                 std::thread::scope(|scope| {
                     let asks: Vec<_> = chunk
@@ -406,6 +422,9 @@ impl LagMonitor {
             .cloned()
             .collect();
         for chunk in missing.chunks(self.settings.fetch_concurrency.max(1)) {
+            if self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(Error::Stopping);
+            }
             let found = first_timestamps(&self.kafka, chunk, TIMEOUT)?;
             cache.timestamps.extend(found);
         }

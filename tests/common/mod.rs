@@ -334,6 +334,15 @@ pub fn header(message: &OwnedMessage, name: &str) -> Option<String> {
     agentbus::consume::header_str(message, name)
 }
 
+/// A port free on 127.0.0.1 a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Path of the built `agentbus` binary.
 pub fn agentbus_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_agentbus"))

@@ -15,7 +15,6 @@ use anyhow::bail;
 use rdkafka::{
     Message, Offset, TopicPartitionList,
     consumer::{BaseConsumer, CommitMode, Consumer},
-    message::{Header, OwnedHeaders},
     producer::{BaseProducer, BaseRecord, FutureProducer, FutureRecord, Producer},
 };
 
@@ -74,20 +73,7 @@ async fn fill(kafka: &KafkaArgs, topic: &str, n: usize) -> anyhow::Result<()> {
     let mut pending = Vec::with_capacity(n);
     for i in 0..n {
         let key = format!("agent-{}", i % 64);
-        let id = uuid::Uuid::now_v7().to_string();
-        let header = |key, value| Header {
-            key,
-            value: Some(value),
-        };
-        let headers = OwnedHeaders::new_with_capacity(8)
-            .insert(header("ce_specversion", "1.0"))
-            .insert(header("ce_id", &id))
-            .insert(header("ce_type", "knowledge.shared"))
-            .insert(header("ce_source", "bench"))
-            .insert(header("ce_time", "2026-11-21T10:30:00.000Z"))
-            .insert(header("content-type", "application/avro"))
-            .insert(header("ce_eventversion", "1"))
-            .insert(header("ce_idempotencykey", &format!("bench-{i}")));
+        let headers = super::cloudevents_headers(i);
         let ts = now - 3_600_000 + (i as i64 * 3_600_000 / n as i64);
         let record = FutureRecord::to(topic)
             .key(&key)
