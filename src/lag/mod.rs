@@ -163,7 +163,13 @@ struct Cache {
     clients: HashMap<String, BaseConsumer>,
     /// The timestamp of the record at (topic, partition, offset), for unmoved positions.
     timestamps: HashMap<Position, i64>,
+    /// Per group, the topics it had committed offsets on at the last full look, and the
+    /// collections since: between full looks only those topics are asked about.
+    group_topics: HashMap<String, (HashSet<String>, u32)>,
 }
+
+/// Every this many collections, a group's committed offsets are asked for on every topic.
+const FULL_LOOK_EVERY: u32 = 10;
 
 /// The lag monitor: collects on demand and, when run, every interval; keeps the latest
 /// snapshot for `/metrics` and the API.
@@ -337,6 +343,28 @@ impl LagMonitor {
         let mut committed: BTreeMap<String, Vec<Position>> = BTreeMap::new();
         let mut used: HashSet<(String, i32)> = HashSet::new();
         let names: Vec<&String> = described.keys().collect();
+        // What to ask each group about: every partition at a full look, else the partitions
+        // of the topics it had offsets on (one OffsetFetch for all partitions of all topics,
+        // per group, is what costs on a cluster with many topics).
+        let mut asks: HashMap<String, (TopicPartitionList, bool)> = HashMap::new();
+        for name in &names {
+            let known = cache.group_topics.get(name.as_str());
+            let full =
+                known.is_none_or(|(topics, since)| topics.is_empty() || *since >= FULL_LOOK_EVERY);
+            let tpl = if full {
+                all.clone()
+            } else {
+                let topics = &known.expect("not a full look").0;
+                let mut tpl = TopicPartitionList::new();
+                for e in all.elements() {
+                    if topics.contains(e.topic()) {
+                        tpl.add_partition(e.topic(), e.partition());
+                    }
+                }
+                tpl
+            };
+            asks.insert((*name).clone(), (tpl, full));
+        }
         for chunk in names.chunks(GROUP_CONCURRENCY) {
             if self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
                 return Err(Error::Stopping);
@@ -347,12 +375,12 @@ impl LagMonitor {
                         .iter()
                         .map(|name| {
                             let client = &cache.clients[name.as_str()];
-                            let all = &all;
+                            let tpl = &asks[name.as_str()].0;
                             scope.spawn(move || {
-                                if all.count() == 0 {
+                                if tpl.count() == 0 {
                                     Ok(TopicPartitionList::new())
                                 } else {
-                                    client.committed_offsets(all.clone(), TIMEOUT)
+                                    client.committed_offsets(tpl.clone(), TIMEOUT)
                                 }
                             })
                         })
@@ -369,6 +397,16 @@ impl LagMonitor {
                         used.insert((e.topic().to_string(), e.partition()));
                     }
                 }
+                let full = asks[name.as_str()].1;
+                let entry = cache
+                    .group_topics
+                    .entry((*name).clone())
+                    .or_insert_with(|| (HashSet::new(), 0));
+                if full {
+                    *entry = (mine.iter().map(|(t, _, _)| t.clone()).collect(), 1);
+                } else {
+                    entry.1 += 1;
+                }
                 committed.insert((*name).clone(), mine);
             }
         }
@@ -376,6 +414,7 @@ impl LagMonitor {
         cache
             .clients
             .retain(|k, _| k == "agentbus-lag" || described.contains_key(k));
+        cache.group_topics.retain(|k, _| described.contains_key(k));
         // Watermarks of the partitions in use: one ListOffsets for the ends, one for the starts.
         let mut ends = TopicPartitionList::new();
         let mut starts = TopicPartitionList::new();
