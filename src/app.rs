@@ -209,6 +209,7 @@ impl App {
             store,
         } = self;
         let publisher = state.publisher.clone();
+        let replays = state.replays.clone();
         let tasks = TaskTracker::new();
         tasks.spawn(publish::watch_broker(
             state.publisher.clone(),
@@ -289,6 +290,7 @@ impl App {
             }
             None => cancel.cancelled().await,
         }
+        replays.cancel_all();
         tasks.wait().await;
         let producer = publisher.producer();
         let flushed = tokio::task::spawn_blocking(move || producer.flush(grace)).await?;

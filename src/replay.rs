@@ -523,7 +523,10 @@ pub fn execute(
     let mut last_record = Instant::now();
     while !open.is_empty() {
         if progress.cancel.load(Ordering::Relaxed) {
-            return Err(Error::Invalid("cancelled".into()));
+            return Err(Error::Invalid(format!(
+                "cancelled (the process stopped); run it again with --replay-id {replay_id} to \
+                 skip what was handled"
+            )));
         }
         if last_record.elapsed() > STALL_LIMIT {
             return Err(Error::Invalid(format!(
@@ -869,6 +872,14 @@ impl Jobs {
                 Some(result.map_err(|e| e.to_string()));
         });
         Ok(job)
+    }
+
+    /// Stops every running job (the process is stopping): each ends as failed, "cancelled",
+    /// after the record it is copying.
+    pub fn cancel_all(&self) {
+        for job in self.jobs.lock().expect("jobs lock").values() {
+            job.progress.cancel.store(true, Ordering::Relaxed);
+        }
     }
 
     /// A job by id.
