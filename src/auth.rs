@@ -109,6 +109,11 @@ impl ApiKey {
         ))
     }
 
+    /// The key's id (not secret): scopes its holder's idempotency keys.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
     /// Takes a request from its rate limit, or says when to come back.
     pub fn take(&self) -> Result<(), Duration> {
         self.bucket.try_take()

@@ -34,6 +34,7 @@ fn new_key(args: &[&str]) -> (String, String) {
 
 struct Keys {
     publisher: String,
+    other: String,
     reader: String,
     admin: String,
     slow: String,
@@ -53,11 +54,12 @@ async fn app_with_keys() -> Keys {
         "planner",
     ]);
     let (reader, r) = new_key(&["--name", "dashboard", "--scope", "read"]);
+    let (other, o) = new_key(&["--name", "other", "--scope", "publish"]);
     let (admin, a) = new_key(&["--name", "operator", "--scope", "admin"]);
     let (slow, s) = new_key(&["--name", "slow", "--scope", "read"]);
     let s = format!("{s}rate_per_second = 0.5\nburst = 2\n");
     let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), format!("{p}\n{r}\n{a}\n{s}")).unwrap();
+    std::fs::write(file.path(), format!("{p}\n{r}\n{a}\n{s}\n{o}")).unwrap();
     let app = spawn(Options {
         extra: vec!["--api-keys".into(), file.path().display().to_string()],
         ..Options::default()
@@ -65,6 +67,7 @@ async fn app_with_keys() -> Keys {
     .await;
     Keys {
         publisher,
+        other,
         reader,
         admin,
         slow,
@@ -177,6 +180,40 @@ async fn keys_and_scopes_decide_who_may_do_what() {
     let (status, _) =
         error_of(call(app, "GET", "/v1/schemas", Some(&k.publisher), None).await).await;
     assert_eq!(status, 403);
+
+    // Idempotency keys are per API key: the same one under two keys is two events.
+    let mut idempotent = Vec::new();
+    for (key, source) in [
+        (&k.publisher, "planner"),
+        (&k.other, "other"),
+        (&k.publisher, "planner"),
+    ] {
+        let answer = app
+            .client
+            .post(format!("{}/v1/events", app.url))
+            .bearer_auth(key)
+            .header("idempotency-key", "shared-key")
+            .json(&task(source, "agent.task.requested"))
+            .send()
+            .await
+            .unwrap();
+        let status = answer.status().as_u16();
+        let body: Value = answer.json().await.unwrap();
+        idempotent.push((
+            status,
+            body["duplicate"].as_bool(),
+            body["event_id"].clone(),
+        ));
+    }
+    assert_eq!(idempotent[0].0, 200);
+    assert_eq!(
+        (idempotent[1].0, idempotent[1].1),
+        (200, Some(false)),
+        "{idempotent:?}"
+    );
+    assert_ne!(idempotent[0].2, idempotent[1].2);
+    // The first key's repeat: a different body under its key is a conflict, not the other's.
+    assert_eq!(idempotent[2].0, 409, "{idempotent:?}");
 
     // read: reads, no publish, no admin.
     assert_eq!(

@@ -830,6 +830,8 @@ async fn publish_follow_ups(
         items,
         batch: true,
         idempotency_key: None,
+        // Follow-ups keep the service's own namespace: their keys derive from the event.
+        scope: None,
     };
     match shared.publisher.publish(request).await {
         Ok(_) => Ok(()),

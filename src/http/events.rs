@@ -92,6 +92,7 @@ async fn handle(
         items,
         batch,
         idempotency_key,
+        scope: key.map(|k| k.id().to_string()),
     };
     let results = tokio::spawn(async move { publisher.publish(request).await })
         .await

@@ -80,6 +80,9 @@ pub struct Request {
     pub batch: bool,
     /// The `Idempotency-Key` header; for a batch, item `i` gets `<key>/<i>`.
     pub idempotency_key: Option<String>,
+    /// Whose idempotency keys these are (the API key's id): holders of different API keys
+    /// never meet each other's keys. `None` without authentication.
+    pub scope: Option<String>,
 }
 
 /// Publishes events. Shared by the HTTP handlers behind an `Arc`.
@@ -104,6 +107,8 @@ struct Prepared {
     record_key: String,
     /// The idempotency key.
     key: String,
+    /// The key under which the idempotency store keeps it (scoped by API key).
+    store_key: String,
     hash: RequestHash,
 }
 
@@ -174,7 +179,7 @@ impl Publisher {
         let mut copies = Vec::new();
         let mut to_write = Vec::new();
         for (i, p) in prepared.iter().enumerate() {
-            if let Some(&j) = first_index.get(p.key.as_str()) {
+            if let Some(&j) = first_index.get(p.store_key.as_str()) {
                 if prepared[j].hash != p.hash {
                     return Err(conflict(
                         &p.key,
@@ -184,8 +189,8 @@ impl Publisher {
                 copies.push((i, j));
                 continue;
             }
-            first_index.insert(&p.key, i);
-            match self.store.begin(&p.key, &p.hash, &mut claim)? {
+            first_index.insert(&p.store_key, i);
+            match self.store.begin(&p.store_key, &p.hash, &mut claim)? {
                 Lookup::New => to_write.push(i),
                 Lookup::Duplicate(result) => answers[i] = Some(result),
                 Lookup::Conflict => {
@@ -232,7 +237,7 @@ impl Publisher {
             .map(|&i| {
                 let p = &prepared[i];
                 (
-                    p.key.as_str(),
+                    p.store_key.as_str(),
                     p.hash,
                     answers[i].as_ref().expect("set above"),
                 )
@@ -278,9 +283,10 @@ impl Publisher {
             items,
             batch,
             idempotency_key,
+            scope,
         } = request;
         for (i, item) in items.into_iter().enumerate() {
-            match self.prepare_one(item, i, batch, idempotency_key.as_deref()) {
+            match self.prepare_one(item, i, batch, idempotency_key.as_deref(), scope.as_deref()) {
                 Ok(p) => prepared.push(p),
                 Err(PrepareError::Rejected(kind, violations)) => {
                     first_kind.get_or_insert(kind);
@@ -319,6 +325,7 @@ impl Publisher {
         i: usize,
         batch: bool,
         header_key: Option<&str>,
+        scope: Option<&str>,
     ) -> Result<Prepared, PrepareError> {
         let root = if batch {
             format!("[{i}]")
@@ -372,6 +379,10 @@ impl Publisher {
             (None, Some(body)) => body.clone(),
             (None, None) => envelope.event_id.to_string(),
         };
+        let store_key = match scope {
+            Some(scope) => format!("{scope}\u{1f}{idempotency_key}"),
+            None => idempotency_key.clone(),
+        };
         Ok(Prepared {
             topic: self.kafka.events_topic(event_type.domain()),
             record_key: envelope.key(),
@@ -379,6 +390,7 @@ impl Publisher {
             version,
             value,
             key: idempotency_key,
+            store_key,
             hash,
         })
     }
