@@ -422,7 +422,14 @@ pub fn header_str<M: Message>(message: &M, name: &str) -> Option<String> {
 async fn run_lane(shared: Arc<Shared>, mut work: mpsc::Receiver<Work>, cancel: CancellationToken) {
     let group = shared.agent.name.clone();
     let in_flight = metrics::gauge!(telemetry::IN_FLIGHT, "group" => group.clone());
+    // The previous event's dedup record on its way to disk: the next event is handled while
+    // it is written, but not the one after, so that when the store fails at most two events
+    // of a lane were handled without a record (they come again after a restart).
+    let mut previous: Option<tokio::task::JoinHandle<()>> = None;
     while let Some(w) = work.recv().await {
+        if let Some(recording) = previous.take() {
+            let _ = recording.await;
+        }
         // Stopping (SIGTERM, or the dedup store failed): what is queued is given back, not
         // handled; its next delivery handles it.
         if cancel.is_cancelled() {
@@ -441,11 +448,11 @@ async fn run_lane(shared: Arc<Shared>, mut work: mpsc::Receiver<Work>, cancel: C
             // Stopping: this event and those queued behind it are given back, unstored; their
             // next delivery (here after a restart, or to another process) handles them.
             Outcome::GivenBack => break,
-            // The lane goes on; the offset is stored once the dedup record is on disk, so a
-            // committed offset never runs ahead of what the dedup store knows.
+            // The offset is stored once the dedup record is on disk, so a committed offset
+            // never runs ahead of what the dedup store knows.
             Outcome::Handled(durable) => {
                 let (shared, cancel) = (shared.clone(), cancel.clone());
-                tokio::spawn(async move {
+                previous = Some(tokio::spawn(async move {
                     match durable.wait().await {
                         Ok(()) => finish(&shared, &topic, partition, offset),
                         Err(e) => {
@@ -453,7 +460,7 @@ async fn run_lane(shared: Arc<Shared>, mut work: mpsc::Receiver<Work>, cancel: C
                             cancel.cancel();
                         }
                     }
-                });
+                }));
             }
         }
     }
