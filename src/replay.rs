@@ -407,8 +407,9 @@ pub fn plan(kafka: &KafkaArgs, request: &Request) -> Result<Plan, Error> {
             untils
                 .into_iter()
                 .map(|(key, o)| {
-                    let end = if o > starts[&key] { o } else { ends[&key] };
-                    (key, end)
+                    let end = ends.get(&key).copied().unwrap_or(o);
+                    let start = starts.get(&key).copied().unwrap_or(0);
+                    (key, if o > start { o } else { end })
                 })
                 .collect()
         }
@@ -417,9 +418,11 @@ pub fn plan(kafka: &KafkaArgs, request: &Request) -> Result<Plan, Error> {
     let mut partitions: Vec<PartitionPlan> = parts
         .into_iter()
         .map(|key| {
-            let start = starts[&key];
+            // The broker answers for every partition asked; a missing answer reads it whole.
+            let end = ends.get(&key).copied().unwrap_or(0);
+            let start = starts.get(&key).copied().unwrap_or(0);
             PartitionPlan {
-                end_offset: untils[&key].max(start),
+                end_offset: untils.get(&key).copied().unwrap_or(end).max(start),
                 start_offset: start,
                 topic: key.0,
                 partition: key.1,
@@ -728,7 +731,7 @@ pub fn plan_reset(
                     _ => None,
                 });
             ResetLine {
-                new: new[&key],
+                new: new.get(&key).copied().or(current).unwrap_or_default(),
                 current,
                 topic: key.0,
                 partition: key.1,
