@@ -322,16 +322,13 @@ fn offsets_at(
     let (out, to_check) = offsets_answered(consumer, parts, time, ends)?;
     let target = time.timestamp_millis();
     let mut out = out;
-    let mut unread = 0;
-    for chunk in to_check.chunks(64) {
-        let found = lag::first_timestamps(kafka, chunk, CHECK_TIMEOUT)?;
-        unread += chunk.len() - found.len();
-        for ((topic, partition, _), ts) in found {
-            if ts < target {
-                let key = (topic, partition);
-                let end = ends.get(&key).copied().unwrap_or(0);
-                out.insert(key, end);
-            }
+    let found = lag::first_timestamps(kafka, &to_check, 64, CHECK_TIMEOUT)?;
+    let unread = to_check.len() - found.len();
+    for ((topic, partition, _), ts) in found {
+        if ts < target {
+            let key = (topic, partition);
+            let end = ends.get(&key).copied().unwrap_or(0);
+            out.insert(key, end);
         }
     }
     if unread > 0 {

@@ -18,12 +18,7 @@ fn new_key(args: &[&str]) -> (String, String) {
         .args(args)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
+    let text = succeeded(&out);
     let (key, entry) = text.split_once('\n').unwrap();
     assert!(
         !entry.contains(key.rsplit('_').next().unwrap()),

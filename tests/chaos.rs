@@ -338,11 +338,7 @@ impl OwnBroker {
             );
             return None;
         }
-        // A free port (tests/common has no helper for it yet).
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .unwrap()
-            .port();
+        let port = free_port();
         let mut broker = OwnBroker {
             addr: String::new(),
             port,

@@ -48,16 +48,6 @@ fn agentbus(app: &TestApp, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-fn stdout(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "agentbus failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// The value of `agentbus_events_consumed_total` for a group and outcome.
 async fn consumed(app: &TestApp, group: &str, outcome: &str) -> u64 {
     let text = app.get("/metrics").await.text().await.unwrap();
@@ -83,7 +73,7 @@ async fn a_replay_from_the_middle_copies_that_window_and_the_agent_handles_it_ag
     // From 65 minutes ago: e6 (60 minutes ago) to e11.
     let middle = now - chrono::Duration::minutes(65);
     let from = middle.to_rfc3339();
-    let dry = stdout(&agentbus(
+    let dry = succeeded(&agentbus(
         &app,
         &[
             "replay",
@@ -169,7 +159,7 @@ async fn a_replay_from_the_middle_copies_that_window_and_the_agent_handles_it_ag
 
     // The same replay again (same replay id, the late ones left out): the agent knows them.
     let until = (now - chrono::Duration::minutes(5)).to_rfc3339();
-    let again = stdout(&agentbus(
+    let again = succeeded(&agentbus(
         &app,
         &[
             "replay",
@@ -429,7 +419,7 @@ async fn reset_offsets_plans_refuses_an_active_group_and_moves_an_idle_one() {
         agentbus(&app, &args)
     };
     // The plan: the committed offsets now and where they would go.
-    let plan = stdout(&reset(&[]));
+    let plan = succeeded(&reset(&[]));
     assert!(plan.contains("plan only: pass --execute"), "{plan}");
     // Refused while the group has a live member (or when the broker cannot tell).
     let refused = reset(&["--execute"]);
@@ -471,7 +461,7 @@ async fn reset_offsets_plans_refuses_an_active_group_and_moves_an_idle_one() {
         // This broker cannot describe groups (tansu 0.6): the operator vouches.
         &["--execute", "--assume-inactive"]
     };
-    let done = stdout(&reset(flags));
+    let done = succeeded(&reset(flags));
     assert!(done.contains("moved the committed offsets"), "{done}");
     let (b, g, t) = (brokers.clone(), group.clone(), topic.clone());
     let after = tokio::task::spawn_blocking(move || committed(&b, &g, &t))

@@ -26,11 +26,7 @@ fn run(program: &str, args: &[&str], dir: &Path) {
         .current_dir(dir)
         .output()
         .unwrap_or_else(|e| panic!("{program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
 }
 
 /// A CA and a certificate for 127.0.0.1 signed by it.
@@ -123,11 +119,7 @@ impl TlsBroker {
             .env_remove("AGENTBUS_BROKERS")
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        succeeded(&out);
         let proxy = Command::new("socat")
             .arg(format!(
                 "openssl-listen:{tls_port},bind=127.0.0.1,reuseaddr,fork,cert={},key={},verify=0",

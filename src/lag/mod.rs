@@ -460,13 +460,16 @@ impl LagMonitor {
             .filter(|p| !cache.timestamps.contains_key(*p))
             .cloned()
             .collect();
-        for chunk in missing.chunks(self.settings.fetch_concurrency.max(1)) {
-            if self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
-                return Err(Error::Stopping);
-            }
-            let found = first_timestamps(&self.kafka, chunk, TIMEOUT)?;
-            cache.timestamps.extend(found);
+        if self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Error::Stopping);
         }
+        let found = first_timestamps(
+            &self.kafka,
+            &missing,
+            self.settings.fetch_concurrency,
+            TIMEOUT,
+        )?;
+        cache.timestamps.extend(found);
         let now_ms = collected_at.timestamp_millis();
         let mut out_groups = Vec::new();
         for (name, group) in described {
@@ -567,14 +570,19 @@ impl LagMonitor {
 /// two groups far apart do not make the reader walk the records between them.
 const MAX_RUN: i64 = 1_000;
 
-/// The timestamp of the first record at or after each position. One reader: each partition
-/// is assigned at its lowest position and read until it passed the highest one of its run
-/// (several groups sit at different offsets of one partition), then paused.
+/// The timestamp of the first record at or after each position, all within `timeout`. One
+/// reader: each partition is assigned at its lowest position and read until it passed the
+/// highest one of its run (several groups sit at different offsets of one partition), then
+/// paused; at most `at_once` partitions are assigned at a time.
 pub(crate) fn first_timestamps(
     kafka: &KafkaArgs,
     positions: &[Position],
+    at_once: usize,
     timeout: Duration,
 ) -> Result<Vec<(Position, i64)>, rdkafka::error::KafkaError> {
+    if positions.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut by_partition: BTreeMap<(String, i32), Vec<i64>> = BTreeMap::new();
     for (topic, partition, offset) in positions {
         by_partition
@@ -600,6 +608,15 @@ pub(crate) fn first_timestamps(
             rounds[i].push((key.clone(), run));
         }
     }
+    let rounds: Vec<Round> = rounds
+        .into_iter()
+        .flat_map(|round| {
+            round
+                .chunks(at_once.max(1))
+                .map(<[_]>::to_vec)
+                .collect::<Vec<_>>()
+        })
+        .collect();
     let reader: BaseConsumer = kafka
         .client_config_with(&[
             ("group.id", "agentbus-lag-reader".into()),

@@ -415,25 +415,38 @@ impl Publisher {
                 .headers(headers);
             pending.push(producer.send_result(record).map_err(|(e, _)| e));
         }
-        let waits = pending.into_iter().map(|sent| async move {
-            let future = sent.map_err(describe)?;
-            match tokio::time::timeout_at(deadline.into(), future).await {
-                Err(_) => Err("the broker did not acknowledge in time".to_string()),
-                Ok(Err(_)) => Err("the producer was shut down".to_string()),
-                Ok(Ok(Err((e, _)))) => Err(describe(e)),
-                Ok(Ok(Ok(delivery))) => Ok((delivery.partition, delivery.offset)),
+        let timed_out = AtomicBool::new(false);
+        let waits = pending.into_iter().map(|sent| {
+            let timed_out = &timed_out;
+            async move {
+                let future = sent.map_err(describe)?;
+                let late = || {
+                    timed_out.store(true, Ordering::Relaxed);
+                    Err(TIMED_OUT.to_string())
+                };
+                match tokio::time::timeout_at(deadline.into(), future).await {
+                    Err(_) => late(),
+                    Ok(Err(_)) => Err("the producer was shut down".to_string()),
+                    Ok(Ok(Err((e, _))))
+                        if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut) =>
+                    {
+                        late()
+                    }
+                    Ok(Ok(Err((e, _)))) => Err(describe(e)),
+                    Ok(Ok(Ok(delivery))) => Ok((delivery.partition, delivery.offset)),
+                }
             }
         });
         let results = join_all(waits).await;
-        if results
-            .iter()
-            .any(|r| matches!(r, Err(why) if why.contains("did not acknowledge in time")))
-        {
+        if timed_out.load(Ordering::Relaxed) {
             self.renew_producer("deliveries timed out");
         }
         results
     }
 }
+
+/// Why a delivery failed when the broker did not answer in time.
+const TIMED_OUT: &str = "the broker did not acknowledge in time";
 
 /// The least time between two renewals of the producer.
 const RENEW_AT_MOST_EVERY: Duration = Duration::from_secs(30);
@@ -445,7 +458,7 @@ fn conflict(key: &str, why: &str) -> Error {
 fn describe(e: KafkaError) -> String {
     match e.rdkafka_error_code() {
         Some(RDKafkaErrorCode::QueueFull) => "the producer queue is full; retry later".into(),
-        Some(RDKafkaErrorCode::MessageTimedOut) => "the broker did not acknowledge in time".into(),
+        Some(RDKafkaErrorCode::MessageTimedOut) => TIMED_OUT.into(),
         _ => format!("the broker did not accept the event: {e}"),
     }
 }

@@ -334,6 +334,19 @@ pub fn header(message: &OwnedMessage, name: &str) -> Option<String> {
     agentbus::consume::header_str(message, name)
 }
 
+/// The standard output of a command that must have succeeded; fails the test with both of
+/// its outputs otherwise.
+pub fn succeeded(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "the command failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A port free on 127.0.0.1 a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
