@@ -44,6 +44,9 @@ work=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 pid=
 cleanup() {
+  if [ -z "${AGENTBUS_BROKERS:-}" ] && grep -q panicked "$AGENTBUS_DATA_DIR/tansu/tansu.log"; then
+    echo "the broker failed during the run: $(grep -m1 -A1 panicked "$AGENTBUS_DATA_DIR/tansu/tansu.log" | tr '\n' ' ')"
+  fi
   [ -n "$pid" ] && kill "$pid" 2>/dev/null
   wait 2>/dev/null
   rm -rf "$work"
@@ -70,8 +73,11 @@ case $what in
     target/release/agentbus-bench soak --url "http://127.0.0.1:$port" --service-pid "$pid" "$@"
     ;;
   consume)
+    broker_pid=()
+    [ -z "${AGENTBUS_BROKERS:-}" ] && broker_pid=(--broker-pid "$(cat "$AGENTBUS_DATA_DIR/tansu/tansu.pid")")
     target/release/agentbus-bench consume --brokers "$brokers" --topic-prefix "$prefix" \
-      --url "http://127.0.0.1:$port" --agentbus target/release/agentbus "$@"
+      --url "http://127.0.0.1:$port" --agentbus target/release/agentbus --service-pid "$pid" \
+      "${broker_pid[@]}" "$@"
     ;;
   *) echo "unknown benchmark $what" >&2; exit 2 ;;
 esac

@@ -5,7 +5,8 @@
 //! 2. the service SIGKILLed under load, restarted on the same data directory, and every
 //!    event retried;
 //! 3. an agent whose dedup store becomes unwritable (`chattr +i`: root ignores permissions);
-//! 4. records agentbus did not write on a subscribed topic.
+//! 4. records agentbus did not write on a subscribed topic;
+//! 5. the broker stopped while an agent dead-letters an event.
 //!
 //! Each test prints one `CHAOS <name>: key=value ...` line with its figures; `ops/chaos.sh`
 //! runs them longer (the `CHAOS_*` knobs) and collects those lines into a report.
@@ -1082,4 +1083,88 @@ async fn records_agentbus_did_not_write_are_dead_lettered_as_undecodable_and_the
             Some(name.as_str())
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. The broker stopped while an agent dead-letters.
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_dead_letters_across_a_broker_outage_and_goes_on() {
+    let Some(broker) = OwnBroker::start().await else {
+        return;
+    };
+    let (receiver, url) = Receiver::start().await;
+    let consumers = tempfile::tempdir().unwrap();
+    let name = format!("steadfast-{}", uuid::Uuid::new_v4().simple());
+    agent_file(consumers.path(), &name, &url, "");
+    let app = spawn(Options {
+        brokers: Some(broker.addr.clone()),
+        consumers_dir: Some(consumers.path().to_path_buf()),
+        ..Options::default()
+    })
+    .await;
+    // Longer than a delivery may take (30 s for the agents' own producer before it was the
+    // publisher's): a delivery that times out makes librdkafka bump the producer's epoch,
+    // which tansu 0.6 does not survive.
+    let down = secs("CHAOS_FORWARD_DOWN_SECS", 35.0);
+
+    assert_eq!(app.post(&task("held", "held")).await.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while receiver.attempts.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the agent never got the event");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The handler answers 400 (final) while the broker is away: its dead letter has to wait.
+    broker.run("stop").await;
+    receiver
+        .released
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(down).await;
+    broker.run("start").await;
+    let restarted = Instant::now();
+
+    let dlq = format!("{}{name}.dlq", app.prefix);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let dead = loop {
+        let records = read_all(&app.brokers, &dlq).await;
+        if !records.is_empty() || Instant::now() > deadline {
+            break records;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let dead_lettered_after = restarted.elapsed();
+    // And the agent goes on with what comes next.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let after = loop {
+        if app.post(&task("after", "after")).await.status() == 200 {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(
+        after,
+        "no publish was acknowledged within 60 s of the restart"
+    );
+    let handled = receiver.wait_for(1, Duration::from_secs(60)).await;
+    println!(
+        "CHAOS agent-outage: down={:.0}s dead_lettered={} after_restart={:.1}s next_handled={}",
+        down.as_secs_f64(),
+        dead.len(),
+        dead_lettered_after.as_secs_f64(),
+        handled.len()
+    );
+    assert_eq!(
+        dead.len(),
+        1,
+        "the event that failed during the outage should be in {dlq} once, after the restart"
+    );
+    assert_eq!(
+        header(&dead[0], "agentbus-error-kind").as_deref(),
+        Some("http_status")
+    );
+    assert_eq!(receiver.descriptions(), ["after"]);
+    app.stop().await;
 }

@@ -59,12 +59,19 @@ struct ConsumeArgs {
     /// Events to consume.
     #[arg(long, default_value_t = 20_000)]
     events: usize,
-    /// Events per second of the latency run.
-    #[arg(long, default_value_t = 500)]
-    rate: u64,
-    /// Duration of the latency run.
+    /// Events per second of the latency runs (one run each, comma-separated; lowest first, since
+    /// a broker driven past what it can take may not recover).
+    #[arg(long, value_delimiter = ',', default_values_t = [100, 200, 500])]
+    rate: Vec<u64>,
+    /// Duration of each latency run.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     latency_duration: Duration,
+    /// Pid of the broker, to report its CPU use during the latency runs.
+    #[arg(long)]
+    broker_pid: Option<u32>,
+    /// Pid of the agentbus that publishes, likewise.
+    #[arg(long)]
+    service_pid: Option<u32>,
 }
 
 #[derive(Clone, clap::Args)]
@@ -363,6 +370,171 @@ fn raw_consume(kafka: &KafkaArgs, topics: &[&str], n: usize) -> anyhow::Result<f
     Ok((n - 1) as f64 / first.elapsed().as_secs_f64())
 }
 
+/// Latencies in ms, sorted, and how many were sent: the baseline of the publish-to-handler
+/// run. A raw producer writes single records at `rate` (each with agentbus's headers, its
+/// CreateTime the send time) while a raw consumer in a group of its own reads them.
+async fn raw_latency(
+    kafka: &KafkaArgs,
+    rate: u64,
+    duration: Duration,
+) -> anyhow::Result<(Vec<f64>, usize)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let topic = format!("{}bench-latency-raw-{rate}", kafka.topic_prefix);
+    topics::ensure(
+        kafka,
+        &[TopicSpec {
+            name: topic.clone(),
+            partitions: 3,
+            replication: 1,
+            retention: Duration::from_secs(3600),
+        }],
+    )
+    .await?;
+    let total = (rate as f64 * duration.as_secs_f64()) as usize;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (joined_tx, joined_rx) = tokio::sync::oneshot::channel();
+    let reader = {
+        let (kafka, topic, stop) = (kafka.clone(), topic.clone(), stop.clone());
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<f64>> {
+            let consumer: BaseConsumer = kafka
+                .client_config()
+                .set(
+                    "group.id",
+                    format!("bench-latency-raw-{}", uuid::Uuid::new_v4()),
+                )
+                .set("auto.offset.reset", "earliest")
+                .set("session.timeout.ms", "6000")
+                .set("heartbeat.interval.ms", "1000")
+                .create()?;
+            consumer.subscribe(&[&topic])?;
+            let mut joined = Some(joined_tx);
+            let mut latencies = Vec::with_capacity(total);
+            while latencies.len() < total && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let message = consumer.poll(Duration::from_millis(100));
+                if joined.is_some() && consumer.assignment().is_ok_and(|a| a.count() > 0) {
+                    let _ = joined.take().expect("checked").send(());
+                }
+                if let Some(m) = message {
+                    use rdkafka::Message;
+                    let sent = m?.timestamp().to_millis().unwrap_or(0);
+                    latencies.push((chrono::Utc::now().timestamp_millis() - sent) as f64);
+                }
+            }
+            Ok(latencies)
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(60), joined_rx)
+        .await
+        .context("the raw latency consumer did not join its group within 60 s")?
+        .context("the raw latency consumer stopped before it joined")?;
+    let producer: FutureProducer =
+        agentbus::publish::producer_config(kafka, Duration::from_secs(5)).create()?;
+    let value = vec![b'v'; 300];
+    let period = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = tokio::time::Instant::now();
+    let mut sends = Vec::with_capacity(total);
+    for i in 0..total {
+        tokio::time::sleep_until(start + period * i as u32).await;
+        let key = format!("p{}", i % 32);
+        let record = FutureRecord::to(&topic)
+            .key(&key)
+            .payload(&value)
+            .headers(cloudevents_headers(i))
+            .timestamp(chrono::Utc::now().timestamp_millis());
+        sends.push(producer.send_result(record).map_err(|(e, _)| e)?);
+    }
+    let mut sent = 0;
+    for s in sends {
+        if matches!(s.await, Ok(Ok(_))) {
+            sent += 1;
+        }
+    }
+    // The stragglers get 30 s.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !reader.is_finished() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut latencies = reader.await??;
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    Ok((latencies, sent))
+}
+
+/// Single `pattern.learned` events POSTed to agentbus at `rate` for `duration`, each
+/// stamped with its send time; how many were accepted.
+async fn publish_steadily(
+    client: &reqwest::Client,
+    endpoint: &str,
+    rate: u64,
+    duration: Duration,
+) -> anyhow::Result<usize> {
+    let total = (rate as f64 * duration.as_secs_f64()) as usize;
+    let period = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = tokio::time::Instant::now();
+    let mut sends = Vec::with_capacity(total);
+    for i in 0..total {
+        tokio::time::sleep_until(start + period * i as u32).await;
+        let (client, endpoint) = (client.clone(), endpoint.to_string());
+        sends.push(tokio::spawn(async move {
+            let body = json!({
+                "event_type": "pattern.learned", "source": "bench", "partition_key": format!("p{}", i % 32),
+                "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                "data": {"pattern_id": uuid::Uuid::new_v4(), "agent_id": "a", "pattern_type": "bench",
+                         "description": "latency", "success_rate": 0.5, "sample_size": i as i32}
+            });
+            client.post(endpoint).json(&body).send().await.map(|r| r.status().is_success()).unwrap_or(false)
+        }));
+    }
+    let mut published = 0;
+    for s in sends {
+        if s.await? {
+            published += 1;
+        }
+    }
+    Ok(published)
+}
+
+/// CPU time of some processes over a stretch of wall time.
+struct CpuMeter {
+    started: Instant,
+    before: Vec<(&'static str, u32, f64)>,
+}
+
+impl CpuMeter {
+    fn start(processes: &[(&'static str, Option<u32>)]) -> Self {
+        let before = processes
+            .iter()
+            .filter_map(|&(name, pid)| {
+                let pid = pid?;
+                Some((name, pid, cpu_seconds(pid)?))
+            })
+            .collect();
+        CpuMeter {
+            started: Instant::now(),
+            before,
+        }
+    }
+
+    /// "name N%, ..." as percent of one core.
+    fn stop(self) -> String {
+        let wall = self.started.elapsed().as_secs_f64();
+        self.before
+            .iter()
+            .filter_map(|&(name, pid, before)| {
+                let used = cpu_seconds(pid)? - before;
+                Some(format!("{name} {:.0}%", used / wall * 100.0))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// The value at percentile `p` (0..1) of sorted values.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
 /// The value of `agentbus_events_consumed_total` for a group and outcome in a scrape.
 fn consumed(metrics: &str, group: &str) -> f64 {
     metrics
@@ -487,46 +659,53 @@ async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
     println!("  (b) agentbus agent, no-op handler, dedup store:  {ours:>9.0} events/s");
     println!("  ratio b/a: {:.2} (target >= 0.5)", ours / raw);
 
-    // Publish-to-handler latency at a steady rate, single events.
-    let total = (args.rate as f64 * args.latency_duration.as_secs_f64()) as usize;
-    let period = Duration::from_secs_f64(1.0 / args.rate as f64);
-    let start = tokio::time::Instant::now();
-    let mut sends = Vec::with_capacity(total);
-    for i in 0..total {
-        tokio::time::sleep_until(start + period * i as u32).await;
-        let (client, endpoint) = (client.clone(), endpoint.clone());
-        sends.push(tokio::spawn(async move {
-            let body = json!({
-                "event_type": "pattern.learned", "source": "bench", "partition_key": format!("p{}", i % 32),
-                "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-                "data": {"pattern_id": uuid::Uuid::new_v4(), "agent_id": "a", "pattern_type": "bench",
-                         "description": "latency", "success_rate": 0.5, "sample_size": i as i32}
-            });
-            client.post(endpoint).json(&body).send().await.map(|r| r.status().is_success()).unwrap_or(false)
-        }));
-    }
-    let mut published = 0;
-    for s in sends {
-        if s.await? {
-            published += 1;
+    // Publish-to-handler latency at steady rates, single events: first the baseline, then
+    // agentbus, with the agent process running in both; CPU of every process meanwhile.
+    let processes = [
+        ("broker", args.broker_pid),
+        ("agentbus serve (publishes)", args.service_pid),
+        ("agent process", Some(agent.id())),
+        ("load generator (this)", Some(std::process::id())),
+    ];
+    for &rate in &args.rate {
+        let cpu = CpuMeter::start(&processes);
+        let (raw_latencies, raw_sent) =
+            raw_latency(&args.kafka, rate, args.latency_duration).await?;
+        let raw_cpu = cpu.stop();
+        latencies.lock().unwrap().clear();
+        let cpu = CpuMeter::start(&processes);
+        let published = publish_steadily(&client, &endpoint, rate, args.latency_duration).await?;
+        let wait_until = Instant::now() + Duration::from_secs(30);
+        while latencies.lock().unwrap().len() < published && Instant::now() < wait_until {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    }
-    let wait_until = Instant::now() + Duration::from_secs(30);
-    while latencies.lock().unwrap().len() < published && Instant::now() < wait_until {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let mut l = latencies.lock().unwrap().clone();
-    l.sort_by(|a, b| a.total_cmp(b));
-    if !l.is_empty() {
-        let pct = |p: f64| l[((l.len() as f64 * p) as usize).min(l.len() - 1)];
+        let ours_cpu = cpu.stop();
+        let mut l = latencies.lock().unwrap().clone();
+        l.sort_by(|a, b| a.total_cmp(b));
         println!(
-            "publish-to-handler latency at {}/s for {:?}: p50 {:.1} ms, p99 {:.1} ms ({} of {published} delivered)",
-            args.rate,
-            args.latency_duration,
-            pct(0.5),
-            pct(0.99),
-            l.len()
+            "publish-to-handler latency, single events at {rate}/s for {:?}:",
+            args.latency_duration
         );
+        let line = |what: &str, l: &[f64], sent: usize| {
+            if l.is_empty() {
+                println!("  {what} none of {sent} delivered");
+            } else {
+                println!(
+                    "  {what} p50 {:>7.1} ms, p99 {:>7.1} ms ({} of {sent} delivered)",
+                    percentile(l, 0.5),
+                    percentile(l, 0.99),
+                    l.len()
+                );
+            }
+        };
+        line(
+            "(a) raw producer -> raw consumer:     ",
+            &raw_latencies,
+            raw_sent,
+        );
+        println!("      CPU, % of one core: {raw_cpu}");
+        line("(b) agentbus HTTP -> agent -> webhook:", &l, published);
+        println!("      CPU, % of one core: {ours_cpu}");
     }
     let hwm = std::fs::read_to_string(format!("/proc/{}/status", agent.id()))
         .ok()

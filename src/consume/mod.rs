@@ -19,7 +19,8 @@ use rdkafka::{
     ClientConfig, ClientContext, Message, TopicPartitionList,
     consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer},
     message::{Header, Headers, OwnedHeaders, OwnedMessage},
-    producer::{FutureProducer, FutureRecord},
+    producer::FutureRecord,
+    types::RDKafkaErrorCode,
 };
 use serde_json::{Value as Json, json};
 use tokio::sync::mpsc;
@@ -137,7 +138,6 @@ struct Shared {
     kafka: KafkaArgs,
     registry: Arc<Registry>,
     publisher: Arc<Publisher>,
-    producer: FutureProducer,
     dedup: ExpiringStore,
     dedup_ttl: Duration,
     handler: Handler,
@@ -235,14 +235,11 @@ pub async fn run_agent(
     let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topic_refs)?;
     let consumer = Arc::new(consumer);
-    let producer: FutureProducer =
-        publish::producer_config(&settings.kafka, Duration::from_secs(30)).create()?;
 
     let shared = Arc::new(Shared {
         kafka: settings.kafka.clone(),
         registry,
         publisher,
-        producer,
         dedup,
         dedup_ttl: settings.dedup_ttl,
         handler,
@@ -694,11 +691,31 @@ async fn forward(
     let headers = copied_headers(message, &[], extra);
     let mut wait = Duration::from_millis(200);
     loop {
+        // While the broker is known to be away, nothing is sent: deliveries that time out
+        // make librdkafka bump the producer's epoch, which some brokers mishandle.
+        if !shared.publisher.broker_up() {
+            if !wait_unless_stopping(Duration::from_millis(500), cancel).await {
+                return false;
+            }
+            continue;
+        }
         let record = copy_of(message, topic, headers.clone());
-        match shared.producer.send(record, Duration::from_secs(10)).await {
+        // The publisher's producer: renewed when the broker was lost or deliveries timed out
+        // (see `Publisher::renew_producer`), so forwarding recovers with publishing.
+        match shared
+            .publisher
+            .producer()
+            .send(record, Duration::from_secs(10))
+            .await
+        {
             Ok(_) => return true,
             Err((e, _)) => {
                 tracing::warn!(topic, error = %e, "could not write the record; retrying");
+                if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut) {
+                    shared
+                        .publisher
+                        .renew_producer("a forwarded record timed out");
+                }
             }
         }
         if !wait_unless_stopping(wait, cancel).await {

@@ -138,6 +138,11 @@ impl Publisher {
         }
     }
 
+    /// Whether the broker answered lately (see [`watch_broker`]).
+    pub fn broker_up(&self) -> bool {
+        self.broker_up.load(Ordering::Relaxed)
+    }
+
     /// The producer, for flushing at shutdown and probing the broker.
     pub fn producer(&self) -> FutureProducer {
         self.producer.read().expect("producer lock").clone()

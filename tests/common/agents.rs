@@ -25,10 +25,13 @@ pub struct Receiver {
     pub attempts: Arc<Mutex<HashMap<String, u32>>>,
     /// Once set, `poison` is accepted too.
     pub cured: Arc<std::sync::atomic::AtomicBool>,
+    /// Until set, `held` events get no answer (then 400, like `poison`).
+    pub released: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Behaviour by the task's description: `fail-N` fails N times with 503, `poison` answers
-/// 400, `follow` answers with a follow-up event, `slow` takes 100 ms; anything else 200.
+/// 400, `held` answers 400 once `released` is set, `follow` answers with a follow-up event,
+/// `slow` takes 100 ms; anything else 200.
 async fn receive(
     State(r): State<Receiver>,
     headers: HeaderMap,
@@ -52,6 +55,12 @@ async fn receive(
         && attempt <= n.parse().unwrap()
     {
         return (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not yet").into_response();
+    }
+    if description == "held" {
+        while !r.released.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        return (axum::http::StatusCode::BAD_REQUEST, "released").into_response();
     }
     if description == "poison" && !r.cured.load(std::sync::atomic::Ordering::SeqCst) {
         return (axum::http::StatusCode::BAD_REQUEST, "never").into_response();
