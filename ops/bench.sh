@@ -2,7 +2,7 @@
 # Benchmarks, each against a raw librdkafka baseline on the same broker in the same run.
 #
 #   ops/bench.sh publish [agentbus-bench publish flags...]
-#   ops/bench.sh consume [agentbus-bench consume flags...]
+#   ops/bench.sh consume [agentbus-bench consume flags...]  throughput, then latency, each on a fresh broker
 #   ops/bench.sh replay  [agentbus-bench replay flags...]   replay vs a raw consume-and-produce copy
 #   ops/bench.sh lag     [agentbus-bench lag flags...]      one lag collection, 50 groups x 16 partitions
 #   ops/bench.sh soak    [agentbus-bench soak flags...]     steady load for 10 minutes, memory sampled
@@ -10,7 +10,7 @@
 # Starts the local broker (or uses AGENTBUS_BROKERS), builds release binaries, starts
 # `agentbus serve` on a free port with its own topic prefix and data directory, runs the load
 # generator, and prints both rates, the ratio, single-event latency and the service's peak
-# memory (VmHWM).
+# memory (VmHWM). When the local broker fails during a run, its first panic is printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,67 +18,96 @@ what=${1:-}
 [ -n "$what" ] || { echo "usage: $0 publish|consume|replay|lag|soak [flags]" >&2; exit 2; }
 shift
 
-# A fresh broker of its own for every run (unless AGENTBUS_BROKERS), so figures do not depend
-# on what earlier runs left in it.
-if [ -z "${AGENTBUS_BROKERS:-}" ]; then
+own_broker=
+[ -z "${AGENTBUS_BROKERS:-}" ] && own_broker=1
+if [ -n "$own_broker" ]; then
   export AGENTBUS_BROKER_PORT=${AGENTBUS_BENCH_BROKER_PORT:-19192}
   export AGENTBUS_DATA_DIR=$PWD/target/bench-data
-  ops/broker.sh stop
-  rm -rf "$AGENTBUS_DATA_DIR/tansu"
 fi
-brokers=$(ops/broker.sh start)
 cargo build --release --quiet --bin agentbus --bin agentbus-bench
-prefix="bench$(date +%s)."
 
-# Replay and lag need no running service.
-case $what in
-  replay|lag)
-    trap '[ -z "${AGENTBUS_BROKERS:-}" ] && ops/broker.sh stop' EXIT
-    echo "broker $brokers, $(nproc) cores"
-    target/release/agentbus-bench "$what" --brokers "$brokers" --topic-prefix "$prefix" "$@"
-    exit
-    ;;
-esac
+# A fresh broker of its own for every run (unless AGENTBUS_BROKERS), so figures do not depend
+# on what earlier runs left in it.
+fresh_broker() {
+  if [ -n "$own_broker" ]; then
+    ops/broker.sh stop
+    rm -rf "$AGENTBUS_DATA_DIR/tansu"
+  fi
+  brokers=$(ops/broker.sh start)
+  prefix="bench$(date +%s%N)."
+  broker_pid=()
+  [ -n "$own_broker" ] && broker_pid=(--broker-pid "$(cat "$AGENTBUS_DATA_DIR/tansu/tansu.pid")")
+  return 0
+}
 
-work=$(mktemp -d)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+work=
 pid=
-cleanup() {
-  if [ -z "${AGENTBUS_BROKERS:-}" ] && grep -q panicked "$AGENTBUS_DATA_DIR/tansu/tansu.log"; then
+stop_all() {
+  if [ -n "$own_broker" ] && grep -q panicked "$AGENTBUS_DATA_DIR/tansu/tansu.log" 2>/dev/null; then
     echo "the broker failed during the run: $(grep -m1 -A1 panicked "$AGENTBUS_DATA_DIR/tansu/tansu.log" | tr '\n' ' ')"
   fi
-  [ -n "$pid" ] && kill "$pid" 2>/dev/null
-  wait 2>/dev/null
-  rm -rf "$work"
-  [ -z "${AGENTBUS_BROKERS:-}" ] && ops/broker.sh stop
+  if [ -n "$pid" ]; then
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  fi
+  pid=
+  [ -n "$work" ] && rm -rf "$work"
+  work=
+  if [ -n "$own_broker" ]; then ops/broker.sh stop; fi
+  return 0
 }
-trap cleanup EXIT
+trap stop_all EXIT
 
-AGENTBUS_BROKERS=$brokers AGENTBUS_HTTP_ADDR=127.0.0.1:$port AGENTBUS_DATA_DIR=$work \
-  AGENTBUS_TOPIC_PREFIX=$prefix AGENTBUS_LOG=warn AGENTBUS_SCHEMAS_DIR=schemas \
-  AGENTBUS_CONSUMERS_DIR=$work/no-agents target/release/agentbus serve &
-pid=$!
-for _ in $(seq 1 300); do
-  curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break
-  sleep 0.1
-done
-curl -sf "http://127.0.0.1:$port/readyz" >/dev/null || { echo "agentbus did not become ready" >&2; exit 1; }
+# `agentbus serve` (no agents) on a free port against the fresh broker.
+start_service() {
+  work=$(mktemp -d)
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  AGENTBUS_BROKERS=$brokers AGENTBUS_HTTP_ADDR=127.0.0.1:$port AGENTBUS_DATA_DIR=$work \
+    AGENTBUS_TOPIC_PREFIX=$prefix AGENTBUS_LOG=warn AGENTBUS_SCHEMAS_DIR=schemas \
+    AGENTBUS_CONSUMERS_DIR=$work/no-agents target/release/agentbus serve &
+  pid=$!
+  for _ in $(seq 1 300); do
+    curl -sf "http://127.0.0.1:$port/readyz" >/dev/null && break
+    sleep 0.1
+  done
+  curl -sf "http://127.0.0.1:$port/readyz" >/dev/null || { echo "agentbus did not become ready" >&2; exit 1; }
+  echo "broker $brokers, agentbus pid $pid on 127.0.0.1:$port, $(nproc) cores"
+}
 
-echo "broker $brokers, agentbus pid $pid on 127.0.0.1:$port, $(nproc) cores"
+peak_memory() {
+  echo "agentbus peak memory (VmHWM): $(awk '/VmHWM/ {printf "%.1f MiB", $2/1024}' /proc/$pid/status)"
+}
+
 case $what in
+  replay|lag)
+    # No running service needed.
+    fresh_broker
+    echo "broker $brokers, $(nproc) cores"
+    target/release/agentbus-bench "$what" --brokers "$brokers" --topic-prefix "$prefix" "$@"
+    ;;
   publish)
+    fresh_broker
+    start_service
     target/release/agentbus-bench publish --brokers "$brokers" --url "http://127.0.0.1:$port" --service-pid "$pid" "$@"
+    peak_memory
     ;;
   soak)
+    fresh_broker
+    start_service
     target/release/agentbus-bench soak --url "http://127.0.0.1:$port" --service-pid "$pid" "$@"
+    peak_memory
     ;;
   consume)
-    broker_pid=()
-    [ -z "${AGENTBUS_BROKERS:-}" ] && broker_pid=(--broker-pid "$(cat "$AGENTBUS_DATA_DIR/tansu/tansu.pid")")
-    target/release/agentbus-bench consume --brokers "$brokers" --topic-prefix "$prefix" \
-      --url "http://127.0.0.1:$port" --agentbus target/release/agentbus --service-pid "$pid" \
-      "${broker_pid[@]}" "$@"
+    # tansu slows as its database grows: the latency runs get a fresh broker of their own.
+    for part in throughput latency; do
+      fresh_broker
+      start_service
+      target/release/agentbus-bench consume --part "$part" --brokers "$brokers" --topic-prefix "$prefix" \
+        --url "http://127.0.0.1:$port" --agentbus target/release/agentbus --service-pid "$pid" \
+        "${broker_pid[@]}" "$@"
+      peak_memory
+      stop_all
+    done
     ;;
   *) echo "unknown benchmark $what" >&2; exit 2 ;;
 esac
-echo "agentbus peak memory (VmHWM): $(awk '/VmHWM/ {printf "%.1f MiB", $2/1024}' /proc/$pid/status)"

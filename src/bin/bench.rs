@@ -66,6 +66,10 @@ struct ConsumeArgs {
     /// Duration of each latency run.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     latency_duration: Duration,
+    /// Which part to run: `throughput`, `latency` or `both` (ops/bench.sh runs each on a
+    /// fresh broker of its own, since tansu slows as its database grows).
+    #[arg(long, default_value = "both")]
+    part: String,
     /// Pid of the broker, to report its CPU use during the latency runs.
     #[arg(long)]
     broker_pid: Option<u32>,
@@ -377,9 +381,10 @@ async fn raw_latency(
     kafka: &KafkaArgs,
     rate: u64,
     duration: Duration,
+    round: usize,
 ) -> anyhow::Result<(Vec<f64>, usize)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let topic = format!("{}bench-latency-raw-{rate}", kafka.topic_prefix);
+    let topic = format!("{}bench-latency-raw-{rate}-{round}", kafka.topic_prefix);
     topics::ensure(
         kafka,
         &[TopicSpec {
@@ -530,6 +535,19 @@ impl CpuMeter {
     }
 }
 
+/// "what p50 .. ms, p99 .. ms (n of sent delivered)" of sorted latencies.
+fn latency_line(what: &str, sorted: &[f64], sent: usize) -> String {
+    if sorted.is_empty() {
+        return format!("{what} none of {sent} delivered");
+    }
+    format!(
+        "{what} p50 {:>7.1} ms, p99 {:>7.1} ms ({} of {sent} delivered)",
+        percentile(sorted, 0.5),
+        percentile(sorted, 0.99),
+        sorted.len()
+    )
+}
+
 /// The value at percentile `p` (0..1) of sorted values.
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
@@ -547,10 +565,13 @@ fn consumed(metrics: &str, group: &str) -> f64 {
         .sum()
 }
 
-async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
-    let client = reqwest::Client::new();
-    // Fill the topic through agentbus, so the records are what agents really read.
-    let endpoint = format!("{}/v1/events", args.url);
+/// Fills the no-op agent's topic through agentbus (so the records are what agents really
+/// read) and reads it with a raw consumer: its rate.
+async fn fill_and_read_raw(
+    args: &ConsumeArgs,
+    client: &reqwest::Client,
+    endpoint: &str,
+) -> anyhow::Result<f64> {
     let bodies: Vec<Value> = (0..args.events)
         .collect::<Vec<_>>()
         .chunks(100)
@@ -558,7 +579,7 @@ async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
         .collect();
     let mut posts = stream::iter(bodies)
         .map(|body| {
-            let (client, endpoint) = (&client, &endpoint);
+            let (client, endpoint) = (client, endpoint);
             async move {
                 client
                     .post(endpoint)
@@ -575,7 +596,118 @@ async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
     }
     let topic = args.kafka.events_topic("knowledge");
     let (kafka, t, n) = (args.kafka.clone(), topic.clone(), args.events);
-    let raw = tokio::task::spawn_blocking(move || raw_consume(&kafka, &[&t], n)).await??;
+    tokio::task::spawn_blocking(move || raw_consume(&kafka, &[&t], n)).await?
+}
+
+/// The no-op agent's rate from its first handled event to the last.
+async fn agent_throughput(
+    args: &ConsumeArgs,
+    client: &reqwest::Client,
+    metrics_url: &str,
+    agent: &mut std::process::Child,
+) -> anyhow::Result<f64> {
+    let mut first: Option<(Instant, f64)> = None;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let ours = loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if Instant::now() > deadline {
+            let _ = agent.kill();
+            bail!("the agent did not consume {} events in time", args.events);
+        }
+        let Ok(r) = client.get(metrics_url).send().await else {
+            continue;
+        };
+        let count = consumed(&r.text().await?, "bench-noop");
+        if count > 0.0 && first.is_none() {
+            first = Some((Instant::now(), count));
+        }
+        if count >= args.events as f64 {
+            let (t0, c0) = first.expect("set above");
+            break (count - c0) / t0.elapsed().as_secs_f64();
+        }
+    };
+    Ok(ours)
+}
+
+/// Publish-to-handler latency at each rate, rounds a b b a.
+async fn latency_runs(
+    args: &ConsumeArgs,
+    client: &reqwest::Client,
+    endpoint: &str,
+    latencies: &Arc<std::sync::Mutex<Vec<f64>>>,
+    agent_pid: u32,
+) -> anyhow::Result<()> {
+    // Publish-to-handler latency at steady rates, single events: first the baseline, then
+    // agentbus, with the agent process running in both; CPU of every process meanwhile.
+    let processes = [
+        ("broker", args.broker_pid),
+        ("agentbus serve (publishes)", args.service_pid),
+        ("agent process", Some(agent_pid)),
+        ("load generator (this)", Some(std::process::id())),
+    ];
+    for &rate in &args.rate {
+        println!(
+            "publish-to-handler latency, single events at {rate}/s for {:?}, rounds a b b a:",
+            args.latency_duration
+        );
+        let (mut raw_all, mut ours_all) = ((Vec::new(), 0), (Vec::new(), 0));
+        for (round, raw) in [true, false, false, true].into_iter().enumerate() {
+            let cpu = CpuMeter::start(&processes);
+            let (l, sent) = if raw {
+                raw_latency(&args.kafka, rate, args.latency_duration, round).await?
+            } else {
+                let hook = latencies.clone();
+                hook.lock().unwrap().clear();
+                let sent = publish_steadily(client, endpoint, rate, args.latency_duration).await?;
+                let wait_until = Instant::now() + Duration::from_secs(30);
+                while hook.lock().unwrap().len() < sent && Instant::now() < wait_until {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let mut l = hook.lock().unwrap().clone();
+                l.sort_by(|a, b| a.total_cmp(b));
+                (l, sent)
+            };
+            let cpu = cpu.stop();
+            let what = if raw {
+                "(a) raw producer -> raw consumer:     "
+            } else {
+                "(b) agentbus HTTP -> agent -> webhook:"
+            };
+            println!("  {}", latency_line(what, &l, sent));
+            println!("      CPU, % of one core: {cpu}");
+            let all = if raw { &mut raw_all } else { &mut ours_all };
+            all.0.extend(l);
+            all.1 += sent;
+        }
+        for all in [&mut raw_all, &mut ours_all] {
+            all.0.sort_by(|a, b| a.total_cmp(b));
+        }
+        println!(
+            "  both rounds {}",
+            latency_line("(a):", &raw_all.0, raw_all.1)
+        );
+        println!(
+            "  both rounds {}",
+            latency_line("(b):", &ours_all.0, ours_all.1)
+        );
+    }
+    Ok(())
+}
+
+async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
+    let (throughput, latency) = match args.part.as_str() {
+        "throughput" => (true, false),
+        "latency" => (false, true),
+        "both" => (true, true),
+        other => bail!("--part {other:?}: throughput, latency or both"),
+    };
+    let client = reqwest::Client::new();
+    let endpoint = format!("{}/v1/events", args.url);
+    let raw = if throughput {
+        fill_and_read_raw(&args, &client, &endpoint).await?
+    } else {
+        0.0
+    };
 
     // The agent process: a no-op agent on the filled topic, and a webhook agent whose
     // endpoint (below) measures publish-to-handler latency.
@@ -634,78 +766,26 @@ async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
         )
         .spawn()?;
     let metrics_url = format!("http://127.0.0.1:{port}/metrics");
-    let mut first: Option<(Instant, f64)> = None;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let ours = loop {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        if Instant::now() > deadline {
-            let _ = agent.kill();
-            bail!("the agent did not consume {} events in time", args.events);
-        }
-        let Ok(r) = client.get(&metrics_url).send().await else {
-            continue;
-        };
-        let count = consumed(&r.text().await?, "bench-noop");
-        if count > 0.0 && first.is_none() {
-            first = Some((Instant::now(), count));
-        }
-        if count >= args.events as f64 {
-            let (t0, c0) = first.expect("set above");
-            break (count - c0) / t0.elapsed().as_secs_f64();
-        }
-    };
-    println!("consume throughput, {} events:", args.events);
-    println!("  (a) raw rdkafka consumer:                         {raw:>9.0} events/s");
-    println!("  (b) agentbus agent, no-op handler, dedup store:  {ours:>9.0} events/s");
-    println!("  ratio b/a: {:.2} (target >= 0.5)", ours / raw);
-
-    // Publish-to-handler latency at steady rates, single events: first the baseline, then
-    // agentbus, with the agent process running in both; CPU of every process meanwhile.
-    let processes = [
-        ("broker", args.broker_pid),
-        ("agentbus serve (publishes)", args.service_pid),
-        ("agent process", Some(agent.id())),
-        ("load generator (this)", Some(std::process::id())),
-    ];
-    for &rate in &args.rate {
-        let cpu = CpuMeter::start(&processes);
-        let (raw_latencies, raw_sent) =
-            raw_latency(&args.kafka, rate, args.latency_duration).await?;
-        let raw_cpu = cpu.stop();
-        latencies.lock().unwrap().clear();
-        let cpu = CpuMeter::start(&processes);
-        let published = publish_steadily(&client, &endpoint, rate, args.latency_duration).await?;
-        let wait_until = Instant::now() + Duration::from_secs(30);
-        while latencies.lock().unwrap().len() < published && Instant::now() < wait_until {
+    if throughput {
+        let ours = agent_throughput(&args, &client, &metrics_url, &mut agent).await?;
+        println!("consume throughput, {} events:", args.events);
+        println!("  (a) raw rdkafka consumer:                         {raw:>9.0} events/s");
+        println!("  (b) agentbus agent, no-op handler, dedup store:  {ours:>9.0} events/s");
+        println!("  ratio b/a: {:.2} (target >= 0.5)", ours / raw);
+    }
+    if latency {
+        // Once one event went through, the agent has joined its group.
+        publish_steadily(&client, &endpoint, 10, Duration::from_secs(1)).await?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while latencies.lock().unwrap().is_empty() {
+            if Instant::now() > deadline {
+                let _ = agent.kill();
+                bail!("the latency agent handled nothing within 120 s");
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let ours_cpu = cpu.stop();
-        let mut l = latencies.lock().unwrap().clone();
-        l.sort_by(|a, b| a.total_cmp(b));
-        println!(
-            "publish-to-handler latency, single events at {rate}/s for {:?}:",
-            args.latency_duration
-        );
-        let line = |what: &str, l: &[f64], sent: usize| {
-            if l.is_empty() {
-                println!("  {what} none of {sent} delivered");
-            } else {
-                println!(
-                    "  {what} p50 {:>7.1} ms, p99 {:>7.1} ms ({} of {sent} delivered)",
-                    percentile(l, 0.5),
-                    percentile(l, 0.99),
-                    l.len()
-                );
-            }
-        };
-        line(
-            "(a) raw producer -> raw consumer:     ",
-            &raw_latencies,
-            raw_sent,
-        );
-        println!("      CPU, % of one core: {raw_cpu}");
-        line("(b) agentbus HTTP -> agent -> webhook:", &l, published);
-        println!("      CPU, % of one core: {ours_cpu}");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        latency_runs(&args, &client, &endpoint, &latencies, agent.id()).await?;
     }
     let hwm = std::fs::read_to_string(format!("/proc/{}/status", agent.id()))
         .ok()

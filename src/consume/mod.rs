@@ -700,21 +700,20 @@ async fn forward(
             continue;
         }
         let record = copy_of(message, topic, headers.clone());
-        // The publisher's producer: renewed when the broker was lost or deliveries timed out
-        // (see `Publisher::renew_producer`), so forwarding recovers with publishing.
-        match shared
-            .publisher
-            .producer()
-            .send(record, Duration::from_secs(10))
-            .await
-        {
-            Ok(_) => return true,
+        // The publisher's producer: renewed after deliveries on it timed out (see
+        // `Publisher::renew_producer`), so forwarding recovers with publishing.
+        let current = shared.publisher.current_producer();
+        match current.producer.send(record, Duration::from_secs(10)).await {
+            Ok(_) => {
+                shared.publisher.note_acknowledged();
+                return true;
+            }
             Err((e, _)) => {
                 tracing::warn!(topic, error = %e, "could not write the record; retrying");
                 if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut) {
                     shared
                         .publisher
-                        .renew_producer("a forwarded record timed out");
+                        .delivery_timed_out(&current, "a forwarded record timed out");
                 }
             }
         }

@@ -87,13 +87,37 @@ pub struct Request {
 
 /// Publishes events. Shared by the HTTP handlers behind an `Arc`.
 pub struct Publisher {
-    producer: std::sync::RwLock<FutureProducer>,
+    producer: std::sync::RwLock<CurrentProducer>,
     renewed: std::sync::Mutex<Option<Instant>>,
     registry: Arc<Registry>,
     store: Arc<IdempotencyStore>,
     kafka: KafkaArgs,
     timeout: Duration,
     broker_up: Arc<AtomicBool>,
+    /// When the broker last acknowledged a delivery: ms since `created` (0: never).
+    last_ack_ms: std::sync::atomic::AtomicU64,
+    created: Instant,
+}
+
+/// The publisher's producer, and whether a delivery on it timed out.
+#[derive(Clone)]
+pub struct CurrentProducer {
+    /// Send with this one.
+    pub producer: FutureProducer,
+    timed_out: Arc<AtomicBool>,
+}
+
+impl CurrentProducer {
+    fn new(producer: FutureProducer) -> Self {
+        CurrentProducer {
+            producer,
+            timed_out: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn has_timed_out(&self) -> bool {
+        self.timed_out.load(Ordering::Relaxed)
+    }
 }
 
 /// An event ready to be written.
@@ -128,14 +152,29 @@ impl Publisher {
         broker_up: Arc<AtomicBool>,
     ) -> Self {
         Publisher {
-            producer: std::sync::RwLock::new(producer),
+            producer: std::sync::RwLock::new(CurrentProducer::new(producer)),
             renewed: std::sync::Mutex::new(None),
             registry,
             store,
             kafka,
             timeout,
             broker_up,
+            last_ack_ms: std::sync::atomic::AtomicU64::new(0),
+            created: Instant::now(),
         }
+    }
+
+    /// Notes that the broker acknowledged a delivery: it is there, however slow its answers
+    /// to the broker watch's probes.
+    pub fn note_acknowledged(&self) {
+        let ms = self.created.elapsed().as_millis().max(1) as u64;
+        self.last_ack_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// Whether the broker acknowledged a delivery within `window`.
+    fn acknowledged_within(&self, window: Duration) -> bool {
+        let last = self.last_ack_ms.load(Ordering::Relaxed);
+        last > 0 && self.created.elapsed().as_millis() as u64 <= last + window.as_millis() as u64
     }
 
     /// Whether the broker answered lately (see [`watch_broker`]).
@@ -145,24 +184,34 @@ impl Publisher {
 
     /// The producer, for flushing at shutdown and probing the broker.
     pub fn producer(&self) -> FutureProducer {
+        self.current_producer().producer
+    }
+
+    /// The producer in use, to send with and to mark when a delivery on it timed out.
+    pub fn current_producer(&self) -> CurrentProducer {
         self.producer.read().expect("producer lock").clone()
     }
 
-    /// Replaces the producer by a new one (a new idempotent producer id), at most once per
-    /// [`RENEW_AT_MOST_EVERY`]. After deliveries timed out, librdkafka bumps the producer's
-    /// epoch when the broker is back; a broker that mishandles that (tansu 0.6 panics on it and
-    /// then fails every request until restarted) would never take this producer's writes
-    /// again. A new producer starts clean. The old one's queued deliveries fail (503: not
-    /// acknowledged).
+    /// Replaces the producer by a new one (a new idempotent producer id) if a delivery on it
+    /// timed out, at most once per [`RENEW_AT_MOST_EVERY`]. After deliveries timed out,
+    /// librdkafka bumps the producer's epoch; a broker that mishandles that (tansu 0.6 panics
+    /// on it and then fails every request until restarted) would never take this producer's
+    /// writes again. A new producer starts clean. The old one's queued deliveries fail (503:
+    /// not acknowledged). A producer none of whose deliveries timed out is kept: replacing it
+    /// under a slow broker would fail its writes in flight for nothing.
     pub fn renew_producer(&self, why: &str) {
         let mut renewed = self.renewed.lock().expect("renew lock");
-        if renewed.is_some_and(|at| at.elapsed() < RENEW_AT_MOST_EVERY) {
+        if !self.current_producer().has_timed_out()
+            || renewed.is_some_and(|at| at.elapsed() < RENEW_AT_MOST_EVERY)
+        {
             return;
         }
         match producer_config(&self.kafka, self.timeout).create::<FutureProducer>() {
             Ok(fresh) => {
-                let old =
-                    std::mem::replace(&mut *self.producer.write().expect("producer lock"), fresh);
+                let old = std::mem::replace(
+                    &mut *self.producer.write().expect("producer lock"),
+                    CurrentProducer::new(fresh),
+                );
                 *renewed = Some(Instant::now());
                 tracing::warn!(why, "renewed the Kafka producer");
                 // Destroying a client joins its threads: not on the runtime's workers.
@@ -170,6 +219,13 @@ impl Publisher {
             }
             Err(e) => tracing::error!(error = %e, "could not create a new Kafka producer"),
         }
+    }
+
+    /// Notes that a delivery on `producer` timed out, and renews it (see
+    /// [`Publisher::renew_producer`]).
+    pub fn delivery_timed_out(&self, producer: &CurrentProducer, why: &str) {
+        producer.timed_out.store(true, Ordering::Relaxed);
+        self.renew_producer(why);
     }
 
     /// Validates every item, then writes those not written before, and answers in input
@@ -408,7 +464,8 @@ impl Publisher {
         which: &[usize],
     ) -> Vec<Result<(i32, i64), String>> {
         let deadline = Instant::now() + self.timeout + Duration::from_secs(1);
-        let producer = self.producer();
+        let current = self.current_producer();
+        let producer = &current.producer;
         let mut pending = Vec::with_capacity(which.len());
         for &i in which {
             let p = &prepared[i];
@@ -438,13 +495,16 @@ impl Publisher {
                         late()
                     }
                     Ok(Ok(Err((e, _)))) => Err(describe(e)),
-                    Ok(Ok(Ok(delivery))) => Ok((delivery.partition, delivery.offset)),
+                    Ok(Ok(Ok(delivery))) => {
+                        self.note_acknowledged();
+                        Ok((delivery.partition, delivery.offset))
+                    }
                 }
             }
         });
         let results = join_all(waits).await;
         if timed_out.load(Ordering::Relaxed) {
-            self.renew_producer("deliveries timed out");
+            self.delivery_timed_out(&current, "deliveries timed out");
         }
         results
     }
@@ -454,7 +514,7 @@ impl Publisher {
 const TIMED_OUT: &str = "the broker did not acknowledge in time";
 
 /// The least time between two renewals of the producer.
-const RENEW_AT_MOST_EVERY: Duration = Duration::from_secs(30);
+const RENEW_AT_MOST_EVERY: Duration = Duration::from_secs(5);
 
 fn conflict(key: &str, why: &str) -> Error {
     Error::IdempotencyConflict(format!("idempotency key {key:?} {why}"))
@@ -537,9 +597,15 @@ pub fn producer_config(kafka: &KafkaArgs, timeout: Duration) -> rdkafka::ClientC
 /// under load must not turn publishes away.
 const PROBES_TO_FAIL: u32 = 2;
 
+/// How long a probe of the broker waits for its answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Watches the broker with a metadata request every `interval`, so that publishes fail
 /// fast while it is away and `/readyz` tells the truth. It counts as reachable from the first
-/// answer, and as unreachable after [`PROBES_TO_FAIL`] probes in a row got none.
+/// answer, and as unreachable after [`PROBES_TO_FAIL`] probes in a row got none while no
+/// delivery was acknowledged either: a broker busy enough to answer a probe late (tansu under
+/// load) is still there as long as it acknowledges writes, and renewing the producer under
+/// it would fail the writes in flight.
 pub async fn watch_broker(
     publisher: Arc<Publisher>,
     up: Arc<AtomicBool>,
@@ -550,21 +616,22 @@ pub async fn watch_broker(
     loop {
         let client = publisher.producer();
         let answered = tokio::task::spawn_blocking(move || {
-            client
-                .client()
-                .fetch_metadata(None, Duration::from_secs(2))
-                .is_ok()
+            client.client().fetch_metadata(None, PROBE_TIMEOUT).is_ok()
         })
         .await
-        .unwrap_or(false);
+        .unwrap_or(false)
+            || publisher.acknowledged_within(interval);
         failures = if answered { 0 } else { failures + 1 };
         let reachable = answered || (up.load(Ordering::Relaxed) && failures < PROBES_TO_FAIL);
         if up.swap(reachable, Ordering::Relaxed) != reachable {
+            // Either way, a producer some of whose deliveries timed out is replaced before
+            // (more of) its writes meet the broker again.
             if reachable {
                 tracing::info!("broker reachable");
+                publisher.renew_producer("deliveries timed out before the broker came back");
             } else {
                 tracing::warn!("broker unreachable; publishes answer 503 until it is back");
-                publisher.renew_producer("the broker became unreachable");
+                publisher.renew_producer("deliveries timed out and the broker is unreachable");
             }
         }
         metrics::gauge!(telemetry::BROKER_UP).set(if reachable { 1.0 } else { 0.0 });
