@@ -2,7 +2,7 @@
 # Benchmarks, each against a raw librdkafka baseline on the same broker in the same run.
 #
 #   ops/bench.sh publish [agentbus-bench publish flags...]
-#   ops/bench.sh consume [agentbus-bench consume flags...]  throughput, then latency, each on a fresh broker
+#   ops/bench.sh consume [agentbus-bench consume flags...]  throughput, then latency per rate, each on a fresh broker
 #   ops/bench.sh replay  [agentbus-bench replay flags...]   replay vs a raw consume-and-produce copy
 #   ops/bench.sh lag     [agentbus-bench lag flags...]      one lag collection, 50 groups x 16 partitions
 #   ops/bench.sh soak    [agentbus-bench soak flags...]     steady load for 10 minutes, memory sampled
@@ -98,15 +98,29 @@ case $what in
     peak_memory
     ;;
   consume)
-    # tansu slows as its database grows: the latency runs get a fresh broker of their own.
-    for part in throughput latency; do
-      fresh_broker
-      start_service
-      target/release/agentbus-bench consume --part "$part" --brokers "$brokers" --topic-prefix "$prefix" \
-        --url "http://127.0.0.1:$port" --agentbus target/release/agentbus --service-pid "$pid" \
-        "${broker_pid[@]}" "$@"
-      peak_memory
-      stop_all
+    # tansu slows as its database grows, so every part gets a fresh broker of its own: the
+    # throughput runs, then the latency runs at each rate (AGENTBUS_BENCH_RATES). tansu 0.6's
+    # storage task sometimes dies under such load (with raw clients too): a part whose run
+    # failed that way is run once more on a fresh broker, and the output says so.
+    parts=(throughput)
+    for rate in ${AGENTBUS_BENCH_RATES:-100 200 500}; do parts+=("latency:$rate"); done
+    for part in "${parts[@]}"; do
+      flags=(--part "${part%%:*}")
+      [[ $part == latency:* ]] && flags+=(--rate "${part#latency:}")
+      for attempt in 1 2; do
+        fresh_broker
+        start_service
+        ok=
+        if target/release/agentbus-bench consume "${flags[@]}" --brokers "$brokers" --topic-prefix "$prefix" \
+          --url "http://127.0.0.1:$port" --agentbus target/release/agentbus --service-pid "$pid" \
+          "${broker_pid[@]}" "$@"; then
+          ok=1
+        fi
+        peak_memory
+        stop_all
+        [ -n "$ok" ] && break
+        echo "attempt $attempt of the $part run failed (see above)"
+      done
     done
     ;;
   *) echo "unknown benchmark $what" >&2; exit 2 ;;

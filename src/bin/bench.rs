@@ -398,6 +398,7 @@ async fn raw_latency(
     let total = (rate as f64 * duration.as_secs_f64()) as usize;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (joined_tx, joined_rx) = tokio::sync::oneshot::channel();
+    let (warm_tx, warm_rx) = tokio::sync::oneshot::channel();
     let reader = {
         let (kafka, topic, stop) = (kafka.clone(), topic.clone(), stop.clone());
         tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<f64>> {
@@ -413,6 +414,7 @@ async fn raw_latency(
                 .create()?;
             consumer.subscribe(&[&topic])?;
             let mut joined = Some(joined_tx);
+            let mut warm = Some(warm_tx);
             let mut latencies = Vec::with_capacity(total);
             while latencies.len() < total && !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let message = consumer.poll(Duration::from_millis(100));
@@ -421,7 +423,15 @@ async fn raw_latency(
                 }
                 if let Some(m) = message {
                     use rdkafka::Message;
-                    let sent = m?.timestamp().to_millis().unwrap_or(0);
+                    let m = m?;
+                    // Warm-up records are not measured: the agent is warm too when measured.
+                    if m.key() == Some(b"warm-up".as_slice()) {
+                        if let Some(warm) = warm.take() {
+                            let _ = warm.send(());
+                        }
+                        continue;
+                    }
+                    let sent = m.timestamp().to_millis().unwrap_or(0);
                     latencies.push((chrono::Utc::now().timestamp_millis() - sent) as f64);
                 }
             }
@@ -435,6 +445,21 @@ async fn raw_latency(
     let producer: FutureProducer =
         agentbus::publish::producer_config(kafka, Duration::from_secs(5)).create()?;
     let value = vec![b'v'; 300];
+    for i in 0..10 {
+        let record = FutureRecord::to(&topic)
+            .key(b"warm-up".as_slice())
+            .payload(&value)
+            .headers(cloudevents_headers(i));
+        producer
+            .send(record, Duration::from_secs(5))
+            .await
+            .map_err(|(e, _)| e)?;
+    }
+    tokio::time::timeout(Duration::from_secs(60), warm_rx)
+        .await
+        .context("the raw latency consumer read no warm-up record within 60 s")?
+        .context("the raw latency consumer stopped before the warm-up")?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let period = Duration::from_secs_f64(1.0 / rate as f64);
     let start = tokio::time::Instant::now();
     let mut sends = Vec::with_capacity(total);
