@@ -98,15 +98,22 @@ case $what in
     peak_memory
     ;;
   consume)
-    # tansu slows as its database grows, so every part gets a fresh broker of its own: the
-    # throughput runs, then the latency runs at each rate (AGENTBUS_BENCH_RATES). tansu 0.6's
-    # storage task sometimes dies under such load (with raw clients too): a part whose run
-    # failed that way is run once more on a fresh broker, and the output says so.
+    # tansu slows as its database grows, and after a round at 500 events/s the next one on
+    # the same broker suffers whichever side it is: so every run gets a fresh broker of its
+    # own: the throughput runs, then at each rate (AGENTBUS_BENCH_RATES) a latency round of
+    # the raw baseline (a) and one of agentbus (b), AGENTBUS_BENCH_ROUNDS times. tansu 0.6's
+    # storage sometimes dies under such load (with raw clients too): a run that failed is
+    # run once more on a fresh broker, and the output says so.
     parts=(throughput)
-    for rate in ${AGENTBUS_BENCH_RATES:-100 200 500}; do parts+=("latency:$rate"); done
+    for rate in ${AGENTBUS_BENCH_RATES:-100 200 500}; do
+      for _ in $(seq 1 "${AGENTBUS_BENCH_ROUNDS:-1}"); do
+        parts+=("latency:$rate:a" "latency:$rate:b")
+      done
+    done
     for part in "${parts[@]}"; do
-      flags=(--part "${part%%:*}")
-      [[ $part == latency:* ]] && flags+=(--rate "${part#latency:}")
+      IFS=: read -r kind rate side <<<"$part"
+      flags=(--part "$kind")
+      [ "$kind" = latency ] && flags+=(--rate "$rate" --rounds "$side")
       for attempt in 1 2; do
         fresh_broker
         start_service

@@ -66,6 +66,10 @@ struct ConsumeArgs {
     /// Duration of each latency run.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     latency_duration: Duration,
+    /// The latency rounds in order: `a` the raw baseline, `b` agentbus (a broker that slows
+    /// as it fills weighs on both alike in `abba`).
+    #[arg(long, default_value = "abba", value_parser = parse_rounds)]
+    rounds: String,
     /// Which part to run: `throughput`, `latency` or `both` (ops/bench.sh runs each on a
     /// fresh broker of its own, since tansu slows as its database grows).
     #[arg(long, default_value = "both")]
@@ -573,6 +577,14 @@ fn latency_line(what: &str, sorted: &[f64], sent: usize) -> String {
     )
 }
 
+fn parse_rounds(rounds: &str) -> Result<String, String> {
+    if !rounds.is_empty() && rounds.chars().all(|c| c == 'a' || c == 'b') {
+        Ok(rounds.to_string())
+    } else {
+        Err("a string of a (raw baseline) and b (agentbus), such as abba".into())
+    }
+}
+
 /// The value at percentile `p` (0..1) of sorted values.
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
@@ -654,7 +666,7 @@ async fn agent_throughput(
     Ok(ours)
 }
 
-/// Publish-to-handler latency at each rate, rounds a b b a.
+/// Publish-to-handler latency at each rate, in the order of `--rounds`.
 async fn latency_runs(
     args: &ConsumeArgs,
     client: &reqwest::Client,
@@ -672,11 +684,12 @@ async fn latency_runs(
     ];
     for &rate in &args.rate {
         println!(
-            "publish-to-handler latency, single events at {rate}/s for {:?}, rounds a b b a:",
-            args.latency_duration
+            "publish-to-handler latency, single events at {rate}/s for {:?}, rounds {}:",
+            args.latency_duration, args.rounds
         );
         let (mut raw_all, mut ours_all) = ((Vec::new(), 0), (Vec::new(), 0));
-        for (round, raw) in [true, false, false, true].into_iter().enumerate() {
+        let order: Vec<bool> = args.rounds.chars().map(|c| c == 'a').collect();
+        for (round, raw) in order.into_iter().enumerate() {
             let cpu = CpuMeter::start(&processes);
             let (l, sent) = if raw {
                 raw_latency(&args.kafka, rate, args.latency_duration, round).await?
@@ -704,17 +717,19 @@ async fn latency_runs(
             all.0.extend(l);
             all.1 += sent;
         }
-        for all in [&mut raw_all, &mut ours_all] {
-            all.0.sort_by(|a, b| a.total_cmp(b));
+        if args.rounds.len() > 2 {
+            for all in [&mut raw_all, &mut ours_all] {
+                all.0.sort_by(|a, b| a.total_cmp(b));
+            }
+            println!(
+                "  all rounds {}",
+                latency_line("(a):", &raw_all.0, raw_all.1)
+            );
+            println!(
+                "  all rounds {}",
+                latency_line("(b):", &ours_all.0, ours_all.1)
+            );
         }
-        println!(
-            "  both rounds {}",
-            latency_line("(a):", &raw_all.0, raw_all.1)
-        );
-        println!(
-            "  both rounds {}",
-            latency_line("(b):", &ours_all.0, ours_all.1)
-        );
     }
     Ok(())
 }
