@@ -641,3 +641,72 @@ pub async fn watch_broker(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A publisher whose broker is nowhere: producers are created, nothing is sent.
+    fn publisher(dir: &std::path::Path) -> Publisher {
+        let kafka = KafkaArgs {
+            brokers: "127.0.0.1:1".into(),
+            topic_prefix: String::new(),
+        };
+        let schemas = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
+        Publisher::new(
+            producer_config(&kafka, Duration::from_secs(5))
+                .create()
+                .unwrap(),
+            Arc::new(Registry::load(&schemas).unwrap()),
+            IdempotencyStore::open(dir, Duration::from_secs(60)).unwrap(),
+            kafka,
+            Duration::from_secs(5),
+            Arc::new(AtomicBool::new(true)),
+        )
+    }
+
+    fn id(p: &Publisher) -> usize {
+        p.producer().client().native_ptr() as usize
+    }
+
+    #[tokio::test]
+    async fn the_producer_is_renewed_only_after_a_delivery_on_it_timed_out_and_not_twice_in_a_row()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let p = publisher(dir.path());
+        let first = id(&p);
+        // The broker watch flips (either way): a producer without timed-out deliveries stays.
+        p.renew_producer("the broker became unreachable");
+        assert_eq!(id(&p), first);
+
+        let current = p.current_producer();
+        p.delivery_timed_out(&current, "deliveries timed out");
+        let second = id(&p);
+        assert_ne!(
+            second, first,
+            "a producer whose delivery timed out was kept"
+        );
+
+        // A timeout reported on the replaced producer does not touch the new one.
+        p.delivery_timed_out(&current, "late report");
+        assert_eq!(id(&p), second);
+        // The new one's own timeout within RENEW_AT_MOST_EVERY: kept for now, renewed at the
+        // watch's next flip once that time has passed.
+        p.delivery_timed_out(&p.current_producer(), "again");
+        assert_eq!(id(&p), second);
+        *p.renewed.lock().unwrap() = Some(Instant::now() - RENEW_AT_MOST_EVERY);
+        p.renew_producer("the broker is back");
+        assert_ne!(id(&p), second);
+    }
+
+    #[test]
+    fn acknowledgements_count_for_a_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = publisher(dir.path());
+        assert!(!p.acknowledged_within(Duration::from_secs(1)));
+        p.note_acknowledged();
+        assert!(p.acknowledged_within(Duration::from_secs(1)));
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(!p.acknowledged_within(Duration::from_millis(10)));
+    }
+}
