@@ -1,5 +1,6 @@
 //! `agentbus-bench`: the load generator behind `ops/bench.sh`. Every figure is measured
-//! against a baseline in the same run, on the same broker: raw librdkafka.
+//! against a baseline in the same run: raw librdkafka, on the same broker or (consume
+//! latency, through ops/bench.sh) on a fresh broker of the same kind for each side.
 
 use std::{
     sync::Arc,
@@ -386,7 +387,8 @@ async fn raw_latency(
     rate: u64,
     duration: Duration,
     round: usize,
-) -> anyhow::Result<(Vec<f64>, usize)> {
+    processes: &[(&'static str, Option<u32>)],
+) -> anyhow::Result<(Vec<f64>, usize, String)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let topic = format!("{}bench-latency-raw-{rate}-{round}", kafka.topic_prefix);
     topics::ensure(
@@ -464,6 +466,8 @@ async fn raw_latency(
         .context("the raw latency consumer read no warm-up record within 60 s")?
         .context("the raw latency consumer stopped before the warm-up")?;
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // CPU from the first measured send to the last record read, as for agentbus.
+    let cpu = CpuMeter::start(processes);
     let period = Duration::from_secs_f64(1.0 / rate as f64);
     let start = tokio::time::Instant::now();
     let mut sends = Vec::with_capacity(total);
@@ -484,15 +488,15 @@ async fn raw_latency(
         }
     }
     // The stragglers get 30 s.
-    tokio::time::sleep(Duration::from_secs(1)).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while !reader.is_finished() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let cpu = cpu.stop();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut latencies = reader.await??;
     latencies.sort_by(|a, b| a.total_cmp(b));
-    Ok((latencies, sent))
+    Ok((latencies, sent, cpu))
 }
 
 /// Single `pattern.learned` events POSTed to agentbus at `rate` for `duration`, each
@@ -690,22 +694,22 @@ async fn latency_runs(
         let (mut raw_all, mut ours_all) = ((Vec::new(), 0), (Vec::new(), 0));
         let order: Vec<bool> = args.rounds.chars().map(|c| c == 'a').collect();
         for (round, raw) in order.into_iter().enumerate() {
-            let cpu = CpuMeter::start(&processes);
-            let (l, sent) = if raw {
-                raw_latency(&args.kafka, rate, args.latency_duration, round).await?
+            let (l, sent, cpu) = if raw {
+                raw_latency(&args.kafka, rate, args.latency_duration, round, &processes).await?
             } else {
                 let hook = latencies.clone();
                 hook.lock().unwrap().clear();
+                let cpu = CpuMeter::start(&processes);
                 let sent = publish_steadily(client, endpoint, rate, args.latency_duration).await?;
                 let wait_until = Instant::now() + Duration::from_secs(30);
                 while hook.lock().unwrap().len() < sent && Instant::now() < wait_until {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
+                let cpu = cpu.stop();
                 let mut l = hook.lock().unwrap().clone();
                 l.sort_by(|a, b| a.total_cmp(b));
-                (l, sent)
+                (l, sent, cpu)
             };
-            let cpu = cpu.stop();
             let what = if raw {
                 "(a) raw producer -> raw consumer:     "
             } else {

@@ -710,13 +710,18 @@ async fn forward(
             }
             Err((e, _)) => {
                 tracing::warn!(topic, error = %e, "could not write the record; retrying");
-                if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut) {
+                if matches!(
+                    e.rdkafka_error_code(),
+                    Some(RDKafkaErrorCode::MessageTimedOut | RDKafkaErrorCode::Fatal)
+                ) {
                     shared
                         .publisher
                         .delivery_timed_out(&current, "a forwarded record timed out");
                 }
             }
         }
+        // Not kept through the wait: a replaced producer should go as soon as it can.
+        drop(current);
         if !wait_unless_stopping(wait, cancel).await {
             return false;
         }

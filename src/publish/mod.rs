@@ -494,7 +494,13 @@ impl Publisher {
                     {
                         late()
                     }
-                    Ok(Ok(Err((e, _)))) => Err(describe(e)),
+                    Ok(Ok(Err((e, _)))) => {
+                        // An idempotence fatal error fails every later send too: renew.
+                        if e.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
+                            timed_out.store(true, Ordering::Relaxed);
+                        }
+                        Err(describe(e))
+                    }
                     Ok(Ok(Ok(delivery))) => {
                         self.note_acknowledged();
                         Ok((delivery.partition, delivery.offset))
@@ -504,7 +510,7 @@ impl Publisher {
         });
         let results = join_all(waits).await;
         if timed_out.load(Ordering::Relaxed) {
-            self.delivery_timed_out(&current, "deliveries timed out");
+            self.delivery_timed_out(&current, "deliveries timed out or failed for good");
         }
         results
     }
@@ -623,15 +629,19 @@ pub async fn watch_broker(
             || publisher.acknowledged_within(interval);
         failures = if answered { 0 } else { failures + 1 };
         let reachable = answered || (up.load(Ordering::Relaxed) && failures < PROBES_TO_FAIL);
+        // While the broker is away, and before it counts as back, a producer whose deliveries
+        // timed out (or failed for good) is replaced, so that it is gone before it can reach
+        // the broker again; each tick, since a renewal may have been held back by
+        // RENEW_AT_MOST_EVERY. (librdkafka reconnects by itself, so a producer still dirty when
+        // the broker answers may meet it before this: that is the remaining window.)
+        if !reachable || !up.load(Ordering::Relaxed) {
+            publisher.renew_producer("deliveries failed while the broker was unreachable");
+        }
         if up.swap(reachable, Ordering::Relaxed) != reachable {
-            // Either way, a producer some of whose deliveries timed out is replaced before
-            // (more of) its writes meet the broker again.
             if reachable {
                 tracing::info!("broker reachable");
-                publisher.renew_producer("deliveries timed out before the broker came back");
             } else {
                 tracing::warn!("broker unreachable; publishes answer 503 until it is back");
-                publisher.renew_producer("deliveries timed out and the broker is unreachable");
             }
         }
         metrics::gauge!(telemetry::BROKER_UP).set(if reachable { 1.0 } else { 0.0 });
