@@ -18,7 +18,7 @@ use subtle::ConstantTimeEq;
 use crate::{consume::definition::pattern_matches, ratelimit::TokenBucket};
 
 /// What a key may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Scope {
     /// `POST /v1/events`.
@@ -27,6 +27,17 @@ pub enum Scope {
     Read,
     /// Replays, redrive; implies `read`.
     Admin,
+}
+
+impl Scope {
+    /// Its name in the keys file and in messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Publish => "publish",
+            Scope::Read => "read",
+            Scope::Admin => "admin",
+        }
+    }
 }
 
 /// A key as configured (one `[[key]]` of the keys file).
@@ -251,8 +262,29 @@ fn digest(salt: &[u8], secret: &str) -> Vec<u8> {
 }
 
 /// A new key: the key itself (to hand to its holder, shown once) and the `[[key]]` entry to
-/// add to the keys file.
-pub fn new_key(name: &str, scopes: &[Scope]) -> (String, String) {
+/// add to the keys file (limited to `event_types` and `sources` when they are not empty).
+pub fn new_key(
+    name: &str,
+    scopes: &[Scope],
+    event_types: &[String],
+    sources: &[String],
+) -> (String, String) {
+    /// The entry as written: [`KeyConfig`]'s fields without the rate settings.
+    #[derive(Serialize)]
+    struct Entry<'a> {
+        name: &'a str,
+        id: &'a str,
+        hash: &'a str,
+        scopes: &'a [Scope],
+        #[serde(skip_serializing_if = "<[String]>::is_empty")]
+        event_types: &'a [String],
+        #[serde(skip_serializing_if = "<[String]>::is_empty")]
+        sources: &'a [String],
+    }
+    #[derive(Serialize)]
+    struct File<'a> {
+        key: [Entry<'a>; 1],
+    }
     let id = hex::encode(rand::random::<[u8; 6]>());
     let secret = hex::encode(rand::random::<[u8; 32]>());
     let salt = rand::random::<[u8; 16]>();
@@ -261,22 +293,17 @@ pub fn new_key(name: &str, scopes: &[Scope]) -> (String, String) {
         hex::encode(salt),
         hex::encode(digest(&salt, &secret))
     );
-    let scopes: Vec<String> = scopes
-        .iter()
-        .map(|s| {
-            format!(
-                "{:?}",
-                serde_json::to_value(s)
-                    .unwrap_or_default()
-                    .as_str()
-                    .unwrap_or("")
-            )
-        })
-        .collect();
-    let entry = format!(
-        "[[key]]\nname = {name:?}\nid = {id:?}\nhash = {hash:?}\nscopes = [{}]\n",
-        scopes.join(", ")
-    );
+    let entry = toml::to_string(&File {
+        key: [Entry {
+            name,
+            id: &id,
+            hash: &hash,
+            scopes,
+            event_types,
+            sources,
+        }],
+    })
+    .expect("an entry of strings is TOML");
     (format!("ab_{id}_{secret}"), entry)
 }
 
@@ -285,7 +312,7 @@ mod tests {
     use super::*;
 
     fn keys_with(extra: &str) -> (Keys, String) {
-        let (key, entry) = new_key("planner", &[Scope::Publish]);
+        let (key, entry) = new_key("planner", &[Scope::Publish], &[], &[]);
         let keys = Keys::parse(&format!("{entry}{extra}"), 100.0).unwrap();
         (keys, key)
     }
@@ -317,7 +344,7 @@ mod tests {
 
     #[test]
     fn the_file_holds_no_secret() {
-        let (key, entry) = new_key("planner", &[Scope::Read, Scope::Admin]);
+        let (key, entry) = new_key("planner", &[Scope::Read, Scope::Admin], &[], &[]);
         let secret = key.rsplit('_').next().unwrap();
         assert!(!entry.contains(secret));
         assert!(entry.contains("scopes = [\"read\", \"admin\"]"), "{entry}");
@@ -328,7 +355,7 @@ mod tests {
 
     #[test]
     fn publish_limits_by_event_type_and_source() {
-        let (key, entry) = new_key("planner", &[Scope::Publish]);
+        let (key, entry) = new_key("planner", &[Scope::Publish], &[], &[]);
         let entry = format!("{entry}event_types = [\"agent.task.*\"]\nsources = [\"planner\"]\n");
         let keys = Keys::parse(&entry, 1.0).unwrap();
         let k = keys.authenticate(Some(&format!("Bearer {key}"))).unwrap();
@@ -356,14 +383,14 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("root"), "{e}");
-        let (_, entry) = new_key("a", &[Scope::Read]);
+        let (_, entry) = new_key("a", &[Scope::Read], &[], &[]);
         let e = Keys::parse(&format!("{entry}{entry}"), 1.0).unwrap_err();
         assert!(e.contains("used twice"), "{e}");
     }
 
     #[test]
     fn each_key_has_its_own_rate() {
-        let (key, entry) = new_key("a", &[Scope::Read]);
+        let (key, entry) = new_key("a", &[Scope::Read], &[], &[]);
         let keys =
             Keys::parse(&format!("{entry}rate_per_second = 1.0\nburst = 2\n"), 100.0).unwrap();
         let k = keys.authenticate(Some(&format!("Bearer {key}"))).unwrap();

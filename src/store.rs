@@ -60,7 +60,7 @@ pub struct ExpiringStore {
 }
 
 type Pending = Arc<Mutex<std::collections::HashMap<String, Vec<u8>>>>;
-type Broken = Arc<Mutex<Option<String>>>;
+type Broken = Arc<std::sync::OnceLock<String>>;
 
 enum Job {
     Put {
@@ -137,14 +137,10 @@ impl ExpiringStore {
         self.len() == 0
     }
 
-    /// Why the store stopped working, if it did (a write or flush failed).
-    pub fn broken(&self) -> Option<String> {
-        self.broken.lock().expect("not poisoned").clone()
-    }
-
+    /// Refuses once the store stopped working (a write or flush failed), saying why.
     fn check(&self) -> Result<(), Error> {
-        match self.broken() {
-            Some(why) => Err(Error::Write(why)),
+        match self.broken.get() {
+            Some(why) => Err(Error::Write(why.clone())),
             None => Ok(()),
         }
     }
@@ -306,10 +302,7 @@ impl Writer {
                     .find_map(|(_, outcome)| outcome.clone().err())
             });
             if let Some(why) = failed {
-                self.broken
-                    .lock()
-                    .expect("not poisoned")
-                    .get_or_insert_with(|| format!("{}: {why}", self.path));
+                let _ = self.broken.set(format!("{}: {why}", self.path));
             }
             for (job, outcome) in applied {
                 let (Job::Put { reply, .. } | Job::Sweep { reply } | Job::Flush { reply }) = job;

@@ -265,8 +265,12 @@ async fn latency(
         println!("  failed {n}x: {reason}");
     }
     latencies.sort_by(|a, b| a.total_cmp(b));
-    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
-    Ok((pct(0.50), pct(0.99), pct(0.999), failures))
+    Ok((
+        percentile(&latencies, 0.50),
+        percentile(&latencies, 0.99),
+        percentile(&latencies, 0.999),
+        failures,
+    ))
 }
 
 #[tokio::main]
@@ -349,18 +353,39 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
+/// A plain consumer in a new group of its own (named `<prefix>-<uuid>`), from the oldest
+/// record, with the short group timeouts tansu needs to join quickly.
+fn raw_group_consumer(
+    kafka: &KafkaArgs,
+    prefix: &str,
+) -> anyhow::Result<rdkafka::consumer::BaseConsumer> {
+    Ok(kafka
+        .client_config()
+        .set("group.id", format!("{prefix}-{}", uuid::Uuid::new_v4()))
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "1000")
+        .create()?)
+}
+
+/// Resident memory figures from `/proc/<pid>/status` (`field` such as `VmHWM:`), in MiB;
+/// 0 when the process is gone.
+pub(crate) fn status_mib(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
 /// Reads `n` records of `topic` with a plain consumer in a new group; the rate from the first
 /// record to the last.
 fn raw_consume(kafka: &KafkaArgs, topics: &[&str], n: usize) -> anyhow::Result<f64> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = kafka
-        .client_config()
-        .set("group.id", format!("bench-raw-{}", uuid::Uuid::new_v4()))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "true")
-        .set("session.timeout.ms", "6000")
-        .set("heartbeat.interval.ms", "1000")
-        .create()?;
+    use rdkafka::consumer::Consumer;
+    let consumer = raw_group_consumer(kafka, "bench-raw")?;
     consumer.subscribe(topics)?;
     let mut first = None;
     let mut seen = 0;
@@ -389,7 +414,7 @@ async fn raw_latency(
     round: usize,
     processes: &[(&'static str, Option<u32>)],
 ) -> anyhow::Result<(Vec<f64>, usize, String)> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::consumer::Consumer;
     let topic = format!("{}bench-latency-raw-{rate}-{round}", kafka.topic_prefix);
     topics::ensure(
         kafka,
@@ -408,16 +433,7 @@ async fn raw_latency(
     let reader = {
         let (kafka, topic, stop) = (kafka.clone(), topic.clone(), stop.clone());
         tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<f64>> {
-            let consumer: BaseConsumer = kafka
-                .client_config()
-                .set(
-                    "group.id",
-                    format!("bench-latency-raw-{}", uuid::Uuid::new_v4()),
-                )
-                .set("auto.offset.reset", "earliest")
-                .set("session.timeout.ms", "6000")
-                .set("heartbeat.interval.ms", "1000")
-                .create()?;
+            let consumer = raw_group_consumer(&kafka, "bench-latency-raw")?;
             consumer.subscribe(&[&topic])?;
             let mut joined = Some(joined_tx);
             let mut warm = Some(warm_tx);
@@ -619,17 +635,14 @@ async fn fill_and_read_raw(
         .map(|chunk| Value::Array(chunk.iter().map(|i| event(*i)).collect()))
         .collect();
     let mut posts = stream::iter(bodies)
-        .map(|body| {
-            let (client, endpoint) = (client, endpoint);
-            async move {
-                client
-                    .post(endpoint)
-                    .json(&body)
-                    .send()
-                    .await?
-                    .error_for_status()
-                    .map(|_| ())
-            }
+        .map(|body| async move {
+            client
+                .post(endpoint)
+                .json(&body)
+                .send()
+                .await?
+                .error_for_status()
+                .map(|_| ())
         })
         .buffer_unordered(8);
     while let Some(r) = posts.next().await {
@@ -649,7 +662,7 @@ async fn agent_throughput(
 ) -> anyhow::Result<f64> {
     let mut first: Option<(Instant, f64)> = None;
     let deadline = Instant::now() + Duration::from_secs(300);
-    let ours = loop {
+    loop {
         tokio::time::sleep(Duration::from_millis(20)).await;
         if Instant::now() > deadline {
             let _ = agent.kill();
@@ -664,10 +677,9 @@ async fn agent_throughput(
         }
         if count >= args.events as f64 {
             let (t0, c0) = first.expect("set above");
-            break (count - c0) / t0.elapsed().as_secs_f64();
+            return Ok((count - c0) / t0.elapsed().as_secs_f64());
         }
-    };
-    Ok(ours)
+    }
 }
 
 /// Publish-to-handler latency at each rate, in the order of `--rounds`.
@@ -697,16 +709,15 @@ async fn latency_runs(
             let (l, sent, cpu) = if raw {
                 raw_latency(&args.kafka, rate, args.latency_duration, round, &processes).await?
             } else {
-                let hook = latencies.clone();
-                hook.lock().unwrap().clear();
+                latencies.lock().unwrap().clear();
                 let cpu = CpuMeter::start(&processes);
                 let sent = publish_steadily(client, endpoint, rate, args.latency_duration).await?;
                 let wait_until = Instant::now() + Duration::from_secs(30);
-                while hook.lock().unwrap().len() < sent && Instant::now() < wait_until {
+                while latencies.lock().unwrap().len() < sent && Instant::now() < wait_until {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 let cpu = cpu.stop();
-                let mut l = hook.lock().unwrap().clone();
+                let mut l = latencies.lock().unwrap().clone();
                 l.sort_by(|a, b| a.total_cmp(b));
                 (l, sent, cpu)
             };
@@ -831,19 +842,10 @@ async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_secs(2)).await;
         latency_runs(&args, &client, &endpoint, &latencies, agent.id()).await?;
     }
-    let hwm = std::fs::read_to_string(format!("/proc/{}/status", agent.id()))
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM")).map(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .unwrap_or("0")
-                    .parse::<f64>()
-                    .unwrap_or(0.0)
-            })
-        })
-        .unwrap_or(0.0);
-    println!("agent process peak memory (VmHWM): {:.1} MiB", hwm / 1024.0);
+    println!(
+        "agent process peak memory (VmHWM): {:.1} MiB",
+        status_mib(agent.id(), "VmHWM:")
+    );
     let _ = agent.kill();
     let _ = agent.wait();
     let _ = std::fs::remove_dir_all(&dir);

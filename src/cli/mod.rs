@@ -77,7 +77,7 @@ pub enum KeysCommand {
         #[arg(long)]
         name: String,
         /// Its scopes: publish, read, admin (repeatable).
-        #[arg(long = "scope", required = true, value_parser = parse_scope)]
+        #[arg(long = "scope", required = true, ignore_case = true)]
         scopes: Vec<crate::auth::Scope>,
         /// Event types or patterns it may publish (repeatable; default all).
         #[arg(long = "event-type")]
@@ -86,11 +86,6 @@ pub enum KeysCommand {
         #[arg(long = "source")]
         sources: Vec<String>,
     },
-}
-
-fn parse_scope(s: &str) -> Result<crate::auth::Scope, String> {
-    serde_json::from_value(serde_json::Value::String(s.to_ascii_lowercase()))
-        .map_err(|_| format!("{s:?} is not a scope: publish, read or admin"))
 }
 
 /// `agentbus dlq ...`
@@ -188,13 +183,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             event_types,
             sources,
         }) => {
-            let (key, mut entry) = crate::auth::new_key(&name, &scopes);
-            if !event_types.is_empty() {
-                entry.push_str(&format!("event_types = {event_types:?}\n"));
-            }
-            if !sources.is_empty() {
-                entry.push_str(&format!("sources = {sources:?}\n"));
-            }
+            let (key, entry) = crate::auth::new_key(&name, &scopes, &event_types, &sources);
             eprintln!("the key, shown this once (give it to {name}; it is not stored anywhere):");
             println!("{key}");
             eprintln!("\nadd this to the keys file (AGENTBUS_API_KEYS_FILE):\n");

@@ -63,12 +63,11 @@ pub async fn check(State(state): State<AppState>, mut request: Request, next: Ne
             }
         };
         if !key.allows(scope) {
-            let scope = serde_json::to_value(scope).unwrap_or_default();
             return ApiError::forbidden(
                 format!(
                     "key {:?} lacks the {} scope this request needs",
                     key.name,
-                    scope.as_str().unwrap_or("")
+                    scope.as_str()
                 ),
                 Vec::new(),
             )
@@ -86,7 +85,7 @@ pub async fn check(State(state): State<AppState>, mut request: Request, next: Ne
     let limit = state.limits.request_timeout;
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => ApiError::timed_out(format!(
+        Err(_) => ApiError::broker_unavailable(format!(
             "the request took longer than {}",
             humantime::format_duration(Duration::from_millis(limit.as_millis() as u64))
         ))

@@ -108,13 +108,6 @@ impl ApiError {
         )
     }
 
-    /// `503 broker_unavailable` for a request that took longer than the limit.
-    pub fn timed_out(message: impl Into<String>) -> Self {
-        let mut e = Self::broker_unavailable(message);
-        e.retry_after = Some(RETRY_AFTER_SECS);
-        e
-    }
-
     /// `500 internal`: a fault of ours (disk, bug), never of the input.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)

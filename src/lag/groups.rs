@@ -39,19 +39,14 @@ pub struct Group {
     pub members: Option<Vec<Member>>,
 }
 
-/// Every consumer group of the cluster: described by librdkafka when the broker can, else
-/// listed with a bare `ListGroups` (no state, no members). The second value says why the
-/// members are unknown, when they are.
+/// Every consumer group of the cluster: `described` (the answer of [`describe`] for every
+/// group) when the broker could, else listed with a bare `ListGroups` (no state, no
+/// members). The second value says why the members are unknown, when they are.
 pub fn list(
     kafka: &KafkaArgs,
     timeout: Duration,
-    try_describe: bool,
+    described: Result<Vec<Group>, String>,
 ) -> Result<(Vec<Group>, Option<String>), String> {
-    let described = if try_describe {
-        describe(kafka, None, timeout)
-    } else {
-        Err("it failed recently".to_string())
-    };
     match described {
         Ok(groups) => Ok((groups, None)),
         Err(why) => {

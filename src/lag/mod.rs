@@ -288,12 +288,7 @@ impl LagMonitor {
                 for name in names {
                     described.insert(name.clone(), bare(name));
                 }
-                let result = match self.describe_failed_recently() {
-                    Some(why) => Err(why),
-                    None => groups::describe(&self.kafka, None, Duration::from_secs(5))
-                        .inspect_err(|why| self.describe_failed(why)),
-                };
-                match result {
+                match self.describe_all(Duration::from_secs(5)) {
                     Ok(all) => {
                         for g in all {
                             if let Some(slot) = described.get_mut(&g.name) {
@@ -308,12 +303,8 @@ impl LagMonitor {
                 }
             }
             None => {
-                let try_describe = self.describe_failed_recently().is_none();
-                let (all, why) =
-                    groups::list(&self.kafka, TIMEOUT, try_describe).map_err(Error::Groups)?;
-                if let (true, Some(why)) = (try_describe, &why) {
-                    self.describe_failed(why);
-                }
+                let (all, why) = groups::list(&self.kafka, TIMEOUT, self.describe_all(TIMEOUT))
+                    .map_err(Error::Groups)?;
                 members_unknown = why;
                 for g in all {
                     described.insert(g.name.clone(), g);
@@ -534,20 +525,17 @@ impl LagMonitor {
         })
     }
 
-    /// Why DescribeGroups failed, if it did within [`DESCRIBE_RETRY`]: a broker that fails it
-    /// (and drops the connection) is not asked again at every collection.
-    fn describe_failed_recently(&self) -> Option<String> {
-        self.describe_failure
-            .lock()
-            .expect("describe failure lock")
-            .as_ref()
-            .filter(|(at, _)| at.elapsed() < DESCRIBE_RETRY)
-            .map(|(_, why)| why.clone())
-    }
-
-    fn describe_failed(&self, why: &str) {
-        *self.describe_failure.lock().expect("describe failure lock") =
-            Some((Instant::now(), why.to_string()));
+    /// Every group, described by the broker; not asked again within [`DESCRIBE_RETRY`] of a
+    /// failure (a broker that fails it drops the connection), the failure's reason instead.
+    fn describe_all(&self, timeout: Duration) -> Result<Vec<groups::Group>, String> {
+        let mut failure = self.describe_failure.lock().expect("describe failure lock");
+        if let Some((at, why)) = failure.as_ref()
+            && at.elapsed() < DESCRIBE_RETRY
+        {
+            return Err(format!("{why}; not asked again for {DESCRIBE_RETRY:?}"));
+        }
+        groups::describe(&self.kafka, None, timeout)
+            .inspect_err(|why| *failure = Some((Instant::now(), why.clone())))
     }
 
     fn client<'c>(&self, cache: &'c mut Cache, group: &str) -> Result<&'c BaseConsumer, Error> {

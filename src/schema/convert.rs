@@ -214,22 +214,22 @@ impl<'s> Converter<'s> {
                 },
             },
             Schema::TimestampMillis => self
-                .timestamp(json, path, false, |n| n / 1_000_000, 1_000)
+                .timestamp(json, path, false, 1_000)
                 .map(Value::TimestampMillis),
             Schema::TimestampMicros => self
-                .timestamp(json, path, false, |n| n / 1000, 1_000_000)
+                .timestamp(json, path, false, 1_000_000)
                 .map(Value::TimestampMicros),
             Schema::TimestampNanos => self
-                .timestamp(json, path, false, |n| n, 1_000_000_000)
+                .timestamp(json, path, false, 1_000_000_000)
                 .map(Value::TimestampNanos),
             Schema::LocalTimestampMillis => self
-                .timestamp(json, path, true, |n| n / 1_000_000, 1_000)
+                .timestamp(json, path, true, 1_000)
                 .map(Value::LocalTimestampMillis),
             Schema::LocalTimestampMicros => self
-                .timestamp(json, path, true, |n| n / 1000, 1_000_000)
+                .timestamp(json, path, true, 1_000_000)
                 .map(Value::LocalTimestampMicros),
             Schema::LocalTimestampNanos => self
-                .timestamp(json, path, true, |n| n, 1_000_000_000)
+                .timestamp(json, path, true, 1_000_000_000)
                 .map(Value::LocalTimestampNanos),
             Schema::Duration(_) => self.duration(json, path),
             Schema::Ref { name } => match self.names.get(&name.fullname(None)) {
@@ -454,16 +454,16 @@ impl<'s> Converter<'s> {
         }
     }
 
-    /// Timestamps: an integer in the schema's unit, or an RFC 3339 string (local
-    /// timestamps: without an offset). `unit` turns nanoseconds into the schema's unit.
+    /// Timestamps: an integer in the schema's unit (`per_second` of them make a second), or
+    /// an RFC 3339 string (local timestamps: without an offset).
     fn timestamp(
         &mut self,
         json: &Json,
         path: &Path<'_>,
         local: bool,
-        unit: fn(i64) -> i64,
         per_second: i64,
     ) -> Option<i64> {
+        let unit = |nanos: i64| nanos / (1_000_000_000 / per_second);
         let Json::String(s) = json else {
             // Years 0000 to 9999, as RFC 3339 can write them (and as they are read back).
             const FIRST: i64 = -62_167_219_200;

@@ -33,17 +33,6 @@ pub struct SoakArgs {
     every: Duration,
 }
 
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 pub async fn soak(args: SoakArgs) -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
@@ -90,7 +79,7 @@ pub async fn soak(args: SoakArgs) -> anyhow::Result<()> {
         i += 1;
         if tokio::time::Instant::now() >= next_report {
             let now_ok = ok.load(Ordering::Relaxed);
-            let rss = rss_mib(args.service_pid);
+            let rss = super::status_mib(args.service_pid, "VmRSS:");
             samples.push(rss);
             println!(
                 "{:>8.1} {:>12.0} {:>10} {:>10.1}",
