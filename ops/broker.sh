@@ -1,37 +1,200 @@
 #!/usr/bin/env bash
-# A local Kafka-compatible broker for development and tests: tansu 0.6.0 with SQLite storage.
+# The local broker for development, tests and benchmarks: Apache Kafka (one KRaft node, broker
+# and controller in one process) installed from Maven Central, or tansu 0.6.0 on machines
+# without Java (AGENTBUS_LOCAL_BROKER=tansu).
 #
-#   ops/broker.sh start    install tansu if missing, start it, wait until it answers; prints
-#                          the bootstrap address (idempotent: a running broker is reused)
-#   ops/broker.sh stop     stop the broker this script started
-#   ops/broker.sh status   print the address and exit 0 when it answers, exit 1 otherwise
+#   ops/broker.sh start     install the broker if missing, start it, wait until a metadata
+#                           request answers; prints the bootstrap address (idempotent: a
+#                           running broker is reused; one starter at a time, flock'd)
+#   ops/broker.sh stop      stop the broker this script started
+#   ops/broker.sh status    print the address and exit 0 when it answers, exit 1 otherwise
+#   ops/broker.sh install   only install (Kafka's jars into the cache, or tansu)
+#   ops/broker.sh tool CLASS ARGS...
+#                           run one of Kafka's own tools from the same jars, e.g.
+#                           org.apache.kafka.tools.consumer.group.ConsumerGroupCommand
+#   ops/broker.sh classpath print the classpath of Kafka's jars
 #
 # With AGENTBUS_BROKERS set, nothing is started: that Kafka is used and its address printed.
-# Settings: AGENTBUS_DATA_DIR (default ./data; the broker keeps data in $AGENTBUS_DATA_DIR/tansu),
-# AGENTBUS_BROKER_PORT (default 9092), AGENTBUS_BROKER_ADVERTISED (the host:port the broker tells
-# clients to connect to; default its own address — set it to put a proxy in front, e.g. TLS).
+# Settings:
+#   AGENTBUS_LOCAL_BROKER       kafka (default) or tansu
+#   AGENTBUS_DATA_DIR           default ./data; the broker keeps its data in $AGENTBUS_DATA_DIR/kafka
+#                               (or /tansu)
+#   AGENTBUS_BROKER_PORT        the PLAINTEXT listener, default 9092; the controller listens on
+#                               AGENTBUS_BROKER_CONTROLLER_PORT (default the port + 1)
+#   AGENTBUS_BROKER_EXTRA_CONFIG a file of server.properties lines appended to the generated ones
+#                               (more listeners, TLS, SASL); it must keep the PLAINTEXT listener
+#   AGENTBUS_BROKER_FORMAT_ARGS extra arguments to the storage format (e.g. --add-scram ...),
+#                               used only when the storage is formatted
+#   AGENTBUS_BROKER_HEAP        the JVM heap, default 512m
+#   AGENTBUS_KAFKA_CACHE        where the jars go, default ~/.cache/agentbus
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 data_dir=${AGENTBUS_DATA_DIR:-$root/data}
 case $data_dir in /*) ;; *) data_dir=$root/$data_dir ;; esac
 port=${AGENTBUS_BROKER_PORT:-9092}
-dir=$data_dir/tansu
-pidfile=$dir/tansu.pid
-log=$dir/tansu.log
-version=0.6.0
+cport=${AGENTBUS_BROKER_CONTROLLER_PORT:-$((port + 1))}
+kind=${AGENTBUS_LOCAL_BROKER:-kafka}
 addr=127.0.0.1:$port
 
-answers() { (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; }
+# The one place the Kafka version is pinned is ops/kafka/pom.xml.
+kafka_version=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$root/ops/kafka/pom.xml")
+cache=${AGENTBUS_KAFKA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/agentbus}
+kafka_home=$cache/kafka-$kafka_version
+libs=$kafka_home/libs
+tansu_version=0.6.0
+
+case $kind in
+  kafka) dir=$data_dir/kafka ;;
+  tansu) dir=$data_dir/tansu ;;
+  *) echo "AGENTBUS_LOCAL_BROKER must be kafka or tansu, not '$kind'" >&2; exit 2 ;;
+esac
+pidfile=$dir/broker.pid
+log=$dir/broker.log
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; }
 running() { [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
 
-install() {
-  export PATH=$HOME/.cargo/bin:$PATH
-  if command -v tansu >/dev/null && tansu --version 2>/dev/null | grep -q "$version"; then
+as_root_apt() {
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get install -y -qq "$@" >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq "$@" >/dev/null; }
+  else
+    echo "missing: $* (install them, or set AGENTBUS_BROKERS to a running Kafka)" >&2
+    exit 1
+  fi
+}
+
+java_opts() {
+  # As kafka-run-class.sh, with a heap for one small node.
+  local heap=${AGENTBUS_BROKER_HEAP:-512m}
+  echo "-Xms$heap -Xmx$heap -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent -Djava.awt.headless=true"
+}
+
+install_kafka() {
+  if [ -f "$kafka_home/.complete" ]; then
     return
   fi
-  echo "installing tansu $version with SQLite storage (about 10 minutes, once per machine)..." >&2
-  cargo install tansu --version "$version" --locked --features libsql >&2
+  command -v java >/dev/null || { echo "installing a JRE from Debian..." >&2; as_root_apt default-jre-headless; }
+  command -v mvn >/dev/null || { echo "installing Maven from Debian..." >&2; as_root_apt maven; }
+  echo "installing Apache Kafka $kafka_version from Maven Central into $kafka_home..." >&2
+  mkdir -p "$kafka_home"
+  rm -rf "$libs.tmp"
+  mvn -q -B -f "$root/ops/kafka/pom.xml" \
+    org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy-dependencies \
+    -DincludeScope=runtime -DoutputDirectory="$libs.tmp" >&2
+  rm -rf "$libs"
+  mv "$libs.tmp" "$libs"
+  touch "$kafka_home/.complete"
+}
+
+install_tansu() {
+  export PATH=$HOME/.cargo/bin:$PATH
+  if command -v tansu >/dev/null && tansu --version 2>/dev/null | grep -q "$tansu_version"; then
+    return
+  fi
+  echo "installing tansu $tansu_version with SQLite storage (about 10 minutes, once per machine)..." >&2
+  cargo install tansu --version "$tansu_version" --locked --features libsql >&2
+}
+
+install() {
+  case $kind in
+    kafka) install_kafka ;;
+    tansu) install_tansu ;;
+  esac
+}
+
+# Runs one of Kafka's tools (or any class of its jars) with a small heap.
+tool() {
+  install_kafka
+  local class=$1
+  shift
+  # shellcheck disable=SC2046
+  java -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \
+    -Dlog4j2.configurationFile="$root/ops/kafka/log4j2-tools.properties" \
+    -cp "$libs/*" "$class" "$@"
+}
+
+# One metadata request (DescribeCluster) answered: the broker is up, not only its port.
+answers() {
+  port_open || return 1
+  [ "$kind" = tansu ] && return 0
+  timeout 20 java -Xmx64m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \
+    -Dlog4j2.configurationFile="$root/ops/kafka/log4j2-tools.properties" \
+    -cp "$libs/*" org.apache.kafka.tools.ClusterTool cluster-id --bootstrap-server "$addr" >/dev/null 2>&1
+}
+
+write_config() {
+  cat >"$dir/server.properties" <<EOF
+# Written by ops/broker.sh: one KRaft node on 127.0.0.1 (broker and controller in one process).
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$cport
+controller.listener.names=CONTROLLER
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
+# Never 0.0.0.0 or empty: that would advertise the host name.
+advertised.listeners=PLAINTEXT://127.0.0.1:$port
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL,SASL_PLAINTEXT:SASL_PLAINTEXT
+log.dirs=$dir/logs
+# One node: every internal topic has one replica (the defaults, 3 and min ISR 2, never
+# become available here).
+offsets.topic.replication.factor=1
+# Fewer offsets partitions than the default 50: created at the first group join, faster.
+offsets.topic.num.partitions=10
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+# Groups start at once instead of waiting 3 s for more members.
+group.initial.rebalance.delay.ms=0
+# As in production: agentbus creates its topics itself, a typo must not create one.
+auto.create.topics.enable=false
+num.partitions=1
+# Tests make many topics; segment files stay small.
+log.segment.bytes=67108864
+log.retention.check.interval.ms=60000
+EOF
+  if [ -n "${AGENTBUS_BROKER_EXTRA_CONFIG:-}" ]; then
+    {
+      echo "# From $AGENTBUS_BROKER_EXTRA_CONFIG"
+      cat "$AGENTBUS_BROKER_EXTRA_CONFIG"
+    } >>"$dir/server.properties"
+  fi
+}
+
+start_kafka() {
+  install_kafka
+  write_config
+  if [ ! -f "$dir/logs/meta.properties" ]; then
+    local id
+    id=$(tool kafka.tools.StorageTool random-uuid)
+    # shellcheck disable=SC2086
+    tool kafka.tools.StorageTool format -t "$id" -c "$dir/server.properties" \
+      ${AGENTBUS_BROKER_FORMAT_ARGS:-} >>"$log" 2>&1 || {
+      echo "formatting the storage failed; last lines of $log:" >&2
+      tail -20 "$log" >&2
+      exit 1
+    }
+  fi
+  # shellcheck disable=SC2046
+  (exec setsid java $(java_opts) \
+    -Dkafka.logs.dir="$dir" \
+    -Dlog4j2.configurationFile="$root/ops/kafka/log4j2.properties" \
+    -cp "$libs/*" kafka.Kafka "$dir/server.properties" \
+    </dev/null >>"$log" 2>&1 9>&-) &
+  echo $! >"$pidfile"
+}
+
+start_tansu() {
+  install_tansu
+  export PATH=$HOME/.cargo/bin:$PATH
+  # tansu reads the SQLite path of the URL relative to its working directory.
+  (cd "$dir" && exec setsid tansu broker \
+    --listener-url "tcp://$addr" \
+    --advertised-listener-url "tcp://$addr" \
+    --storage-engine "sqlite://./broker.db" \
+    </dev/null >>"$log" 2>&1 9>&-) &
+  echo $! >"$pidfile"
 }
 
 start() {
@@ -47,33 +210,35 @@ start() {
     echo "$addr"
     return
   fi
-  if answers; then
+  if ! running && port_open; then
     echo "something not started by this script listens on $addr; using it" >&2
     echo "$addr"
     return
   fi
-  install
-  export PATH=$HOME/.cargo/bin:$PATH
-  # tansu reads the SQLite path of the URL relative to its working directory.
-  (cd "$dir" && exec setsid tansu broker \
-    --listener-url "tcp://$addr" \
-    --advertised-listener-url "tcp://${AGENTBUS_BROKER_ADVERTISED:-$addr}" \
-    --storage-engine "sqlite://./broker.db" \
-    </dev/null >>"$log" 2>&1 9>&-) &
-  echo $! >"$pidfile"
-  for _ in $(seq 1 150); do
+  if running; then
+    # Started but not answering yet (another starter gave up waiting): wait for it below.
+    :
+  else
+    case $kind in
+      kafka) start_kafka ;;
+      tansu) start_tansu ;;
+    esac
+  fi
+  local started=$SECONDS
+  while [ $((SECONDS - started)) -lt 90 ]; do
     if answers; then
       echo "$addr"
       return
     fi
     if ! running; then
-      echo "tansu exited; last lines of $log:" >&2
+      echo "the broker exited; last lines of $log and $dir/server.log:" >&2
       tail -20 "$log" >&2
+      tail -20 "$dir/server.log" >&2 2>/dev/null || true
       exit 1
     fi
-    sleep 0.2
+    sleep 0.5
   done
-  echo "tansu did not answer on $addr within 30 s; see $log" >&2
+  echo "the broker did not answer on $addr within 90 s; see $log" >&2
   exit 1
 }
 
@@ -82,7 +247,8 @@ stop() {
   if running; then
     pid=$(cat "$pidfile")
     kill "$pid"
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    # A controlled shutdown of one node takes a few seconds.
+    for _ in $(seq 1 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$pid" 2>/dev/null || true
   fi
   rm -f "$pidfile"
@@ -105,5 +271,8 @@ case ${1:-} in
   start) start ;;
   stop) stop ;;
   status) status ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+  install) install ;;
+  tool) shift; tool "$@" ;;
+  classpath) install_kafka; echo "$libs/*" ;;
+  *) echo "usage: $0 start|stop|status|install|tool CLASS ARGS...|classpath" >&2; exit 2 ;;
 esac
