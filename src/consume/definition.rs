@@ -75,6 +75,11 @@ pub enum HandlerConfig {
         /// Longest wait for an answer (a timeout is retried).
         #[serde(default = "default_timeout", with = "humantime_serde")]
         timeout: Duration,
+        /// A PEM file of CA certificates trusted for `url`'s HTTPS, in addition to the
+        /// machine's trust store (for a webhook behind a private CA). Read at start-up; a
+        /// relative path is relative to the definition's directory.
+        #[serde(default)]
+        ca_file: Option<PathBuf>,
     },
     /// Execute `integration.call.requested` events against the configured services and
     /// publish `integration.call.succeeded` or `integration.call.failed`.
@@ -239,6 +244,26 @@ impl AgentDefinition {
                 "handler.url: must be an http:// or https:// URL",
             ));
         }
+        // A CA file that cannot be read or holds no certificate is a start-up error naming
+        // this file and the field, not a handshake failure on the first event.
+        match &self.handler {
+            HandlerConfig::Webhook {
+                ca_file: Some(ca), ..
+            } => {
+                crate::handlers::http_client(None, Some(ca))
+                    .map_err(|e| error(path, format!("handler.ca_file: {e}")))?;
+            }
+            HandlerConfig::Integration { services } => {
+                for (name, service) in services {
+                    if let Some(ca) = &service.ca_file {
+                        crate::handlers::http_client(None, Some(ca)).map_err(|e| {
+                            error(path, format!("handler.services.{name}.ca_file: {e}"))
+                        })?;
+                    }
+                }
+            }
+            _ => {}
+        }
         Ok(())
     }
 }
@@ -297,6 +322,22 @@ pub fn parse(text: &str, file: &Path) -> Result<AgentDefinition, Error> {
     let mut agent: AgentDefinition =
         toml::from_str(text).map_err(|e| error(file, e.to_string().trim().replace('\n', " ")))?;
     agent.file = file.to_path_buf();
+    // A relative CA file is next to the definition, wherever the process runs.
+    let dir = file.parent().unwrap_or(Path::new(""));
+    let resolve = |ca: &mut Option<PathBuf>| {
+        if let Some(path) = ca.as_mut()
+            && path.is_relative()
+        {
+            *path = dir.join(&*path);
+        }
+    };
+    match &mut agent.handler {
+        HandlerConfig::Webhook { ca_file, .. } => resolve(ca_file),
+        HandlerConfig::Integration { services } => {
+            services.values_mut().for_each(|s| resolve(&mut s.ca_file))
+        }
+        HandlerConfig::Noop => {}
+    }
     agent.check(file)?;
     Ok(agent)
 }
@@ -346,6 +387,14 @@ mod tests {
             (
                 "name = \"x\"\nsubscribe = [\"a.b\"]\n[handler]\nkind = \"noop\"\n[retry]\nmax_hold = \"soon\"",
                 "max_hold",
+            ),
+            (
+                "name = \"x\"\nsubscribe = [\"a.b\"]\n[handler]\nkind = \"webhook\"\nurl = \"https://x\"\nca_file = \"/nonexistent/ca.pem\"",
+                "handler.ca_file: /nonexistent/ca.pem",
+            ),
+            (
+                "name = \"x\"\nsubscribe = [\"a.b\"]\n[handler]\nkind = \"integration\"\n[handler.services.s]\nbase_url = \"https://x\"\nca_file = \"missing.pem\"",
+                "handler.services.s.ca_file: consumers/missing.pem",
             ),
         ];
         for (text, expected) in cases {

@@ -4,6 +4,7 @@
 
 use std::{
     collections::BTreeMap,
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -11,7 +12,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use serde_json::{Value as Json, json};
 
-use super::{Event, Failure};
+use super::{Event, Failure, chain, http_client, read_at_most, retry_after_of};
 use crate::{ratelimit::TokenBucket, telemetry};
 
 /// One external service, as configured in the agent's file.
@@ -41,7 +42,16 @@ pub struct ServiceConfig {
     /// How long an open breaker fails calls fast before letting one probe through.
     #[serde(default = "default_cooldown", with = "humantime_serde")]
     pub cooldown: Duration,
+    /// A PEM file of CA certificates trusted for this service's HTTPS, in addition to the
+    /// machine's trust store (for a service behind a private CA). Read at start-up; a
+    /// relative path is relative to the definition's directory.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
+
+/// Bytes of a service's answer that are read and kept as `response_body`; the rest is not
+/// read (the connection is dropped), so a huge answer cannot exhaust memory.
+pub const MAX_RESPONSE_BODY_BYTES: usize = 64 * 1024;
 
 fn default_auth_header() -> String {
     "Authorization".into()
@@ -87,6 +97,8 @@ pub struct Service {
     name: String,
     config: ServiceConfig,
     auth: Option<String>,
+    /// Its own client: its `ca_file` trusts only for it.
+    client: reqwest::Client,
     breaker: Mutex<Breaker>,
     bucket: TokenBucket,
 }
@@ -196,10 +208,14 @@ impl Integrations {
                     "handler.services.{name}.rate_per_second: must be positive"
                 ));
             }
+            // Timeouts are per call (a call may ask for less than the service's).
+            let client = http_client(None, config.ca_file.as_deref())
+                .map_err(|e| format!("handler.services.{name}.ca_file: {e}"))?;
             let service = Arc::new(Service {
                 name: name.clone(),
                 config: config.clone(),
                 auth,
+                client,
                 breaker: Mutex::new(Breaker {
                     state: BreakerState::Closed,
                     failures: 0,
@@ -228,7 +244,6 @@ impl Integrations {
 /// The integration handler.
 pub struct IntegrationHandler {
     pub(crate) services: Arc<Integrations>,
-    pub(crate) client: reqwest::Client,
     /// The agent's attempts: transient failures are retried until the last, which then
     /// publishes `integration.call.failed`.
     pub(crate) attempts: u32,
@@ -308,7 +323,7 @@ impl IntegrationHandler {
             service.config.base_url.trim_end_matches('/'),
             d["path"].as_str().unwrap_or("").trim_start_matches('/')
         );
-        let mut request = self.client.request(method, &url).timeout(timeout);
+        let mut request = service.client.request(method, &url).timeout(timeout);
         if let Some(query) = d["query"].as_object() {
             let pairs: Vec<(&str, &str)> = query
                 .iter()
@@ -334,8 +349,13 @@ impl IntegrationHandler {
         match request.send().await {
             Ok(response) => {
                 let status = response.status();
-                let body = response.text().await.unwrap_or_default();
-                let body: String = body.chars().take(64 * 1024).collect();
+                let retry_after = retry_after_of(response.headers());
+                // A read that fails midway keeps what came; the status decides the outcome.
+                let body = read_at_most(response, MAX_RESPONSE_BODY_BYTES)
+                    .await
+                    .map(|(bytes, _)| bytes)
+                    .unwrap_or_default();
+                let body = String::from_utf8_lossy(&body).into_owned();
                 let latency = started.elapsed();
                 if status.is_success() {
                     service.record(true);
@@ -352,10 +372,10 @@ impl IntegrationHandler {
                     status.is_server_error() || status.as_u16() == 429 || status.as_u16() == 408;
                 service.record(!transient);
                 if transient && !last {
-                    return Err(Failure::retryable(
-                        "http_status",
-                        format!("{name} answered {status}"),
-                    ));
+                    return Err(Failure {
+                        retry_after,
+                        ..Failure::retryable("http_status", format!("{name} answered {status}"))
+                    });
                 }
                 Ok(failed(
                     event,
@@ -374,14 +394,14 @@ impl IntegrationHandler {
                     "connection"
                 };
                 if !last {
-                    return Err(Failure::retryable(kind, format!("{name}: {e}")));
+                    return Err(Failure::retryable(kind, format!("{name}: {}", chain(&e))));
                 }
                 Ok(failed(
                     event,
                     None,
                     started.elapsed(),
                     kind,
-                    e.to_string(),
+                    chain(&e),
                     None,
                 ))
             }

@@ -4,10 +4,12 @@
 pub mod integration;
 
 use std::{
+    path::Path,
     sync::Arc,
     time::{Duration, Instant},
 };
 
+use chrono::{DateTime, Utc};
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{Value as Json, json};
 use sha2::Sha256;
@@ -49,7 +51,8 @@ pub struct Failure {
     pub kind: &'static str,
     /// What happened.
     pub message: String,
-    /// The wait the other side asked for (`Retry-After`).
+    /// The wait the other side asked for (`Retry-After`), never more than
+    /// [`MAX_RETRY_AFTER`].
     pub retry_after: Option<Duration>,
 }
 
@@ -75,6 +78,99 @@ impl Failure {
     }
 }
 
+/// The longest wait a peer's `Retry-After` can ask for. A longer one (up to `u64::MAX`
+/// seconds, or a date centuries away) is taken as this: whatever comes over the wire is
+/// clamped before it reaches any clock arithmetic.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// The largest answer body of a webhook that is read (1 MiB). A 2xx answer over it fails the
+/// handling for good (`answer_too_large`) without being read whole.
+pub const MAX_ANSWER_BYTES: usize = 1024 * 1024;
+
+/// The most follow-up events one answer may carry; more fail the handling for good
+/// (`invalid_follow_up`).
+pub const MAX_FOLLOW_UPS: usize = 100;
+
+/// Bytes of an error answer kept for the failure's message; the rest is not read.
+const ERROR_DETAIL_BYTES: usize = 4096;
+
+/// The wait a peer's `Retry-After` asks for, from `now`: delay-seconds or an HTTP-date,
+/// clamped to [`MAX_RETRY_AFTER`]; a date in the past is no wait. Anything else (not ASCII,
+/// negative, fractional, a date that does not parse) is ignored: `None`.
+pub fn parse_retry_after(value: &[u8], now: DateTime<Utc>) -> Option<Duration> {
+    let text = std::str::from_utf8(value).ok()?.trim();
+    if text.is_empty() {
+        return None;
+    }
+    if text.bytes().all(|b| b.is_ascii_digit()) {
+        // Digits only: a number too large for u64 is still "a very long time".
+        let secs = text.parse::<u64>().unwrap_or(u64::MAX);
+        return Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER));
+    }
+    // An IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`) is an RFC 2822 date.
+    let at = DateTime::parse_from_rfc2822(text).ok()?.with_timezone(&Utc);
+    let wait = (at - now).to_std().unwrap_or(Duration::ZERO);
+    Some(wait.min(MAX_RETRY_AFTER))
+}
+
+/// The `Retry-After` of an answer, as [`parse_retry_after`] reads it.
+fn retry_after_of(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| parse_retry_after(v.as_bytes(), Utc::now()))
+}
+
+/// Reads at most `limit` bytes of an answer's body; `true` with them when there was more
+/// (the rest is never read: the connection is dropped).
+async fn read_at_most(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<(Vec<u8>, bool), reqwest::Error> {
+    let mut out = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = limit - out.len();
+        if chunk.len() > room {
+            out.extend_from_slice(&chunk[..room]);
+            return Ok((out, true));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok((out, false))
+}
+
+/// The HTTP client of a webhook or an integration service: rustls with the machine's trust
+/// store, plus the certificates of `ca_file` (PEM, one or more) when given, for services
+/// behind a private CA.
+pub fn http_client(
+    timeout: Option<Duration>,
+    ca_file: Option<&Path>,
+) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder();
+    if let Some(timeout) = timeout {
+        builder = builder.timeout(timeout);
+    }
+    if let Some(file) = ca_file {
+        let pem = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("{}: not a PEM certificate bundle: {e}", file.display()))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "{}: no PEM certificate (-----BEGIN CERTIFICATE-----) in it",
+                file.display()
+            ));
+        }
+        // Merged with the platform's roots: the private CA is trusted in addition to them.
+        builder = builder.tls_certs_merge(certs);
+    }
+    builder.build().map_err(|e| {
+        let message = chain(&e);
+        match ca_file {
+            Some(file) => format!("{}: {message}", file.display()),
+            None => message,
+        }
+    })
+}
+
 /// A configured handler.
 pub enum Handler {
     /// POST to a URL.
@@ -97,13 +193,13 @@ impl Handler {
             HandlerConfig::Noop => Ok(Handler::Noop),
             HandlerConfig::Integration { .. } => Ok(Handler::Integration(IntegrationHandler {
                 services: integrations.clone(),
-                client: reqwest::Client::new(),
                 attempts,
             })),
             HandlerConfig::Webhook {
                 url,
                 secret_env,
                 timeout,
+                ca_file,
             } => {
                 let secret = match secret_env {
                     None => None,
@@ -111,10 +207,8 @@ impl Handler {
                         format!("handler.secret_env: environment variable {var} is not set")
                     })?),
                 };
-                let client = reqwest::Client::builder()
-                    .timeout(*timeout)
-                    .build()
-                    .map_err(|e| e.to_string())?;
+                let client = http_client(Some(*timeout), ca_file.as_deref())
+                    .map_err(|e| format!("handler.ca_file: {e}"))?;
                 Ok(Handler::Webhook(Webhook {
                     url: url.clone(),
                     secret,
@@ -204,28 +298,49 @@ impl Webhook {
             } else {
                 "connection"
             };
-            Failure::retryable(kind, format!("POST {}: {e}", self.url))
+            Failure::retryable(kind, format!("POST {}: {}", self.url, chain(&e)))
         })?;
         let status = response.status();
+        let read_failed = |e: reqwest::Error| {
+            let kind = if e.is_timeout() {
+                "timeout"
+            } else {
+                "connection"
+            };
+            Failure::retryable(kind, format!("POST {}: reading the answer: {e}", self.url))
+        };
         if status.is_success() {
-            let text = response.bytes().await.map_err(|e| {
-                Failure::retryable("connection", format!("reading the answer: {e}"))
-            })?;
-            return follow_ups(&text);
+            // The answer is the agent's actions: read it only up to the bound, and refuse it
+            // (for good: the same answer would come again) when it is larger.
+            let too_large = || {
+                Failure::fatal(
+                    "answer_too_large",
+                    format!(
+                        "POST {} answered {status} with a body over {MAX_ANSWER_BYTES} bytes",
+                        self.url
+                    ),
+                )
+            };
+            if response
+                .content_length()
+                .is_some_and(|n| n > MAX_ANSWER_BYTES as u64)
+            {
+                return Err(too_large());
+            }
+            let (body, truncated) = read_at_most(response, MAX_ANSWER_BYTES)
+                .await
+                .map_err(read_failed)?;
+            if truncated {
+                return Err(too_large());
+            }
+            return follow_ups(&body);
         }
-        let retry_after = response
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        let detail: String = response
-            .text()
-            .await
-            .unwrap_or_default()
-            .chars()
-            .take(500)
-            .collect();
+        let retry_after = retry_after_of(response.headers());
+        // Only the start of an error answer is kept; a read error here loses only the detail.
+        let detail = match read_at_most(response, ERROR_DETAIL_BYTES).await {
+            Ok((bytes, _)) => String::from_utf8_lossy(&bytes).chars().take(500).collect(),
+            Err(_) => String::new(),
+        };
         let message = format!(
             "POST {} answered {status} after {:?}: {detail}",
             self.url,
@@ -242,6 +357,20 @@ impl Webhook {
     }
 }
 
+/// An error with its causes (a TLS handshake failure says why only in its sources).
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !message.contains(&text) {
+            message.push_str(&format!(": {text}"));
+        }
+        source = s.source();
+    }
+    message
+}
+
 /// `{"events": [envelope, ...]}` from a 2xx answer; an empty or other body means none.
 fn follow_ups(body: &[u8]) -> Result<Vec<Json>, Failure> {
     if body.iter().all(u8::is_ascii_whitespace) {
@@ -252,6 +381,13 @@ fn follow_ups(body: &[u8]) -> Result<Vec<Json>, Failure> {
     };
     match json.get("events") {
         None | Some(Json::Null) => Ok(Vec::new()),
+        Some(Json::Array(events)) if events.len() > MAX_FOLLOW_UPS => Err(Failure::fatal(
+            "invalid_follow_up",
+            format!(
+                "the answer carries {} follow-up events; at most {MAX_FOLLOW_UPS} are taken",
+                events.len()
+            ),
+        )),
         Some(Json::Array(events)) => Ok(events.clone()),
         Some(_) => Err(Failure::fatal(
             "invalid_follow_up",
@@ -279,5 +415,53 @@ mod tests {
         assert!(follow_ups(b"ok").unwrap().is_empty());
         assert_eq!(follow_ups(br#"{"events":[{"a":1}]}"#).unwrap().len(), 1);
         assert!(!follow_ups(br#"{"events":7}"#).unwrap_err().retryable);
+        let many = json!({"events": vec![json!({}); MAX_FOLLOW_UPS + 1]}).to_string();
+        let e = follow_ups(many.as_bytes()).unwrap_err();
+        assert_eq!(e.kind, "invalid_follow_up");
+        assert!(!e.retryable);
+    }
+
+    #[test]
+    fn retry_after_is_clamped_and_garbage_is_ignored() {
+        let now = DateTime::parse_from_rfc3339("2026-12-01T12:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let p = |v: &str| parse_retry_after(v.as_bytes(), now);
+        assert_eq!(p("120"), Some(Duration::from_secs(120)));
+        assert_eq!(p(" 0 "), Some(Duration::ZERO));
+        // The values that used to overflow the retry path's clock arithmetic.
+        assert_eq!(p(&u64::MAX.to_string()), Some(MAX_RETRY_AFTER));
+        assert_eq!(p("18446744073709551616000"), Some(MAX_RETRY_AFTER));
+        assert_eq!(p("10000000000000"), Some(MAX_RETRY_AFTER));
+        assert_eq!(
+            p("Tue, 01 Dec 2026 12:00:30 GMT"),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(p("Tue, 01 Dec 2026 11:00:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(p("Fri, 31 Dec 9999 23:59:59 GMT"), Some(MAX_RETRY_AFTER));
+        for garbage in ["", "-1", "1.5", "soon", "0x10", "+5", "Tue, 99 Dec 2026"] {
+            assert_eq!(p(garbage), None, "{garbage:?}");
+        }
+        assert_eq!(parse_retry_after(&[0xff, 0x31], now), None);
+    }
+
+    #[test]
+    fn a_ca_file_that_is_missing_or_not_pem_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let e = http_client(None, Some(&missing)).unwrap_err();
+        assert!(e.contains("missing.pem"), "{e}");
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "not a certificate").unwrap();
+        let e = http_client(None, Some(&garbage)).unwrap_err();
+        assert!(e.contains("garbage.pem") && e.contains("no PEM certificate"), "{e}");
+        let bad_der = dir.path().join("bad-der.pem");
+        std::fs::write(
+            &bad_der,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let e = http_client(None, Some(&bad_der)).unwrap_err();
+        assert!(e.contains("bad-der.pem"), "{e}");
     }
 }
