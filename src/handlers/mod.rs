@@ -454,7 +454,10 @@ mod tests {
         let garbage = dir.path().join("garbage.pem");
         std::fs::write(&garbage, "not a certificate").unwrap();
         let e = http_client(None, Some(&garbage)).unwrap_err();
-        assert!(e.contains("garbage.pem") && e.contains("no PEM certificate"), "{e}");
+        assert!(
+            e.contains("garbage.pem") && e.contains("no PEM certificate"),
+            "{e}"
+        );
         let bad_der = dir.path().join("bad-der.pem");
         std::fs::write(
             &bad_der,
