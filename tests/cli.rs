@@ -241,3 +241,158 @@ async fn sigterm_lets_in_flight_publishes_finish_and_every_acknowledged_event_is
         );
     }
 }
+
+/// A `knowledge.shared` line; `bad` breaks its schema (an id that is a number).
+fn knowledge_line(i: u128, bad: bool) -> String {
+    let id = if bad {
+        json!(i as u64)
+    } else {
+        json!(uuid::Uuid::from_u128(i + 1))
+    };
+    json!({"event_type": "knowledge.shared", "source": "bulk", "partition_key": format!("k{}", i % 7),
+           "data": {"knowledge_id": id, "from_agent": "a", "domain": "d", "content": format!("fact {i}")}})
+    .to_string()
+}
+
+fn publish_file(served: &Served, file: &std::path::Path, extra: &[&str]) -> (bool, String, String) {
+    let out = publish_cmd(served)
+        .arg("--file")
+        .arg(file)
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn publishing_a_file_writes_every_good_line_reports_each_bad_one_and_a_rerun_after_fixing_writes_only_the_fixes()
+ {
+    let served = serve().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bulk.jsonl");
+    let schema_bad = [7usize, 123, 250, 251, 420];
+    let not_json = 333usize;
+    let lines = |fixed: bool| -> String {
+        (1..=500usize)
+            .map(|n| {
+                if n == not_json && !fixed {
+                    "{\"event_type\": \"knowledge.shared\", oops".to_string()
+                } else {
+                    knowledge_line(n as u128, schema_bad.contains(&n) && !fixed)
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    std::fs::write(&file, lines(false)).unwrap();
+    let topic = format!("{}knowledge.events", served.prefix);
+    let reported = |stderr: &str| {
+        for n in schema_bad {
+            assert!(
+                stderr.contains(&format!("line {n}: data.knowledge_id: ")),
+                "line {n} not reported: {stderr}"
+            );
+        }
+        assert!(
+            stderr.contains(&format!("line {not_json}: not JSON")),
+            "{stderr}"
+        );
+        assert_eq!(
+            stderr.lines().filter(|l| l.starts_with("line ")).count(),
+            6,
+            "{stderr}"
+        );
+    };
+
+    let (ok, stdout, stderr) = publish_file(&served, &file, &[]);
+    assert!(!ok, "some lines failed: exit non-zero");
+    assert!(
+        stdout.contains("written 494, duplicates 0, failed 6"),
+        "{stdout}{stderr}"
+    );
+    reported(&stderr);
+
+    // The same file again: nothing new, the same six reported.
+    let (ok, stdout, stderr) = publish_file(&served, &file, &[]);
+    assert!(!ok);
+    assert!(
+        stdout.contains("written 0, duplicates 494, failed 6"),
+        "{stdout}{stderr}"
+    );
+    reported(&stderr);
+
+    // The six fixed: only they are written.
+    std::fs::write(&file, lines(true)).unwrap();
+    let (ok, stdout, stderr) = publish_file(&served, &file, &[]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("written 6, duplicates 494, failed 0"),
+        "{stdout}{stderr}"
+    );
+
+    assert_eq!(record_count(&served.brokers, &topic), 500);
+    let records = read_records(&served.brokers, &topic, 500);
+    let mut ids: Vec<String> = records
+        .iter()
+        .map(|r| header(r, "ce_id").unwrap())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 500, "every record is a different event");
+}
+
+#[tokio::test]
+async fn publishing_a_file_atomically_writes_nothing_when_a_line_is_bad_and_everything_when_none_is()
+ {
+    let served = serve().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("atomic.jsonl");
+    let topic = format!("{}knowledge.events", served.prefix);
+    let write = |bad: Option<usize>, broken: Option<usize>| {
+        let text: Vec<String> = (1..=150usize)
+            .map(|n| {
+                if Some(n) == broken {
+                    "not json".to_string()
+                } else {
+                    knowledge_line(n as u128, Some(n) == bad)
+                }
+            })
+            .collect();
+        std::fs::write(&file, text.join("\n")).unwrap();
+    };
+
+    // A line that is not JSON: refused before anything is sent.
+    write(None, Some(40));
+    let (ok, _, stderr) = publish_file(&served, &file, &["--atomic"]);
+    assert!(!ok);
+    assert!(stderr.contains("line 40: not JSON"), "{stderr}");
+    assert!(stderr.contains("nothing was sent"), "{stderr}");
+
+    // A line its schema refuses: nothing written, the line named.
+    write(Some(120), None);
+    let (ok, stdout, stderr) = publish_file(&served, &file, &["--atomic", "--batch-size", "10"]);
+    assert!(!ok);
+    assert!(
+        stdout.contains("written 0, duplicates 0, failed 150"),
+        "{stdout}{stderr}"
+    );
+    assert!(stderr.contains("line 120: data.knowledge_id: "), "{stderr}");
+    assert!(
+        stderr.contains("nothing was written (--atomic)"),
+        "{stderr}"
+    );
+
+    // Fixed: all of it, in one go.
+    write(None, None);
+    let (ok, stdout, stderr) = publish_file(&served, &file, &["--atomic"]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("written 150, duplicates 0, failed 0"),
+        "{stdout}"
+    );
+    assert_eq!(record_count(&served.brokers, &topic), 150);
+}

@@ -1,8 +1,9 @@
 //! `agentbus publish`: a client of `POST /v1/events`.
 
 use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
     io::{BufRead, BufReader},
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -10,6 +11,7 @@ use anyhow::{Context, bail};
 use futures::{StreamExt, stream};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
 
 /// Flags of `agentbus publish`.
 #[derive(Debug, Clone, clap::Args)]
@@ -19,12 +21,38 @@ pub struct PublishArgs {
     pub url: String,
 
     /// JSON Lines of envelopes to publish (`-` for stdin) instead of one event from flags.
+    ///
+    /// Every valid line is written; each bad one is reported on stderr with its line number
+    /// and the field path (`line 17: data.agent_id: ...`), and the command exits non-zero
+    /// when any failed. A batch the API refuses for some of its items is sent again without
+    /// them.
+    ///
+    /// Running the same file again is safe: a line without its own `idempotency_key` or
+    /// `event_id` gets the idempotency key `<key prefix>:<SHA-256 of the line, 16 hex>:<n>`
+    /// (n counts identical lines: 1 for the first). An unchanged line is then a duplicate of
+    /// its first run, while a line fixed after a failure is a new event; lines may be added,
+    /// removed or moved without changing the others' keys. Keys are remembered by the
+    /// service for its idempotency window (24 h by default).
     #[arg(long, short = 'f', conflicts_with_all = ["event_type", "data"])]
     pub file: Option<PathBuf>,
 
     /// Envelopes per request when publishing a file.
     #[arg(long, default_value_t = 100)]
     pub batch_size: usize,
+
+    /// All or nothing for the file: it is refused before anything is sent if a line is not a
+    /// JSON object, and is sent as one request, which the API writes only when every line is
+    /// valid (so the file must fit the service's batch and body limits, 500 events and 1 MiB
+    /// by default). Should the broker fail in the middle of the write, rerun the file: the
+    /// lines written are duplicates.
+    #[arg(long)]
+    pub atomic: bool,
+
+    /// The first part of each line's idempotency key (see --file); default: the file's name
+    /// (`stdin` for `-`). Give the same prefix to publish a renamed copy of a file as a rerun,
+    /// or another one to publish the same lines again as new events.
+    #[arg(long, value_parser = parse_key_prefix)]
+    pub key_prefix: Option<String>,
 
     /// Requests in flight at once when publishing a file.
     #[arg(long, default_value_t = 4)]
@@ -58,6 +86,19 @@ pub struct PublishArgs {
     #[arg(long = "meta", value_parser = parse_meta)]
     pub metadata: Vec<(String, String)>,
 }
+
+fn parse_key_prefix(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > MAX_KEY_PREFIX {
+        return Err(format!("must be 1 to {MAX_KEY_PREFIX} bytes"));
+    }
+    if !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("must be visible ASCII".into());
+    }
+    Ok(s.to_string())
+}
+
+/// Longest key prefix: the key (at most 256 characters) keeps room for the hash and count.
+const MAX_KEY_PREFIX: usize = 200;
 
 fn parse_meta(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
@@ -130,17 +171,20 @@ async fn send(
         let result = client.post(endpoint).json(body).send().await;
         let retry_in = match result {
             Ok(response) if response.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE => {
-                let secs = response
+                // The server's wait, but never longer than half a minute for a CLI.
+                let wait = response
                     .headers()
                     .get("retry-after")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(1u64);
+                    .and_then(|v| {
+                        crate::handlers::parse_retry_after(v.as_bytes(), chrono::Utc::now())
+                    })
+                    .unwrap_or(Duration::from_secs(1))
+                    .min(Duration::from_secs(30));
                 if attempt >= 5 {
                     let status = response.status();
                     return Ok((status, response.json().await.unwrap_or(Value::Null)));
                 }
-                Duration::from_secs(secs)
+                wait
             }
             Ok(response) => {
                 let status = response.status();
@@ -154,12 +198,46 @@ async fn send(
     }
 }
 
-#[derive(Default)]
-struct Summary {
-    written: u64,
-    duplicates: u64,
-    failed: u64,
-    errors: Vec<String>,
+/// One line to publish.
+#[derive(Debug, Clone)]
+struct Item {
+    line: usize,
+    envelope: Value,
+}
+
+/// What became of one line.
+#[derive(Debug)]
+enum Outcome {
+    Written,
+    Duplicate,
+    /// Why, one entry per problem: `data.x: expected string`.
+    Failed(Vec<String>),
+    /// Valid, but not written because another line of an `--atomic` file failed.
+    Held,
+}
+
+/// The idempotency key of a line that has none of its own (see `--file`).
+fn line_key(prefix: &str, canonical: &str, seen: &mut HashMap<String, u32>) -> String {
+    let hash = hex::encode(&Sha256::digest(canonical.as_bytes())[..8]);
+    let n = seen.entry(hash.clone()).or_insert(0);
+    *n += 1;
+    format!("{prefix}:{hash}:{n}")
+}
+
+/// The default key prefix: the file's name, cut to fit a key.
+fn default_prefix(path: &Path) -> String {
+    if path.as_os_str() == "-" {
+        return "stdin".into();
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "file".into());
+    let name: String = name
+        .chars()
+        .map(|c| if c.is_ascii_graphic() { c } else { '_' })
+        .collect();
+    name.chars().take(MAX_KEY_PREFIX).collect()
 }
 
 async fn publish_file(
@@ -175,116 +253,280 @@ async fn publish_file(
             std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
         ))
     };
-    let mut summary = Summary::default();
-    // (line number, envelope)
-    let mut events: Vec<(usize, Value)> = Vec::new();
+    let prefix = args
+        .key_prefix
+        .clone()
+        .unwrap_or_else(|| default_prefix(path));
+    let mut outcomes: BTreeMap<usize, Outcome> = BTreeMap::new();
+    let mut items: Vec<Item> = Vec::new();
+    let mut seen = HashMap::new();
     for (n, line) in reader.lines().enumerate() {
-        let line = line.context("reading input")?;
+        let line_no = n + 1;
+        let line = line.with_context(|| format!("reading line {line_no}"))?;
         if line.trim().is_empty() {
             continue;
         }
         match serde_json::from_str::<Value>(&line) {
             Ok(Value::Object(mut fields)) => {
                 if !fields.contains_key("event_id") && !fields.contains_key("idempotency_key") {
-                    // A fixed id makes retries of this line repeats, not second copies.
-                    fields.insert("event_id".into(), json!(uuid::Uuid::now_v7().to_string()));
+                    // Hashed as parsed, so that spacing does not make a line new.
+                    let canonical = Value::Object(fields.clone()).to_string();
+                    fields.insert(
+                        "idempotency_key".into(),
+                        json!(line_key(&prefix, &canonical, &mut seen)),
+                    );
                 }
-                events.push((n + 1, Value::Object(fields)));
+                items.push(Item {
+                    line: line_no,
+                    envelope: Value::Object(fields),
+                });
             }
             Ok(_) => {
-                summary.failed += 1;
-                summary
-                    .errors
-                    .push(format!("line {}: not a JSON object", n + 1));
+                outcomes.insert(line_no, Outcome::Failed(vec!["not a JSON object".into()]));
             }
             Err(e) => {
-                summary.failed += 1;
-                summary.errors.push(format!("line {}: {e}", n + 1));
+                outcomes.insert(line_no, Outcome::Failed(vec![format!("not JSON: {e}")]));
             }
         }
     }
 
-    let progress = ProgressBar::new(events.len() as u64);
-    progress.set_style(
-        ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} events ({per_sec}, eta {eta})",
-        )
-        .expect("a valid template"),
-    );
     let started = Instant::now();
-    let batches: Vec<&[(usize, Value)]> = events.chunks(args.batch_size.max(1)).collect();
-    let mut results = stream::iter(batches)
-        .map(|batch| {
-            let body = Value::Array(batch.iter().map(|(_, e)| e.clone()).collect());
-            async move { (batch, send(client, endpoint, &body).await) }
-        })
-        .buffer_unordered(args.concurrency.max(1));
-    while let Some((batch, result)) = results.next().await {
-        let first_line = batch[0].0;
-        match result {
-            Ok((status, body)) if status.is_success() => {
-                for r in body["results"].as_array().into_iter().flatten() {
-                    if r["duplicate"].as_bool() == Some(true) {
-                        summary.duplicates += 1;
-                    } else {
-                        summary.written += 1;
-                    }
-                }
-            }
-            Ok((status, body)) => {
-                summary.failed += batch.len() as u64;
-                let error = &body["error"];
-                let mut line = format!(
-                    "lines {first_line}-{}: HTTP {status} {}: {}",
-                    batch[batch.len() - 1].0,
-                    error["code"].as_str().unwrap_or("?"),
-                    error["message"].as_str().unwrap_or("")
-                );
-                for d in error["details"].as_array().into_iter().flatten().take(5) {
-                    line.push_str(&format!(
-                        "\n    {}: {}",
-                        map_path(d["path"].as_str().unwrap_or(""), batch),
-                        d["message"].as_str().unwrap_or("")
-                    ));
-                }
-                summary.errors.push(line);
-            }
-            Err(e) => {
-                summary.failed += batch.len() as u64;
-                summary
-                    .errors
-                    .push(format!("lines from {first_line}: {e:#}"));
-            }
+    if args.atomic {
+        if !outcomes.is_empty() {
+            report(&outcomes);
+            bail!(
+                "{} lines are not JSON objects; nothing was sent (--atomic)",
+                outcomes.len()
+            );
         }
-        progress.inc(batch.len() as u64);
+        let results = publish_atomic(client, endpoint, items).await;
+        outcomes.extend(results);
+    } else {
+        let progress = ProgressBar::new(items.len() as u64);
+        progress.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} events ({per_sec}, eta {eta})",
+            )
+            .expect("a valid template"),
+        );
+        let batches: Vec<Vec<Item>> = items
+            .chunks(args.batch_size.max(1))
+            .map(<[Item]>::to_vec)
+            .collect();
+        let mut results = stream::iter(batches)
+            .map(|batch| publish_batch(client, endpoint, batch))
+            .buffer_unordered(args.concurrency.max(1));
+        while let Some(done) = results.next().await {
+            progress.inc(done.len() as u64);
+            outcomes.extend(done);
+        }
+        progress.finish_and_clear();
     }
-    progress.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
-    for e in &summary.errors {
-        eprintln!("{e}");
-    }
+    report(&outcomes);
+    let count = |f: fn(&Outcome) -> bool| outcomes.values().filter(|o| f(o)).count();
+    let written = count(|o| matches!(o, Outcome::Written));
+    let duplicates = count(|o| matches!(o, Outcome::Duplicate));
+    let failed = count(|o| matches!(o, Outcome::Failed(_) | Outcome::Held));
     println!(
-        "written {}, duplicates {}, failed {} in {:.1}s ({:.0} events/s)",
-        summary.written,
-        summary.duplicates,
-        summary.failed,
-        secs,
-        (summary.written + summary.duplicates) as f64 / secs.max(1e-9)
+        "written {written}, duplicates {duplicates}, failed {failed} in {secs:.1}s ({:.0} events/s)",
+        (written + duplicates) as f64 / secs.max(1e-9)
     );
-    if summary.failed > 0 {
-        bail!("{} events were not published", summary.failed);
+    if failed > 0 {
+        if args.atomic {
+            bail!("{failed} lines failed; nothing was written (--atomic)");
+        }
+        bail!("{failed} lines were not published");
     }
     Ok(())
 }
 
-/// Turns a batch path `[3].data.x` into `line 17: data.x`.
-fn map_path(path: &str, batch: &[(usize, Value)]) -> String {
-    if let Some(rest) = path.strip_prefix('[')
-        && let Some((index, tail)) = rest.split_once(']')
-        && let Ok(i) = index.parse::<usize>()
-        && let Some((line, _)) = batch.get(i)
-    {
-        return format!("line {line}: {}", tail.trim_start_matches('.'));
+/// Every failed line's problems on stderr, in line order.
+fn report(outcomes: &BTreeMap<usize, Outcome>) {
+    for (line, outcome) in outcomes {
+        if let Outcome::Failed(problems) = outcome {
+            for p in problems {
+                eprintln!("line {line}: {p}");
+            }
+        }
     }
-    path.to_string()
+}
+
+/// The API's per-item problems of a refused batch, by item index: `[3].data.x` is item 3's
+/// `data.x`.
+fn item_problems(body: &Value, items: usize) -> BTreeMap<usize, Vec<String>> {
+    let mut out: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    for d in body["error"]["details"].as_array().into_iter().flatten() {
+        let path = d["path"].as_str().unwrap_or("");
+        let message = d["message"].as_str().unwrap_or("invalid");
+        if let Some(rest) = path.strip_prefix('[')
+            && let Some((index, field)) = rest.split_once(']')
+            && let Ok(i) = index.parse::<usize>()
+            && i < items
+        {
+            let field = field.trim_start_matches('.');
+            out.entry(i).or_default().push(if field.is_empty() {
+                message.to_string()
+            } else {
+                format!("{field}: {message}")
+            });
+        }
+    }
+    out
+}
+
+/// `HTTP 409 idempotency_conflict: ...` of an error answer.
+fn describe_error(status: reqwest::StatusCode, body: &Value) -> String {
+    let error = &body["error"];
+    format!(
+        "HTTP {} {}: {}",
+        status.as_u16(),
+        error["code"].as_str().unwrap_or("?"),
+        error["message"].as_str().unwrap_or("")
+    )
+}
+
+/// The results of a 2xx batch answer, in input order.
+fn take_results(items: &[Item], body: &Value, out: &mut Vec<(usize, Outcome)>) {
+    let results = body["results"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    for (i, item) in items.iter().enumerate() {
+        let outcome = match results.get(i) {
+            Some(r) if r["duplicate"].as_bool() == Some(true) => Outcome::Duplicate,
+            Some(_) => Outcome::Written,
+            None => Outcome::Failed(vec!["the answer has no result for it".into()]),
+        };
+        out.push((item.line, outcome));
+    }
+}
+
+/// Publishes one batch, line by line as far as the API lets it: a batch refused for some of
+/// its items (each named by its path) is sent again without them; one refused as a whole
+/// (say an idempotency conflict) is sent again one item per request, so that only the
+/// guilty line fails.
+async fn publish_batch(
+    client: &reqwest::Client,
+    endpoint: &str,
+    batch: Vec<Item>,
+) -> Vec<(usize, Outcome)> {
+    let mut out = Vec::with_capacity(batch.len());
+    let mut queue = VecDeque::from([batch]);
+    while let Some(items) = queue.pop_front() {
+        if items.is_empty() {
+            continue;
+        }
+        let body = Value::Array(items.iter().map(|i| i.envelope.clone()).collect());
+        match send(client, endpoint, &body).await {
+            Ok((status, answer)) if status.is_success() => take_results(&items, &answer, &mut out),
+            Ok((status, answer)) if status.is_client_error() => {
+                let problems = item_problems(&answer, items.len());
+                if !problems.is_empty() {
+                    let mut rest = Vec::new();
+                    for (i, item) in items.into_iter().enumerate() {
+                        match problems.get(&i) {
+                            Some(p) => out.push((item.line, Outcome::Failed(p.clone()))),
+                            None => rest.push(item),
+                        }
+                    }
+                    queue.push_front(rest);
+                } else if items.len() > 1 {
+                    queue.extend(items.into_iter().map(|item| vec![item]));
+                } else {
+                    let why = describe_error(status, &answer);
+                    out.push((items[0].line, Outcome::Failed(vec![why])));
+                }
+            }
+            Ok((status, answer)) => {
+                let why = describe_error(status, &answer);
+                for item in items {
+                    out.push((item.line, Outcome::Failed(vec![why.clone()])));
+                }
+            }
+            Err(e) => {
+                let why = format!("{e:#}");
+                for item in items {
+                    out.push((item.line, Outcome::Failed(vec![why.clone()])));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The whole file as one request: written only when every line is valid.
+async fn publish_atomic(
+    client: &reqwest::Client,
+    endpoint: &str,
+    items: Vec<Item>,
+) -> Vec<(usize, Outcome)> {
+    let mut out = Vec::with_capacity(items.len());
+    if items.is_empty() {
+        return out;
+    }
+    let body = Value::Array(items.iter().map(|i| i.envelope.clone()).collect());
+    let (why_all, problems) = match send(client, endpoint, &body).await {
+        Ok((status, answer)) if status.is_success() => {
+            take_results(&items, &answer, &mut out);
+            return out;
+        }
+        Ok((status, answer)) if status == reqwest::StatusCode::PAYLOAD_TOO_LARGE => (
+            format!(
+                "{}; the file is too large for one request: split it, or publish without --atomic",
+                describe_error(status, &answer)
+            ),
+            BTreeMap::new(),
+        ),
+        Ok((status, answer)) => (
+            describe_error(status, &answer),
+            item_problems(&answer, items.len()),
+        ),
+        Err(e) => (format!("{e:#}"), BTreeMap::new()),
+    };
+    // Nothing was written: the guilty lines say why; the reason for the file is said once.
+    eprintln!("the file was refused as a whole: {why_all}");
+    for (i, item) in items.iter().enumerate() {
+        let outcome = match problems.get(&i) {
+            Some(p) => Outcome::Failed(p.clone()),
+            None => Outcome::Held,
+        };
+        out.push((item.line, outcome));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lines_key_depends_on_its_content_and_its_count_not_its_position() {
+        let canonical = |line: &str| serde_json::from_str::<Value>(line).unwrap().to_string();
+        let mut seen = HashMap::new();
+        let a1 = line_key("f", &canonical(r#"{"a":1,"b":2}"#), &mut seen);
+        let b = line_key("f", &canonical(r#"{"a":2}"#), &mut seen);
+        // The same event spelled differently is the same line; a second copy is another.
+        let a2 = line_key("f", &canonical(r#"{ "b": 2, "a": 1 }"#), &mut seen);
+        assert!(a1.starts_with("f:") && a1.ends_with(":1"), "{a1}");
+        assert_eq!(a2, format!("{}:2", a1.strip_suffix(":1").unwrap()));
+        assert_ne!(a1, b);
+        let mut again = HashMap::new();
+        assert_eq!(line_key("f", &canonical(r#"{"a":2}"#), &mut again), b);
+        assert_ne!(
+            line_key("g", &canonical(r#"{"a":2}"#), &mut HashMap::new()),
+            b
+        );
+    }
+
+    #[test]
+    fn item_problems_map_batch_paths_to_items() {
+        let body = json!({"error": {"details": [
+            {"path": "[3].data.x", "message": "expected string"},
+            {"path": "[0]", "message": "not an object"},
+            {"path": "[9].data", "message": "out of range"},
+            {"path": "header:Idempotency-Key", "message": "bad"},
+        ]}});
+        let p = item_problems(&body, 5);
+        assert_eq!(p.len(), 2);
+        assert_eq!(p[&3], ["data.x: expected string"]);
+        assert_eq!(p[&0], ["not an object"]);
+    }
 }
