@@ -138,6 +138,23 @@ async fn read_at_most(
     Ok((out, false))
 }
 
+/// Largest CA file read (a whole system bundle is about 200 KiB).
+const MAX_CA_FILE_BYTES: u64 = 16 * 1024 * 1024;
+
+fn read_ca_file(file: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut pem = Vec::new();
+    std::fs::File::open(file)?
+        .take(MAX_CA_FILE_BYTES + 1)
+        .read_to_end(&mut pem)?;
+    if pem.len() as u64 > MAX_CA_FILE_BYTES {
+        return Err(std::io::Error::other(format!(
+            "larger than {MAX_CA_FILE_BYTES} bytes: not a CA file"
+        )));
+    }
+    Ok(pem)
+}
+
 /// The HTTP client of a webhook or an integration service: rustls with the machine's trust
 /// store, plus the certificates of `ca_file` (PEM, one or more) when given, for services
 /// behind a private CA.
@@ -150,7 +167,7 @@ pub fn http_client(
         builder = builder.timeout(timeout);
     }
     if let Some(file) = ca_file {
-        let pem = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        let pem = read_ca_file(file).map_err(|e| format!("{}: {e}", file.display()))?;
         let certs = reqwest::Certificate::from_pem_bundle(&pem)
             .map_err(|e| format!("{}: not a PEM certificate bundle: {e}", file.display()))?;
         if certs.is_empty() {
