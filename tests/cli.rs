@@ -396,3 +396,39 @@ async fn publishing_a_file_atomically_writes_nothing_when_a_line_is_bad_and_ever
     );
     assert_eq!(record_count(&served.brokers, &topic), 150);
 }
+
+#[tokio::test]
+async fn a_line_whose_own_idempotency_key_conflicts_fails_alone_and_the_rest_of_its_batch_is_written()
+ {
+    let served = serve().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys.jsonl");
+    let with_key = |content: &str| {
+        let mut line: Value = serde_json::from_str(&knowledge_line(0, false)).unwrap();
+        line["idempotency_key"] = json!("my-own-key");
+        line["data"]["content"] = json!(content);
+        line.to_string()
+    };
+    std::fs::write(&file, with_key("first")).unwrap();
+    let (ok, stdout, stderr) = publish_file(&served, &file, &[]);
+    assert!(ok, "{stdout}{stderr}");
+
+    // The same key with another body, among new lines of the same batch.
+    let lines: Vec<String> = (1..=9u128)
+        .map(|i| knowledge_line(i, false))
+        .chain([with_key("second")])
+        .collect();
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let (ok, stdout, stderr) = publish_file(&served, &file, &[]);
+    assert!(!ok);
+    assert!(
+        stdout.contains("written 9, duplicates 0, failed 1"),
+        "{stdout}{stderr}"
+    );
+    assert!(
+        stderr.contains("line 10: HTTP 409 idempotency_conflict"),
+        "{stderr}"
+    );
+    let topic = format!("{}knowledge.events", served.prefix);
+    assert_eq!(record_count(&served.brokers, &topic), 10);
+}

@@ -28,11 +28,13 @@ pub struct PublishArgs {
     /// them.
     ///
     /// Running the same file again is safe: a line without its own `idempotency_key` or
-    /// `event_id` gets the idempotency key `<key prefix>:<SHA-256 of the line, 16 hex>:<n>`
-    /// (n counts identical lines: 1 for the first). An unchanged line is then a duplicate of
-    /// its first run, while a line fixed after a failure is a new event; lines may be added,
-    /// removed or moved without changing the others' keys. Keys are remembered by the
-    /// service for its idempotency window (24 h by default).
+    /// `event_id` gets the idempotency key `<key prefix>:<hash>:<n>`, where the hash is the
+    /// SHA-256 (16 hex digits) of the line's JSON as parsed (spacing does not count) and n
+    /// counts identical lines (1 for the first). An unchanged line is then a duplicate of its
+    /// first run, while a line fixed after a failure is a new event; lines may be added,
+    /// removed or moved without changing the others' keys. The service remembers keys for its
+    /// idempotency window (24 h by default). Lines from stdin get such keys only with
+    /// --key-prefix; without it each run's lines are new events.
     #[arg(long, short = 'f', conflicts_with_all = ["event_type", "data"])]
     pub file: Option<PathBuf>,
 
@@ -45,13 +47,13 @@ pub struct PublishArgs {
     /// valid (so the file must fit the service's batch and body limits, 500 events and 1 MiB
     /// by default). Should the broker fail in the middle of the write, rerun the file: the
     /// lines written are duplicates.
-    #[arg(long)]
+    #[arg(long, requires = "file")]
     pub atomic: bool,
 
-    /// The first part of each line's idempotency key (see --file); default: the file's name
-    /// (`stdin` for `-`). Give the same prefix to publish a renamed copy of a file as a rerun,
-    /// or another one to publish the same lines again as new events.
-    #[arg(long, value_parser = parse_key_prefix)]
+    /// The first part of each line's idempotency key (see --file); default: the file's name.
+    /// Give the same prefix to publish a renamed copy of a file as a rerun, or another one to
+    /// publish the same lines again as new events.
+    #[arg(long, requires = "file", value_parser = parse_key_prefix)]
     pub key_prefix: Option<String>,
 
     /// Requests in flight at once when publishing a file.
@@ -158,8 +160,8 @@ async fn publish_one(
     Ok(())
 }
 
-/// Sends with retries on 503 and connection failures, honouring `Retry-After`. Safe to
-/// repeat: every envelope carries its event id, hence its idempotency key.
+/// Sends with retries on 503, 429 and connection failures, honouring `Retry-After`. Safe to
+/// repeat: every envelope carries its idempotency key (or its event id).
 async fn send(
     client: &reqwest::Client,
     endpoint: &str,
@@ -170,7 +172,10 @@ async fn send(
         attempt += 1;
         let result = client.post(endpoint).json(body).send().await;
         let retry_in = match result {
-            Ok(response) if response.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE => {
+            Ok(response)
+                if response.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE
+                    || response.status() == reqwest::StatusCode::TOO_MANY_REQUESTS =>
+            {
                 // The server's wait, but never longer than half a minute for a CLI.
                 let wait = response
                     .headers()
@@ -224,10 +229,11 @@ fn line_key(prefix: &str, canonical: &str, seen: &mut HashMap<String, u32>) -> S
     format!("{prefix}:{hash}:{n}")
 }
 
-/// The default key prefix: the file's name, cut to fit a key.
-fn default_prefix(path: &Path) -> String {
+/// The default key prefix: the file's name, cut to fit a key; none for stdin (a stream
+/// run twice is two streams).
+fn default_prefix(path: &Path) -> Option<String> {
     if path.as_os_str() == "-" {
-        return "stdin".into();
+        return None;
     }
     let name = path
         .file_name()
@@ -237,7 +243,7 @@ fn default_prefix(path: &Path) -> String {
         .chars()
         .map(|c| if c.is_ascii_graphic() { c } else { '_' })
         .collect();
-    name.chars().take(MAX_KEY_PREFIX).collect()
+    Some(name.chars().take(MAX_KEY_PREFIX).collect())
 }
 
 async fn publish_file(
@@ -253,10 +259,7 @@ async fn publish_file(
             std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
         ))
     };
-    let prefix = args
-        .key_prefix
-        .clone()
-        .unwrap_or_else(|| default_prefix(path));
+    let prefix = args.key_prefix.clone().or_else(|| default_prefix(path));
     let mut outcomes: BTreeMap<usize, Outcome> = BTreeMap::new();
     let mut items: Vec<Item> = Vec::new();
     let mut seen = HashMap::new();
@@ -269,12 +272,21 @@ async fn publish_file(
         match serde_json::from_str::<Value>(&line) {
             Ok(Value::Object(mut fields)) => {
                 if !fields.contains_key("event_id") && !fields.contains_key("idempotency_key") {
-                    // Hashed as parsed, so that spacing does not make a line new.
-                    let canonical = Value::Object(fields.clone()).to_string();
-                    fields.insert(
-                        "idempotency_key".into(),
-                        json!(line_key(&prefix, &canonical, &mut seen)),
-                    );
+                    match &prefix {
+                        Some(prefix) => {
+                            // Hashed as parsed, so that spacing does not make a line new.
+                            let canonical = Value::Object(fields.clone()).to_string();
+                            fields.insert(
+                                "idempotency_key".into(),
+                                json!(line_key(prefix, &canonical, &mut seen)),
+                            );
+                        }
+                        None => {
+                            // A fixed id makes retries within this run repeats.
+                            fields
+                                .insert("event_id".into(), json!(uuid::Uuid::now_v7().to_string()));
+                        }
+                    }
                 }
                 items.push(Item {
                     line: line_no,
@@ -401,8 +413,8 @@ fn take_results(items: &[Item], body: &Value, out: &mut Vec<(usize, Outcome)>) {
 
 /// Publishes one batch, line by line as far as the API lets it: a batch refused for some of
 /// its items (each named by its path) is sent again without them; one refused as a whole
-/// (say an idempotency conflict) is sent again one item per request, so that only the
-/// guilty line fails.
+/// for an idempotency conflict or its size is sent again one item per request, so that only
+/// the guilty line fails.
 async fn publish_batch(
     client: &reqwest::Client,
     endpoint: &str,
@@ -428,11 +440,19 @@ async fn publish_batch(
                         }
                     }
                     queue.push_front(rest);
-                } else if items.len() > 1 {
+                } else if items.len() > 1
+                    && (status == reqwest::StatusCode::CONFLICT
+                        || status == reqwest::StatusCode::PAYLOAD_TOO_LARGE)
+                {
+                    // One line's key conflicts, or the batch is too large: alone, each line
+                    // gets its own answer.
                     queue.extend(items.into_iter().map(|item| vec![item]));
                 } else {
+                    // Refused whatever it holds (say 401): every line fails for that reason.
                     let why = describe_error(status, &answer);
-                    out.push((items[0].line, Outcome::Failed(vec![why])));
+                    for item in items {
+                        out.push((item.line, Outcome::Failed(vec![why.clone()])));
+                    }
                 }
             }
             Ok((status, answer)) => {
