@@ -350,7 +350,8 @@ impl IntegrationHandler {
             Ok(response) => {
                 let status = response.status();
                 let retry_after = retry_after_of(response.headers());
-                // A read that fails midway keeps what came; the status decides the outcome.
+                // Kept up to the bound (cut there, as before); a read that fails midway (a
+                // timeout, a reset) leaves it empty: the status decides the outcome.
                 let body = read_at_most(response, MAX_RESPONSE_BODY_BYTES)
                     .await
                     .map(|(bytes, _)| bytes)
