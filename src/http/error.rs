@@ -170,6 +170,9 @@ impl From<publish::Error> for ApiError {
                 };
                 ApiError::new(status, code, message).with_details(details)
             }
+            publish::Error::TooLarge { message, details } => {
+                ApiError::payload_too_large(message).with_details(details)
+            }
             publish::Error::IdempotencyConflict(message) => {
                 ApiError::new(StatusCode::CONFLICT, "idempotency_conflict", message)
             }
