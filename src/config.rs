@@ -204,11 +204,10 @@ pub fn parse_time_at(
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
         return in_range(t.to_utc());
     }
-    let back =
-        humantime::parse_duration(s).map_err(|e| match e {
-            humantime::DurationError::NumberOverflow => out_of_range(),
-            _ => TimeError::Unparsable(s.to_string()),
-        })?;
+    let back = humantime::parse_duration(s).map_err(|e| match e {
+        humantime::DurationError::NumberOverflow => out_of_range(),
+        _ => TimeError::Unparsable(s.to_string()),
+    })?;
     let back = chrono::Duration::from_std(back).map_err(|_| out_of_range())?;
     now.checked_sub_signed(back)
         .ok_or_else(out_of_range)
@@ -227,11 +226,15 @@ mod tests {
     fn a_duration_back_from_now_or_an_rfc_3339_time() {
         assert_eq!(
             parse_time_at("2h", now()).unwrap(),
-            "2026-12-01T10:00:00Z".parse::<chrono::DateTime<chrono::Utc>>().unwrap()
+            "2026-12-01T10:00:00Z"
+                .parse::<chrono::DateTime<chrono::Utc>>()
+                .unwrap()
         );
         assert_eq!(
             parse_time_at("2026-01-01T00:00:00+01:00", now()).unwrap(),
-            "2025-12-31T23:00:00Z".parse::<chrono::DateTime<chrono::Utc>>().unwrap()
+            "2025-12-31T23:00:00Z"
+                .parse::<chrono::DateTime<chrono::Utc>>()
+                .unwrap()
         );
         assert!(matches!(
             parse_time_at("yesterday", now()),

@@ -50,7 +50,11 @@ async fn a_consumer_group_name_kafka_cannot_have_is_a_400_never_a_5xx() {
         "/v1/dlq/%0D",
     ] {
         let (status, code, body) = error_code(app.get(path).await).await;
-        assert_eq!((status, code.as_str()), (400, "invalid_parameter"), "{path}: {body}");
+        assert_eq!(
+            (status, code.as_str()),
+            (400, "invalid_parameter"),
+            "{path}: {body}"
+        );
         assert_eq!(body["error"]["details"][0]["path"], "path:group", "{path}");
     }
     let long = "g".repeat(256);
@@ -116,7 +120,11 @@ fn the_cli_refuses_a_time_out_of_range_instead_of_panicking() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "a usage error, not a panic: {stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a usage error, not a panic: {stderr}"
+    );
     assert!(stderr.contains("out of range"), "{stderr}");
 }
 
@@ -143,7 +151,11 @@ async fn a_method_a_path_does_not_take_is_a_json_405_with_allow() {
             .map(|v| v.to_str().unwrap().to_string())
             .unwrap_or_default();
         let (status, code, _) = error_code(response).await;
-        assert_eq!((status, code.as_str()), (405, "method_not_allowed"), "{method} {path}");
+        assert_eq!(
+            (status, code.as_str()),
+            (405, "method_not_allowed"),
+            "{method} {path}"
+        );
         assert!(allow.contains(allowed), "{method} {path}: Allow {allow:?}");
     }
 }
@@ -169,8 +181,17 @@ async fn every_endpoint_answers_a_body_over_the_limit_with_a_json_413() {
                 .await
                 .unwrap();
             let (status, code, body) = error_code(response).await;
-            assert_eq!((status, code.as_str()), (413, "payload_too_large"), "{path} {size}: {body}");
-            assert!(body["error"]["message"].as_str().unwrap().contains("1048576"));
+            assert_eq!(
+                (status, code.as_str()),
+                (413, "payload_too_large"),
+                "{path} {size}: {body}"
+            );
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("1048576")
+            );
         }
     }
     // Without Content-Length (chunked), the limit holds the same.
@@ -284,14 +305,16 @@ async fn an_event_larger_than_the_producer_takes_is_a_413_naming_the_limit() {
     // Under the 1 MiB body limit, over librdkafka's message.max.bytes (1 000 000).
     let response = app.post(&big_task(1_000_000)).await;
     let (status, code, body) = error_code(response).await;
-    assert_eq!((status, code.as_str()), (413, "payload_too_large"), "{body}");
+    assert_eq!(
+        (status, code.as_str()),
+        (413, "payload_too_large"),
+        "{body}"
+    );
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains("1000000"), "names the limit: {message}");
     assert_eq!(body["error"]["details"][0]["path"], "data");
     // In a batch: the item is named, nothing is written.
-    let response = app
-        .post(&json!([big_task(10), big_task(1_000_000)]))
-        .await;
+    let response = app.post(&json!([big_task(10), big_task(1_000_000)])).await;
     let (status, _, body) = error_code(response).await;
     assert_eq!(status, 413);
     assert_eq!(body["error"]["details"][0]["path"], "[1].data");
@@ -327,7 +350,11 @@ async fn an_event_larger_than_its_topic_takes_is_a_413_naming_the_topic_limit() 
     })
     .await;
     let (status, code, body) = error_code(app.post(&big_task(30_000)).await).await;
-    assert_eq!((status, code.as_str()), (413, "payload_too_large"), "{body}");
+    assert_eq!(
+        (status, code.as_str()),
+        (413, "payload_too_large"),
+        "{body}"
+    );
     let message = body["error"]["message"].as_str().unwrap();
     assert!(
         message.contains("max.message.bytes 20000") && message.contains(&topic),
@@ -442,9 +469,16 @@ async fn dead_letters_are_read_a_page_at_a_time_with_a_cursor_that_reaches_each_
         .unwrap()
         .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let later: Value = app
-        .get_json(&format!("/v1/dlq/{name}?since={}", since.replace('+', "%2B")))
+        .get_json(&format!(
+            "/v1/dlq/{name}?since={}",
+            since.replace('+', "%2B")
+        ))
         .await;
-    assert_eq!(later["dead_letters"].as_array().unwrap().len(), 15, "{later}");
+    assert_eq!(
+        later["dead_letters"].as_array().unwrap().len(),
+        15,
+        "{later}"
+    );
 
     // Out of range or malformed: 400.
     for query in [
@@ -458,7 +492,11 @@ async fn dead_letters_are_read_a_page_at_a_time_with_a_cursor_that_reaches_each_
     ] {
         let (status, code, body) =
             error_code(app.get(&format!("/v1/dlq/{name}?{query}")).await).await;
-        assert_eq!((status, code.as_str()), (400, "invalid_parameter"), "{query}: {body}");
+        assert_eq!(
+            (status, code.as_str()),
+            (400, "invalid_parameter"),
+            "{query}: {body}"
+        );
     }
 
     // The CLI pages the same way.
@@ -480,10 +518,7 @@ async fn dead_letters_are_read_a_page_at_a_time_with_a_cursor_that_reaches_each_
             .unwrap()
     };
     let (first, all_pages) = tokio::task::spawn_blocking(move || {
-        (
-            cli(&["--limit", "10"]),
-            cli(&["--limit", "10", "--all"]),
-        )
+        (cli(&["--limit", "10"]), cli(&["--limit", "10", "--all"]))
     })
     .await
     .unwrap();
@@ -495,7 +530,11 @@ async fn dead_letters_are_read_a_page_at_a_time_with_a_cursor_that_reaches_each_
         .unwrap_or_else(|| panic!("no next cursor printed: {first}"));
     assert!(!next.is_empty());
     let all_pages = succeeded(&all_pages);
-    assert_eq!(all_pages.matches("agent.task.requested").count(), 25, "{all_pages}");
+    assert_eq!(
+        all_pages.matches("agent.task.requested").count(),
+        25,
+        "{all_pages}"
+    );
     assert!(all_pages.contains("25 dead letters"), "{all_pages}");
 
     // Redrive still sends every one back (reading in bounded batches).

@@ -415,3 +415,20 @@ pub async fn redrive(
     }
     Ok(sent)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cursor_reads_back_what_it_writes_and_refuses_anything_else() {
+        let c: Cursor = "0:15,2:3".parse().unwrap();
+        assert_eq!(c.to_string(), "0:15,2:3");
+        assert_eq!(c.0.get(&2), Some(&3));
+        for bad in [
+            "", "0", "0:", ":1", "-1:0", "0:-1", "0:1,0:2", "a:b", "0:1;1:2",
+        ] {
+            assert!(bad.parse::<Cursor>().is_err(), "{bad:?}");
+        }
+    }
+}

@@ -62,11 +62,9 @@ fn start_of(query: &ListQuery) -> Result<(dlq::Start, usize), ApiError> {
                 "give at most one of after and since",
             ));
         }
-        (Some(after), None) => dlq::Start::After(
-            after
-                .parse()
-                .map_err(|e: dlq::BadCursor| ApiError::invalid_parameter("query:after", e.to_string()))?,
-        ),
+        (Some(after), None) => dlq::Start::After(after.parse().map_err(|e: dlq::BadCursor| {
+            ApiError::invalid_parameter("query:after", e.to_string())
+        })?),
         (None, Some(since)) => dlq::Start::Since(
             parse_rfc3339(since)
                 .map_err(|e| ApiError::invalid_parameter("query:since", e.to_string()))?,
@@ -86,11 +84,9 @@ pub async fn list(
     let agent = agent(&state, &group)?;
     let query: ListQuery = match query.as_deref() {
         None | Some("") => ListQuery::default(),
-        Some(q) => axum::extract::Query::try_from_uri(
-            &format!("/?{q}").parse().map_err(|_| {
-                ApiError::invalid_parameter("query", "the query string does not parse")
-            })?,
-        )
+        Some(q) => axum::extract::Query::try_from_uri(&format!("/?{q}").parse().map_err(|_| {
+            ApiError::invalid_parameter("query", "the query string does not parse")
+        })?)
         .map(|axum::extract::Query(q)| q)
         .map_err(|e| ApiError::invalid_parameter("query", e.body_text()))?,
     };

@@ -49,7 +49,12 @@ mod tests {
             assert!(group_problem(bad).is_some(), "{bad:?}");
         }
         assert!(group_problem(&"g".repeat(MAX_GROUP_CHARS + 1)).is_some());
-        for good in ["billing", "a.b-c_d", "Gruppe ä", &"g".repeat(MAX_GROUP_CHARS)] {
+        for good in [
+            "billing",
+            "a.b-c_d",
+            "Gruppe ä",
+            &"g".repeat(MAX_GROUP_CHARS),
+        ] {
             assert_eq!(group_problem(good), None, "{good:?}");
         }
     }

@@ -176,7 +176,7 @@ impl SizeLimits {
             admin.describe_configs([&resource], &options),
         )
         .await;
-        let value = match answer {
+        match answer {
             Ok(Ok(results)) => results.into_iter().next().and_then(|r| match r {
                 Ok(config) => config
                     .get("max.message.bytes")
@@ -192,8 +192,7 @@ impl SizeLimits {
                 None
             }
             Err(_) => None,
-        };
-        value
+        }
     }
 }
 
