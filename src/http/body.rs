@@ -51,31 +51,29 @@ fn expects_continue(headers: &HeaderMap) -> bool {
 pub async fn limit(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let limit = state.limits.max_body_bytes;
     let (parts, body) = request.into_parts();
-    let refuse = |rest: Option<axum::body::BodyDataStream>| {
-        if let Some(rest) = rest
-            && !expects_continue(&parts.headers)
-        {
-            tokio::spawn(drain(rest));
-        }
+    let refuse = |rest: axum::body::BodyDataStream| {
         let mut response =
             ApiError::payload_too_large(format!("the body is larger than {limit} bytes"))
                 .into_response();
         if content_length(&parts.headers).is_some_and(|n| n > DRAIN_BYTES) {
-            // Past what is drained: say so rather than leave the client guessing.
+            // More than would be drained: the connection ends after the answer either way,
+            // so none of it is read, and the answer says so.
             response
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        } else if !expects_continue(&parts.headers) {
+            tokio::spawn(drain(rest));
         }
         response
     };
     if content_length(&parts.headers).is_some_and(|n| n > limit as u64) {
-        return refuse(Some(body.into_data_stream()));
+        return refuse(body.into_data_stream());
     }
     let mut stream = body.into_data_stream();
     let mut bytes = Vec::new();
     while let Some(chunk) = stream.next().await {
         match chunk {
-            Ok(chunk) if bytes.len() + chunk.len() > limit => return refuse(Some(stream)),
+            Ok(chunk) if bytes.len() + chunk.len() > limit => return refuse(stream),
             Ok(chunk) => bytes.extend_from_slice(&chunk),
             Err(e) => {
                 return ApiError::malformed_json(format!("could not read the body: {e}"))
