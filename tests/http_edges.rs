@@ -101,6 +101,20 @@ async fn a_replay_from_a_time_out_of_range_is_a_400_with_the_reason() {
             "{message}"
         );
     }
+    // The edges of the range are times like any other; before Kafka's first timestamp (1970)
+    // they mean "from the beginning".
+    for from in ["0000-01-01T00:00:00Z", "1960-01-01T00:00:00Z", "2000years"] {
+        let response = app
+            .client
+            .post(format!("{}/v1/replays", app.url))
+            .json(&json!({"from": from, "topic": app.topic("agent"), "into_topic": app.topic("agent")}))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let body = response.text().await.unwrap();
+        assert!(status < 500, "from {from}: {status} {body}");
+    }
     // The service is still there.
     assert_eq!(app.get("/healthz").await.status(), 200);
 }
