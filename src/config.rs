@@ -169,9 +169,12 @@ pub enum TimeError {
     OutOfRange(String),
 }
 
-/// RFC 3339, or a duration back from now (`30m`, `2h`, `1day`). Every time lies in the
-/// years 0 to 9999 (RFC 3339's own range): a duration reaching further back, or an RFC 3339
-/// time an offset pushes out of it, is [`TimeError::OutOfRange`], never an overflow.
+/// RFC 3339, or a duration back from now (`30m`, `2h`, `1day`), as a time to look for in
+/// Kafka. Every time lies in the years 0 to 9999 (RFC 3339's own range): a duration reaching
+/// further back, or an RFC 3339 time an offset pushes out of it, is
+/// [`TimeError::OutOfRange`], never an overflow. A time before 1970 (Kafka's first timestamp;
+/// a negative one is a special value to the broker, or invalid) is taken as 1970-01-01: no
+/// record is older.
 pub fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, TimeError> {
     parse_time_at(s, chrono::Utc::now())
 }
@@ -196,7 +199,7 @@ pub fn parse_time_at(
     let out_of_range = || TimeError::OutOfRange(s.to_string());
     let in_range = |t: chrono::DateTime<chrono::Utc>| {
         if (EARLIEST_MS..=LATEST_MS).contains(&t.timestamp_millis()) {
-            Ok(t)
+            Ok(t.max(chrono::DateTime::UNIX_EPOCH))
         } else {
             Err(out_of_range())
         }
@@ -262,7 +265,13 @@ mod tests {
         }
         // The edges themselves are fine.
         assert!(parse_time_at("9999-12-31T23:59:59Z", now()).is_ok());
-        assert!(parse_time_at("0000-01-01T00:00:00Z", now()).is_ok());
-        assert!(parse_time_at("2000years", now()).is_ok());
+        // Before Kafka's first timestamp: from its beginning.
+        for early in ["0000-01-01T00:00:00Z", "1960-01-01T00:00:00Z", "2000years"] {
+            assert_eq!(
+                parse_time_at(early, now()),
+                Ok(chrono::DateTime::UNIX_EPOCH),
+                "{early}"
+            );
+        }
     }
 }

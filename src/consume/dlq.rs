@@ -213,7 +213,10 @@ impl Reader {
         if let Start::Since(t) = start {
             let mut query = TopicPartitionList::new();
             for &p in &partitions {
-                query.add_partition_offset(topic, p, Offset::Offset(t.timestamp_millis()))?;
+                // Kafka timestamps start at 1970 (a negative one is a special value or
+                // invalid): an earlier time means from the beginning.
+                let ms = t.timestamp_millis().max(0);
+                query.add_partition_offset(topic, p, Offset::Offset(ms))?;
             }
             let found = consumer.offsets_for_times(query, Duration::from_secs(10))?;
             for e in found.elements() {
