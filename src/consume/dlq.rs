@@ -154,21 +154,13 @@ pub enum Start {
 }
 
 /// One page of dead letters.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct Page {
     /// The dead letters, partition by partition, oldest first within each.
     pub dead_letters: Vec<DeadLetter>,
     /// Where the next page starts; `None` once the end the topic had when this page was
     /// read is reached.
-    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "as_text")]
     pub next: Option<Cursor>,
-}
-
-fn as_text<S: serde::Serializer>(c: &Option<Cursor>, s: S) -> Result<S::Ok, S::Error> {
-    match c {
-        Some(c) => s.serialize_str(&c.to_string()),
-        None => s.serialize_none(),
-    }
 }
 
 /// Reads a topic page by page, partition by partition, up to the end offsets each partition

@@ -3,7 +3,7 @@
 use axum::{
     Json,
     body::Bytes,
-    extract::{RawQuery, State},
+    extract::{Query, State, rejection::QueryRejection},
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -33,11 +33,15 @@ fn kafka_error(e: dlq::Error) -> ApiError {
     }
 }
 
-/// The query of `GET /v1/dlq/{group}`; every field optional.
+/// The query of `GET /v1/dlq/{group}`; every field optional, each checked in [`start_of`]
+/// (strings here, so that a bad value gets a message of ours).
 #[derive(Debug, Default, Deserialize)]
-struct ListQuery {
+pub struct ListQuery {
+    /// Dead letters in the page.
     limit: Option<String>,
+    /// A `next` cursor.
     after: Option<String>,
+    /// An RFC 3339 time.
     since: Option<String>,
 }
 
@@ -79,17 +83,10 @@ fn start_of(query: &ListQuery) -> Result<(dlq::Start, usize), ApiError> {
 pub async fn list(
     State(state): State<AppState>,
     ApiPath(group): ApiPath<String>,
-    RawQuery(query): RawQuery,
+    query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let agent = agent(&state, &group)?;
-    let query: ListQuery = match query.as_deref() {
-        None | Some("") => ListQuery::default(),
-        Some(q) => axum::extract::Query::try_from_uri(&format!("/?{q}").parse().map_err(|_| {
-            ApiError::invalid_parameter("query", "the query string does not parse")
-        })?)
-        .map(|axum::extract::Query(q)| q)
-        .map_err(|e| ApiError::invalid_parameter("query", e.body_text()))?,
-    };
+    let Query(query) = query.map_err(|e| ApiError::invalid_parameter("query", e.body_text()))?;
     let (start, limit) = start_of(&query)?;
     super::broker_reachable(&state)?;
     let topic = agent.dlq_topic(&state.kafka.topic_prefix);
