@@ -18,7 +18,12 @@
 #   AGENTBUS_BIN                   the agentbus binary to run (default: `cargo build`, debug)
 #   SCHEMATHESIS_MAX_TIME          time budget of the schemathesis run in seconds (default none)
 #   SCHEMATHESIS_CHECKS            checks to run (default: the four above)
-#   SCHEMATHESIS_ARGS              more arguments for `schemathesis run` (e.g. --seed 1)
+#   SCHEMATHESIS_SEED              the random seed (default: a new one each run, printed, so that
+#                                  a run that found something can be repeated with it; the test
+#                                  command's run, tests/schemathesis.rs, fixes it so CI cannot
+#                                  fail by chance; what a random run finds becomes a
+#                                  regression test, see tests/http_edges.rs)
+#   SCHEMATHESIS_ARGS              more arguments for `schemathesis run`
 #   AGENTBUS_SCHEMATHESIS_DIR      data directory (default target/schemathesis-data)
 #   AGENTBUS_SCHEMATHESIS_BROKER_PORT   the broker's port (default 19292)
 set -euo pipefail
@@ -27,6 +32,8 @@ cd "$root"
 export PATH=$HOME/.cargo/bin:$PATH
 
 examples=${1:-${SCHEMATHESIS_MAX_EXAMPLES:-50}}
+seed=${SCHEMATHESIS_SEED:-$(python3 -c 'import random; print(random.SystemRandom().randrange(1, 2**31))')}
+case $seed in '' | *[!0-9]*) echo "SCHEMATHESIS_SEED must be a whole number, not '$seed'" >&2; exit 2 ;; esac
 checks=${SCHEMATHESIS_CHECKS:-not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance}
 data=${AGENTBUS_SCHEMATHESIS_DIR:-$root/target/schemathesis-data}
 broker_port=${AGENTBUS_SCHEMATHESIS_BROKER_PORT:-19292}
@@ -80,6 +87,7 @@ log "broker: $brokers"
 # --- the service -------------------------------------------------------------------------
 # Runs that failed keep their directory (the service's log) for a while.
 find "$data" -maxdepth 1 -name 'run.*' -mmin +120 -exec rm -rf {} + 2>/dev/null || true
+mkdir -p "$data"
 run=$(mktemp -d "$data/run.XXXXXX")
 pid=
 cleanup() {
@@ -177,10 +185,12 @@ args=(run "$base/openapi.json"
   --workers 1
   --request-timeout 15
   --generation-database none
+  --seed "$seed"
   --no-color)
 if [ -n "${SCHEMATHESIS_MAX_TIME:-}" ]; then args+=(--max-time "$SCHEMATHESIS_MAX_TIME"); fi
 # shellcheck disable=SC2206
 if [ -n "${SCHEMATHESIS_ARGS:-}" ]; then args+=($SCHEMATHESIS_ARGS); fi
+log "seed $seed (SCHEMATHESIS_SEED=$seed ops/schemathesis.sh $examples repeats this run)"
 log "$st ${args[*]}"
 st_status=0
 (cd "$run" && "$st" "${args[@]}") || st_status=$?

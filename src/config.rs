@@ -86,7 +86,8 @@ pub struct ServeArgs {
     #[arg(long, env = "AGENTBUS_IDEMPOTENCY_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub idempotency_ttl: Duration,
 
-    /// Largest request body accepted by `POST /v1/events`, in bytes (413 beyond).
+    /// Largest request body of every endpoint (`POST /v1/events`, replays, redrives...), in
+    /// bytes (413 beyond).
     #[arg(long, env = "AGENTBUS_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_body_bytes: usize,
 
@@ -148,13 +149,129 @@ pub struct TopicArgs {
     pub retention: Duration,
 }
 
-/// RFC 3339, or a duration back from now (`30m`, `2h`, `1day`).
-pub fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
-    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
-        return Ok(t.to_utc());
+/// The earliest time a user may give: year 0 (the start of 0000-01-01, UTC).
+const EARLIEST_MS: i64 = -62_167_219_200_000;
+
+/// The latest time a user may give: the end of year 9999 (UTC).
+const LATEST_MS: i64 = 253_402_300_799_999;
+
+/// Why a time given by a user is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TimeError {
+    /// Neither form parses.
+    #[error("{0:?} is neither an RFC 3339 time nor a duration like 2h")]
+    Unparsable(String),
+    /// Not an RFC 3339 time (where only that form is accepted).
+    #[error("{0:?} is not an RFC 3339 time (like 2026-01-01T00:00:00Z)")]
+    NotRfc3339(String),
+    /// A time or duration outside the years 0 to 9999.
+    #[error("{0:?} is out of range: times must fall in the years 0 to 9999")]
+    OutOfRange(String),
+}
+
+/// RFC 3339, or a duration back from now (`30m`, `2h`, `1day`), as a time to look for in
+/// Kafka. Every time lies in the years 0 to 9999 (RFC 3339's own range): a duration reaching
+/// further back, or an RFC 3339 time an offset pushes out of it, is
+/// [`TimeError::OutOfRange`], never an overflow. A time before 1970 (Kafka's first timestamp;
+/// a negative one is a special value to the broker, or invalid) is taken as 1970-01-01: no
+/// record is older.
+pub fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, TimeError> {
+    parse_time_at(s, chrono::Utc::now())
+}
+
+/// An RFC 3339 time in the years 0 to 9999 (UTC); a duration is not accepted.
+pub fn parse_rfc3339(s: &str) -> Result<chrono::DateTime<chrono::Utc>, TimeError> {
+    let t = chrono::DateTime::parse_from_rfc3339(s)
+        .map_err(|_| TimeError::NotRfc3339(s.to_string()))?
+        .to_utc();
+    if (EARLIEST_MS..=LATEST_MS).contains(&t.timestamp_millis()) {
+        Ok(t)
+    } else {
+        Err(TimeError::OutOfRange(s.to_string()))
     }
-    let back = humantime::parse_duration(s)
-        .map_err(|_| format!("{s:?} is neither an RFC 3339 time nor a duration like 2h"))?;
-    let back = chrono::Duration::from_std(back).map_err(|e| e.to_string())?;
-    Ok(chrono::Utc::now() - back)
+}
+
+/// [`parse_time`] with `now` given, so that tests need not depend on the clock.
+pub fn parse_time_at(
+    s: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<chrono::DateTime<chrono::Utc>, TimeError> {
+    let out_of_range = || TimeError::OutOfRange(s.to_string());
+    let in_range = |t: chrono::DateTime<chrono::Utc>| {
+        if (EARLIEST_MS..=LATEST_MS).contains(&t.timestamp_millis()) {
+            Ok(t.max(chrono::DateTime::UNIX_EPOCH))
+        } else {
+            Err(out_of_range())
+        }
+    };
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return in_range(t.to_utc());
+    }
+    let back = humantime::parse_duration(s).map_err(|e| match e {
+        humantime::DurationError::NumberOverflow => out_of_range(),
+        _ => TimeError::Unparsable(s.to_string()),
+    })?;
+    let back = chrono::Duration::from_std(back).map_err(|_| out_of_range())?;
+    now.checked_sub_signed(back)
+        .ok_or_else(out_of_range)
+        .and_then(in_range)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> chrono::DateTime<chrono::Utc> {
+        "2026-12-01T12:00:00Z".parse().unwrap()
+    }
+
+    #[test]
+    fn a_duration_back_from_now_or_an_rfc_3339_time() {
+        assert_eq!(
+            parse_time_at("2h", now()).unwrap(),
+            "2026-12-01T10:00:00Z"
+                .parse::<chrono::DateTime<chrono::Utc>>()
+                .unwrap()
+        );
+        assert_eq!(
+            parse_time_at("2026-01-01T00:00:00+01:00", now()).unwrap(),
+            "2025-12-31T23:00:00Z"
+                .parse::<chrono::DateTime<chrono::Utc>>()
+                .unwrap()
+        );
+        assert!(matches!(
+            parse_time_at("yesterday", now()),
+            Err(TimeError::Unparsable(_))
+        ));
+    }
+
+    #[test]
+    fn times_outside_the_years_0_to_9999_are_refused_not_overflowed() {
+        for s in [
+            "1000000years",
+            "2030years",
+            "10000years",
+            "18446744073709551615s",
+            "99999999999999999999999999years",
+            "584542046090years",
+            "9999-12-31T23:59:59-01:00",
+            "0000-01-01T00:00:00+01:00",
+        ] {
+            assert_eq!(
+                parse_time_at(s, now()),
+                Err(TimeError::OutOfRange(s.to_string())),
+                "{s}"
+            );
+        }
+        // The edges themselves are fine.
+        assert!(parse_time_at("9999-12-31T23:59:59Z", now()).is_ok());
+        // Before Kafka's first timestamp: from its beginning.
+        for early in ["0000-01-01T00:00:00Z", "1960-01-01T00:00:00Z", "2000years"] {
+            assert_eq!(
+                parse_time_at(early, now()),
+                Ok(chrono::DateTime::UNIX_EPOCH),
+                "{early}"
+            );
+        }
+    }
 }

@@ -91,10 +91,26 @@ pub enum KeysCommand {
 /// `agentbus dlq ...`
 #[derive(Debug, Subcommand)]
 pub enum DlqCommand {
-    /// A table of the agent's dead letters: when, type, id, attempts, error.
+    /// A table of the agent's dead letters: when, type, id, attempts, error. One page at a
+    /// time (partition by partition, oldest first in each); the cursor of the next page is
+    /// printed last, for `--after`.
     List {
         /// The agent (consumer group).
         group: String,
+        /// Dead letters per page (1 to 1000).
+        #[arg(long, default_value_t = crate::consume::dlq::DEFAULT_PAGE,
+              value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=crate::consume::dlq::MAX_PAGE as u64))]
+        limit: usize,
+        /// Start where an earlier page ended: the cursor it printed after `next:`.
+        #[arg(long, conflicts_with = "since")]
+        after: Option<dlq::Cursor>,
+        /// Start at the first dead letter whose record time (the original event's) is at or
+        /// after this: RFC 3339 or a duration back from now (`2h`).
+        #[arg(long, value_parser = parse_time)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// Follow the cursor to the end: every page, one after the other.
+        #[arg(long)]
+        all: bool,
         #[command(flatten)]
         kafka: KafkaArgs,
     },
@@ -190,29 +206,54 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{entry}");
             Ok(())
         }
-        Command::Dlq(DlqCommand::List { group, kafka }) => {
+        Command::Dlq(DlqCommand::List {
+            group,
+            limit,
+            after,
+            since,
+            all,
+            kafka,
+        }) => {
             let topic = format!("{}{group}.dlq", kafka.topic_prefix);
-            let letters = dlq::list(&kafka, &topic).await?;
+            let mut start = match (after, since) {
+                (Some(cursor), _) => dlq::Start::After(cursor),
+                (None, Some(t)) => dlq::Start::Since(t),
+                (None, None) => dlq::Start::Beginning,
+            };
             println!(
                 "{:<24}  {:<28}  {:<36}  {:>8}  ERROR",
                 "FAILED AT", "TYPE", "ID", "ATTEMPTS"
             );
             let dash = || "-".to_string();
-            for d in &letters {
-                println!(
-                    "{:<24}  {:<28}  {:<36}  {:>8}  {}: {}",
-                    d.failed_at.clone().unwrap_or_else(dash),
-                    d.event_type.clone().unwrap_or_else(dash),
-                    d.event_id.clone().unwrap_or_else(dash),
-                    d.attempts.map_or_else(dash, |a| a.to_string()),
-                    d.error_kind.clone().unwrap_or_else(dash),
-                    d.error_message
-                        .clone()
-                        .unwrap_or_default()
-                        .replace('\n', " "),
-                );
+            let mut listed = 0;
+            loop {
+                let page = dlq::page(&kafka, &topic, start, limit).await?;
+                listed += page.dead_letters.len();
+                for d in &page.dead_letters {
+                    println!(
+                        "{:<24}  {:<28}  {:<36}  {:>8}  {}: {}",
+                        d.failed_at.clone().unwrap_or_else(dash),
+                        d.event_type.clone().unwrap_or_else(dash),
+                        d.event_id.clone().unwrap_or_else(dash),
+                        d.attempts.map_or_else(dash, |a| a.to_string()),
+                        d.error_kind.clone().unwrap_or_else(dash),
+                        d.error_message
+                            .clone()
+                            .unwrap_or_default()
+                            .replace('\n', " "),
+                    );
+                }
+                match page.next {
+                    Some(next) if all => start = dlq::Start::After(next),
+                    Some(next) => {
+                        println!("{listed} dead letters from {topic}; more after this page");
+                        println!("next: {next}");
+                        return Ok(());
+                    }
+                    None => break,
+                }
             }
-            println!("{} dead letters in {topic}", letters.len());
+            println!("{listed} dead letters from {topic}; the end");
             Ok(())
         }
         Command::Dlq(DlqCommand::Redrive {

@@ -1,13 +1,16 @@
 //! Dead letters: listing an agent's `<agent>.dlq` and sending them back for processing
 //! (redrive) through its `<agent>.replay` topic.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
 
 use chrono::{DateTime, Utc};
 use rdkafka::{
     Message, Offset, TopicPartitionList,
     consumer::{BaseConsumer, Consumer},
-    message::OwnedMessage,
+    message::BorrowedMessage,
     producer::FutureProducer,
 };
 use serde::Serialize;
@@ -57,7 +60,7 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
-    fn from_message(m: &OwnedMessage) -> DeadLetter {
+    fn from_message<M: Message>(m: &M) -> DeadLetter {
         DeadLetter {
             failed_at: text(m, header::FAILED_AT),
             event_type: text(m, header::TYPE),
@@ -74,77 +77,250 @@ impl DeadLetter {
     }
 }
 
-/// Every record of `topic` up to the end it had when called (blocking; a bounded read).
-pub fn read_to_end(
-    kafka: &KafkaArgs,
-    topic: &str,
-    timeout: Duration,
-) -> Result<Vec<OwnedMessage>, Error> {
-    let consumer: BaseConsumer = kafka
-        .client_config_with(&[
-            (
-                "group.id",
-                format!("agentbus-reader-{}", uuid::Uuid::new_v4()),
-            ),
-            ("enable.auto.commit", "false".into()),
-        ])
-        .create()?;
-    let partitions = crate::topics::partitions_of(&consumer, topic)?;
-    if partitions.is_empty() {
-        return Err(Error::NoTopic(topic.to_string()));
+/// Most dead letters in one page.
+pub const MAX_PAGE: usize = 1000;
+
+/// Dead letters in a page when the caller does not say.
+pub const DEFAULT_PAGE: usize = 100;
+
+/// Longest one page may take to read; a page cut short by it still answers what it read,
+/// with a cursor to go on from.
+pub const PAGE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Dead letters sent back per read of a redrive (a bound on the records it holds).
+const REDRIVE_BATCH: usize = 100;
+
+/// A position in a dead-letter topic: for each partition, the offset of the next record to
+/// read. Written `0:15,1:3` (partition:offset, comma-separated); clients treat it as opaque.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cursor(BTreeMap<i32, i64>);
+
+/// Most partitions a cursor may name (far above any dead-letter topic's).
+const MAX_CURSOR_PARTITIONS: usize = 10_000;
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(|(p, o)| format!("{p}:{o}")).collect();
+        f.write_str(&parts.join(","))
     }
-    let mut ends = Vec::new();
-    let mut assignment = TopicPartitionList::new();
-    for p in partitions {
-        let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
-        if high > low {
-            assignment.add_partition_offset(topic, p, Offset::Offset(low))?;
-            ends.push((p, high));
-        }
-    }
-    let mut out = Vec::new();
-    if ends.is_empty() {
-        return Ok(out);
-    }
-    consumer.assign(&assignment)?;
-    let deadline = Instant::now() + timeout;
-    let mut open: Vec<(i32, i64)> = ends;
-    while !open.is_empty() {
-        if Instant::now() > deadline {
-            return Err(Error::Timeout(topic.to_string()));
-        }
-        let Some(result) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        let m = result?.detach();
-        if let Some(i) = open.iter().position(|(p, _)| *p == m.partition()) {
-            let end = open[i].1;
-            if m.offset() < end {
-                out.push(m.clone());
-            }
-            if m.offset() + 1 >= end {
-                open.remove(i);
-            }
-        }
-    }
-    out.sort_by_key(|m| {
-        (
-            m.timestamp().to_millis().unwrap_or(0),
-            m.partition(),
-            m.offset(),
-        )
-    });
-    Ok(out)
 }
 
-/// The dead letters of `dlq_topic`, oldest first.
-pub async fn list(kafka: &KafkaArgs, dlq_topic: &str) -> Result<Vec<DeadLetter>, Error> {
+/// Why a cursor does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a cursor of this API (a `next` value it answered): {0}")]
+pub struct BadCursor(String);
+
+impl std::str::FromStr for Cursor {
+    type Err = BadCursor;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut map = BTreeMap::new();
+        for item in s.split(',') {
+            let (p, o) = item
+                .split_once(':')
+                .ok_or_else(|| BadCursor(format!("{item:?} is not partition:offset")))?;
+            let p: i32 = p
+                .parse()
+                .ok()
+                .filter(|p| *p >= 0)
+                .ok_or_else(|| BadCursor(format!("{p:?} is not a partition")))?;
+            let o: i64 = o
+                .parse()
+                .ok()
+                .filter(|o| *o >= 0)
+                .ok_or_else(|| BadCursor(format!("{o:?} is not an offset")))?;
+            if map.insert(p, o).is_some() {
+                return Err(BadCursor(format!("partition {p} twice")));
+            }
+            if map.len() > MAX_CURSOR_PARTITIONS {
+                return Err(BadCursor("too many partitions".into()));
+            }
+        }
+        Ok(Cursor(map))
+    }
+}
+
+/// Where a page starts.
+#[derive(Debug, Clone, Default)]
+pub enum Start {
+    /// At the oldest dead letter still kept.
+    #[default]
+    Beginning,
+    /// Where an earlier page's `next` cursor points.
+    After(Cursor),
+    /// At the first dead letter whose record timestamp (the original event's time, which
+    /// dead-lettering keeps) is at or after this time, by the broker's offsets-for-times.
+    Since(DateTime<Utc>),
+}
+
+/// One page of dead letters.
+#[derive(Debug, Clone)]
+pub struct Page {
+    /// The dead letters, partition by partition, oldest first within each.
+    pub dead_letters: Vec<DeadLetter>,
+    /// Where the next page starts; `None` once the end the topic had when this page was
+    /// read is reached.
+    pub next: Option<Cursor>,
+}
+
+/// Reads a topic page by page, partition by partition, up to the end offsets each partition
+/// had when the reader was opened (records arriving later wait for a later reader).
+struct Reader {
+    consumer: BaseConsumer,
+    topic: String,
+    /// Per partition: the next offset to read and the end fixed at opening.
+    positions: BTreeMap<i32, (i64, i64)>,
+}
+
+impl Reader {
+    /// Opens `topic` at `start` (blocking).
+    fn open(kafka: &KafkaArgs, topic: &str, start: &Start) -> Result<Reader, Error> {
+        let consumer: BaseConsumer = kafka
+            .client_config_with(&[
+                // Never joins the group (it assigns partitions itself) and never commits.
+                (
+                    "group.id",
+                    format!("agentbus-reader-{}", uuid::Uuid::new_v4()),
+                ),
+                ("enable.auto.commit", "false".into()),
+                // Tells when a partition has nothing more, also when its last offsets are
+                // not records (transaction markers, compacted away).
+                ("enable.partition.eof", "true".into()),
+            ])
+            .create()?;
+        let partitions = crate::topics::partitions_of(&consumer, topic)?;
+        if partitions.is_empty() {
+            return Err(Error::NoTopic(topic.to_string()));
+        }
+        let mut positions = BTreeMap::new();
+        for &p in &partitions {
+            let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+            let from = match start {
+                Start::Beginning => low,
+                Start::After(cursor) => cursor.0.get(&p).copied().unwrap_or(low).max(low),
+                Start::Since(_) => low,
+            };
+            positions.insert(p, (from, high));
+        }
+        if let Start::Since(t) = start {
+            let mut query = TopicPartitionList::new();
+            for &p in &partitions {
+                // Kafka timestamps start at 1970 (a negative one is a special value or
+                // invalid): an earlier time means from the beginning.
+                let ms = t.timestamp_millis().max(0);
+                query.add_partition_offset(topic, p, Offset::Offset(ms))?;
+            }
+            let found = consumer.offsets_for_times(query, Duration::from_secs(10))?;
+            for e in found.elements() {
+                if let Some((next, end)) = positions.get_mut(&e.partition()) {
+                    *next = match e.offset() {
+                        Offset::Offset(o) => o.clamp(*next, *end),
+                        // No record at or after the time.
+                        _ => *end,
+                    };
+                }
+            }
+        }
+        Ok(Reader {
+            consumer,
+            topic: topic.to_string(),
+            positions,
+        })
+    }
+
+    /// Where the next read starts; `None` when every partition reached its end.
+    fn cursor(&self) -> Option<Cursor> {
+        self.positions
+            .values()
+            .any(|(next, end)| next < end)
+            .then(|| Cursor(self.positions.iter().map(|(p, (n, _))| (*p, *n)).collect()))
+    }
+
+    /// Up to `limit` records, each passed through `keep`, by `deadline`. Stopped by the
+    /// deadline, it answers what it read (the cursor goes on from there); with nothing read,
+    /// it is [`Error::Timeout`].
+    fn read<T>(
+        &mut self,
+        limit: usize,
+        deadline: Instant,
+        mut keep: impl FnMut(&BorrowedMessage<'_>) -> T,
+    ) -> Result<Vec<T>, Error> {
+        let mut out = Vec::new();
+        let open: Vec<i32> = self
+            .positions
+            .iter()
+            .filter(|(_, (next, end))| next < end)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in open {
+            if out.len() >= limit {
+                break;
+            }
+            let mut assignment = TopicPartitionList::new();
+            let next = self.positions[&p].0;
+            assignment.add_partition_offset(&self.topic, p, Offset::Offset(next))?;
+            self.consumer.assign(&assignment)?;
+            loop {
+                let (next, end) = self.positions[&p];
+                if next >= end || out.len() >= limit {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return if out.is_empty() {
+                        Err(Error::Timeout(self.topic.clone()))
+                    } else {
+                        Ok(out)
+                    };
+                }
+                let Some(result) = self.consumer.poll(Duration::from_millis(100)) else {
+                    continue;
+                };
+                let m = match result {
+                    Ok(m) => m,
+                    Err(rdkafka::error::KafkaError::PartitionEOF(eof)) if eof == p => {
+                        // Nothing left below the end: the rest were not records.
+                        self.positions.insert(p, (end, end));
+                        break;
+                    }
+                    Err(rdkafka::error::KafkaError::PartitionEOF(_)) => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                if m.partition() != p || m.offset() < next {
+                    continue;
+                }
+                self.positions.insert(p, (m.offset() + 1, end));
+                if m.offset() < end {
+                    out.push(keep(&m));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// One page of the dead letters of `dlq_topic`: at most `limit` (1 to [`MAX_PAGE`]) from
+/// `start`, read within [`PAGE_DEADLINE`], and the cursor of the next page.
+pub async fn page(
+    kafka: &KafkaArgs,
+    dlq_topic: &str,
+    start: Start,
+    limit: usize,
+) -> Result<Page, Error> {
     let (kafka, topic) = (kafka.clone(), dlq_topic.to_string());
-    let messages =
-        tokio::task::spawn_blocking(move || read_to_end(&kafka, &topic, Duration::from_secs(60)))
-            .await
-            .expect("the reader does not panic")?;
-    Ok(messages.iter().map(DeadLetter::from_message).collect())
+    let limit = limit.clamp(1, MAX_PAGE);
+    tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + PAGE_DEADLINE;
+        let mut reader = Reader::open(&kafka, &topic, &start)?;
+        let dead_letters = reader.read(limit, deadline, |m: &BorrowedMessage<'_>| {
+            DeadLetter::from_message(m)
+        })?;
+        Ok(Page {
+            dead_letters,
+            next: reader.cursor(),
+        })
+    })
+    .await
+    .expect("the reader does not panic")
 }
 
 /// Which dead letters to send back.
@@ -182,11 +358,13 @@ pub async fn redrive(
     replay_topic: &str,
     filter: &Filter,
 ) -> Result<usize, Error> {
+    // Read in batches (a bounded number of records held at a time), up to the end the topic
+    // had when the redrive started.
     let (k, topic) = (kafka.clone(), dlq_topic.to_string());
-    let messages =
-        tokio::task::spawn_blocking(move || read_to_end(&k, &topic, Duration::from_secs(60)))
-            .await
-            .expect("the reader does not panic")?;
+    let reader = tokio::task::spawn_blocking(move || Reader::open(&k, &topic, &Start::Beginning))
+        .await
+        .expect("the reader does not panic")?;
+    let reader = std::sync::Arc::new(std::sync::Mutex::new(reader));
     let producer: FutureProducer =
         publish::producer_config(kafka, Duration::from_secs(30)).create()?;
     let failure_headers = [
@@ -198,18 +376,54 @@ pub async fn redrive(
         header::REPLAY_ID,
     ];
     let mut sent = 0;
-    for m in &messages {
-        if !filter.matches(&DeadLetter::from_message(m)) {
-            continue;
+    loop {
+        let r = reader.clone();
+        let messages = tokio::task::spawn_blocking(move || {
+            let mut r = r.lock().expect("reader lock");
+            if r.cursor().is_none() {
+                return Ok(Vec::new());
+            }
+            r.read(
+                REDRIVE_BATCH,
+                Instant::now() + PAGE_DEADLINE,
+                |m: &BorrowedMessage<'_>| m.detach(),
+            )
+        })
+        .await
+        .expect("the reader does not panic")?;
+        if messages.is_empty() {
+            break;
         }
-        let replay_id = format!("redrive-{}-{}-{}", dlq_topic, m.partition(), m.offset());
-        let headers = copied_headers(m, &failure_headers, &[(header::REPLAY_ID, replay_id)]);
-        let record = copy_of(m, replay_topic, headers);
-        producer
-            .send(record, Duration::from_secs(30))
-            .await
-            .map_err(|(e, _)| e)?;
-        sent += 1;
+        for m in &messages {
+            if !filter.matches(&DeadLetter::from_message(m)) {
+                continue;
+            }
+            let replay_id = format!("redrive-{}-{}-{}", dlq_topic, m.partition(), m.offset());
+            let headers = copied_headers(m, &failure_headers, &[(header::REPLAY_ID, replay_id)]);
+            let record = copy_of(m, replay_topic, headers);
+            producer
+                .send(record, Duration::from_secs(30))
+                .await
+                .map_err(|(e, _)| e)?;
+            sent += 1;
+        }
     }
     Ok(sent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cursor_reads_back_what_it_writes_and_refuses_anything_else() {
+        let c: Cursor = "0:15,2:3".parse().unwrap();
+        assert_eq!(c.to_string(), "0:15,2:3");
+        assert_eq!(c.0.get(&2), Some(&3));
+        for bad in [
+            "", "0", "0:", ":1", "-1:0", "0:-1", "0:1,0:2", "a:b", "0:1;1:2",
+        ] {
+            assert!(bad.parse::<Cursor>().is_err(), "{bad:?}");
+        }
+    }
 }

@@ -46,6 +46,7 @@ pub async fn lag(
     State(state): State<AppState>,
     ApiPath(group): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
+    super::params::check_group(&group)?;
     super::broker_reachable(&state)?;
     let snapshot = state
         .lag

@@ -52,6 +52,30 @@ impl ApiError {
         Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
     }
 
+    /// `400 invalid_parameter`: a path or query parameter that can name nothing or is out
+    /// of range (a consumer group Kafka cannot have, a page size past the maximum).
+    pub fn invalid_parameter(name: &str, message: impl Into<String>) -> Self {
+        let message = message.into();
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+            format!("{name}: {message}"),
+        )
+        .with_details(vec![Violation {
+            path: name.to_string(),
+            message,
+        }])
+    }
+
+    /// `405 method_not_allowed`; the router adds the `Allow` header.
+    pub fn method_not_allowed(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            message,
+        )
+    }
+
     /// `404 not_found`.
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
@@ -145,6 +169,9 @@ impl From<publish::Error> for ApiError {
                     }
                 };
                 ApiError::new(status, code, message).with_details(details)
+            }
+            publish::Error::TooLarge { message, details } => {
+                ApiError::payload_too_large(message).with_details(details)
             }
             publish::Error::IdempotencyConflict(message) => {
                 ApiError::new(StatusCode::CONFLICT, "idempotency_conflict", message)

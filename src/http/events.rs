@@ -6,10 +6,9 @@ use axum::{
     Json,
     body::Body,
     extract::{Extension, State},
-    http::{HeaderMap, HeaderValue, header},
+    http::{HeaderMap, HeaderValue},
     response::{IntoResponse, Response},
 };
-use futures::StreamExt;
 use serde_json::{Value, json};
 
 use super::{AppState, error::ApiError};
@@ -40,20 +39,10 @@ async fn handle(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    // The body limit was applied before (super::body::limit); this read stays bounded anyway.
     let limit = state.limits.max_body_bytes;
-    let too_large =
-        || ApiError::payload_too_large(format!("the body is larger than {limit} bytes"));
-    if let Some(length) = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-        && length > limit
-    {
-        return Err(too_large());
-    }
-    let bytes = read_limited(body, limit).await.map_err(|e| match e {
-        ReadError::TooLarge => too_large(),
-        ReadError::Body(e) => ApiError::malformed_json(format!("could not read the body: {e}")),
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::payload_too_large(format!("the body is larger than {limit} bytes"))
     })?;
     let json: Value = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::malformed_json(format!("the body is not JSON: {e}")))?;
@@ -162,23 +151,4 @@ fn bad_header(message: impl Into<String>) -> ApiError {
             message: message.into(),
         }],
     )
-}
-
-enum ReadError {
-    TooLarge,
-    Body(axum::Error),
-}
-
-/// Reads the body, stopping as soon as it passes `limit` bytes.
-async fn read_limited(body: Body, limit: usize) -> Result<Vec<u8>, ReadError> {
-    let mut stream = body.into_data_stream();
-    let mut out = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(ReadError::Body)?;
-        if out.len() + chunk.len() > limit {
-            return Err(ReadError::TooLarge);
-        }
-        out.extend_from_slice(&chunk);
-    }
-    Ok(out)
 }

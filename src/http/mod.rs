@@ -1,12 +1,14 @@
 //! The HTTP API (CONTRACT.md §2): ingest, schemas, the registry, health and metrics.
 
 mod access;
+pub mod body;
 mod consumers;
 mod demo;
 mod dlq;
 pub mod error;
 mod events;
 mod openapi;
+mod params;
 mod replays;
 mod schemas;
 
@@ -32,10 +34,10 @@ use crate::{
 pub use error::ApiError;
 pub use openapi::openapi;
 
-/// Request limits of the publish endpoint.
+/// Request limits of the API.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Largest body, in bytes.
+    /// Largest request body of every endpoint, in bytes (413 beyond).
     pub max_body_bytes: usize,
     /// Most envelopes in one batch.
     pub max_batch: usize,
@@ -116,7 +118,16 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi_json))
+        // After every route: it applies to the routes registered before it.
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
+        // The body limit is ours (body::limit), for every endpoint alike; axum's own default
+        // (2 MB, plain text) would otherwise answer first for some of them.
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            body::limit,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             access::check,
@@ -181,6 +192,14 @@ pub async fn metrics_text(lag: &LagMonitor) -> Response {
 
 async fn openapi_json() -> Json<serde_json::Value> {
     Json(openapi())
+}
+
+/// The route exists, the method does not: 405 in the API's error shape (axum adds `Allow`).
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::method_not_allowed(format!(
+        "{} does not accept {method}; the Allow header lists what it accepts",
+        uri.path()
+    ))
 }
 
 async fn not_found() -> ApiError {

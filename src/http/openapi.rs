@@ -41,7 +41,7 @@ pub fn openapi() -> Value {
         "info": {
             "title": "agentbus",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Schema-validated, versioned events on Kafka. Errors are always {\"error\":{\"code\",\"message\",\"details\"}}."
+            "description": "Schema-validated, versioned events on Kafka. Errors are always {\"error\":{\"code\",\"message\",\"details\"}}: also 405 method_not_allowed (with Allow) for a method a path does not take, and 413 payload_too_large for a body over the limit (--max-body-bytes, the same for every endpoint; answered from Content-Length before the body is read)."
         },
         "paths": {
             "/v1/events": {"post": {
@@ -62,7 +62,7 @@ pub fn openapi() -> Value {
                         ]}}}},
                     "400": error_response("malformed_json or invalid_envelope."),
                     "409": error_response("idempotency_conflict: the key was used with a different body, or is in use right now."),
-                    "413": error_response("payload_too_large: body or batch over the limit."),
+                    "413": error_response("payload_too_large: body or batch over the limit, or an event larger than the broker takes (the smaller of the producer's message.max.bytes and the topic's max.message.bytes, less record overhead; the message names it)."),
                     "422": error_response("unknown_event_type, unknown_event_version or schema_violation; nothing written."),
                     "500": error_response("internal: a fault of the service (its disk), never of the input."),
                     "503": {"description": "broker_unavailable; retry after Retry-After seconds with the same idempotency keys.",
@@ -129,10 +129,17 @@ pub fn openapi() -> Value {
                     "404": registry_error("40401 Subject not found.")}
             }},
             "/v1/dlq/{group}": {"get": {
-                "summary": "An agent's dead letters, oldest first.",
-                "parameters": [path_param("group", "the agent's name (its consumer group)")],
+                "summary": "A page of an agent's dead letters, partition by partition, oldest first within each; `next` is the cursor of the following page (absent at the end the topic had when the page was read). A page is read within 10 s; one cut short by that still answers what it read, with its `next`.",
+                "parameters": [path_param("group", "the agent's name (its consumer group)"),
+                    {"name": "limit", "in": "query", "required": false, "description": "Dead letters in the page (default 100).",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                    {"name": "after", "in": "query", "required": false, "description": "Start where the page that answered this `next` ended (opaque).",
+                        "schema": {"type": "string"}},
+                    {"name": "since", "in": "query", "required": false, "description": "Start at the first dead letter whose record time (the original event's time) is at or after this (not with after).",
+                        "schema": {"type": "string", "format": "date-time"}}],
                 "responses": {
-                    "200": {"description": "The dead letters.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/DeadLetters"}}}},
+                    "200": {"description": "The page.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/DeadLetters"}}}},
+                    "400": error_response("invalid_parameter: a group name no consumer group can have, a limit out of range, a cursor that does not parse, a bad time, or both after and since."),
                     "404": error_response("No such agent."),
                     "503": error_response("broker_unavailable.")
                 }
@@ -148,8 +155,9 @@ pub fn openapi() -> Value {
                     "200": {"description": "How many were sent.", "content": {"application/json": {"schema": {
                         "type": "object", "required": ["group", "redriven"],
                         "properties": {"group": {"type": "string"}, "redriven": {"type": "integer"}}}}}},
-                    "400": error_response("malformed_json or invalid_envelope (a bad filter)."),
+                    "400": error_response("malformed_json or invalid_envelope (a bad filter); invalid_parameter: a group name no consumer group can have."),
                     "404": error_response("No such agent."),
+                    "413": error_response("payload_too_large: the body is over the limit."),
                     "503": error_response("broker_unavailable.")
                 }
             }},
@@ -174,6 +182,7 @@ pub fn openapi() -> Value {
                 "parameters": [path_param("group", "the consumer group")],
                 "responses": {
                     "200": {"description": "The lag.", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/GroupLag"}}}},
+                    "400": error_response("invalid_parameter: a name no consumer group can have (empty, over 255 characters, control characters, leading or trailing white space)."),
                     "404": error_response("No such group (none with committed offsets)."),
                     "503": error_response("broker_unavailable.")
                 }
@@ -193,8 +202,9 @@ pub fn openapi() -> Value {
                 "responses": {
                     "202": {"description": "Started; Location names the job.", "headers": {"Location": {"schema": {"type": "string"}}},
                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ReplayJob"}}}},
-                    "400": error_response("malformed_json or invalid_envelope: a bad time, from after until, nothing to replay, both or neither target."),
+                    "400": error_response("malformed_json or invalid_envelope: a bad time (or one outside the years 0 to 9999), from after until, nothing to replay, both or neither target."),
                     "404": error_response("No such topic or agent."),
+                    "413": error_response("payload_too_large: the body is over the limit."),
                     "503": error_response("broker_unavailable.")
                 }
             }},
@@ -212,7 +222,8 @@ pub fn openapi() -> Value {
                 "requestBody": {"required": true, "content": {"application/cloudevents+json": {"schema": {"type": "object"}}}},
                 "responses": {
                     "200": {"description": "Follow-up events, if any.", "content": {"application/json": {"schema": {"type": "object"}}}},
-                    "400": error_response("malformed_json.")
+                    "400": error_response("malformed_json."),
+                    "413": error_response("payload_too_large: the body is over the limit.")
                 }
             }},
             "/v1/integrations": {"get": {
@@ -269,7 +280,7 @@ pub fn openapi() -> Value {
                 "type": "object",
                 "required": ["error"],
                 "properties": {"error": {"type": "object", "required": ["code", "message", "details"], "properties": {
-                    "code": {"type": "string", "enum": ["malformed_json", "invalid_envelope", "unauthorized", "forbidden", "not_found",
+                    "code": {"type": "string", "enum": ["malformed_json", "invalid_envelope", "invalid_parameter", "unauthorized", "forbidden", "not_found", "method_not_allowed",
                         "idempotency_conflict", "payload_too_large", "unknown_event_type", "unknown_event_version",
                         "schema_violation", "rate_limited", "broker_unavailable", "internal"]},
                     "message": {"type": "string"},
@@ -302,6 +313,7 @@ pub fn openapi() -> Value {
                 "type": "object",
                 "required": ["group", "topic", "dead_letters"],
                 "properties": {"group": {"type": "string"}, "topic": {"type": "string"},
+                    "next": {"type": "string", "description": "The cursor of the next page (for after); absent at the end."},
                     "dead_letters": {"type": "array", "items": {"type": "object", "properties": {
                         "failed_at": {"type": "string", "nullable": true}, "event_type": {"type": "string", "nullable": true},
                         "event_id": {"type": "string", "nullable": true}, "attempts": {"type": "integer", "nullable": true},

@@ -35,7 +35,7 @@ struct ReplayBody {
 }
 
 fn time(field: &str, value: &str) -> Result<chrono::DateTime<chrono::Utc>, ApiError> {
-    parse_time(value).map_err(|e| ApiError::invalid_request(field, e))
+    parse_time(value).map_err(|e| ApiError::invalid_request(field, e.to_string()))
 }
 
 fn replay_error(e: replay::Error) -> ApiError {

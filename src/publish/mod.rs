@@ -3,6 +3,7 @@
 //! after the broker acknowledged every event in it.
 
 pub mod idempotency;
+pub mod size;
 
 use std::{
     collections::HashMap,
@@ -16,7 +17,7 @@ use std::{
 use futures::future::join_all;
 use rdkafka::{
     error::{KafkaError, RDKafkaErrorCode},
-    message::{Header, OwnedHeaders},
+    message::{Header, Headers, OwnedHeaders},
     producer::{FutureProducer, FutureRecord, Producer},
 };
 use serde_json::Value as Json;
@@ -54,6 +55,15 @@ pub enum Error {
         /// A one-line summary.
         message: String,
         /// Every violation, with paths.
+        details: Vec<Violation>,
+    },
+    /// An event is larger than the broker takes (the producer's `message.max.bytes` or the
+    /// topic's `max.message.bytes`): it can never be written (`413 payload_too_large`).
+    #[error("{message}")]
+    TooLarge {
+        /// A one-line summary naming the limit.
+        message: String,
+        /// Each event over the limit, with its size and the limit.
         details: Vec<Violation>,
     },
     /// The idempotency key was used with a different request, or is being written now.
@@ -94,6 +104,8 @@ pub struct Publisher {
     kafka: KafkaArgs,
     timeout: Duration,
     broker_up: Arc<AtomicBool>,
+    /// The largest record each topic takes.
+    sizes: size::SizeLimits,
     /// When the broker last acknowledged a delivery: ms since `created` (0: never).
     last_ack_ms: std::sync::atomic::AtomicU64,
     created: Instant,
@@ -152,6 +164,7 @@ impl Publisher {
         broker_up: Arc<AtomicBool>,
     ) -> Self {
         Publisher {
+            sizes: size::SizeLimits::new(&producer_config(&kafka, timeout)),
             producer: std::sync::RwLock::new(CurrentProducer::new(producer)),
             renewed: std::sync::Mutex::new(None),
             registry,
@@ -231,7 +244,9 @@ impl Publisher {
     /// Validates every item, then writes those not written before, and answers in input
     /// order. Nothing is written unless every item is valid.
     pub async fn publish(&self, request: Request) -> Result<Vec<PublishResult>, Error> {
+        let batch = request.batch;
         let prepared = self.prepare(request)?;
+        self.check_sizes(&prepared, batch).await?;
 
         // Idempotency: repeats answer their first result, conflicts refuse the request.
         let mut claim = Claim::new(&self.store);
@@ -272,7 +287,7 @@ impl Publisher {
 
         let deliveries = self.write(&prepared, &to_write).await;
         let mut written = Vec::new();
-        let mut failure = None;
+        let mut failure: Option<Failure> = None;
         for (&i, delivery) in to_write.iter().zip(deliveries) {
             match delivery {
                 Ok((partition, offset)) => {
@@ -289,7 +304,12 @@ impl Publisher {
                     written.push(i);
                 }
                 Err(e) => {
-                    failure.get_or_insert(e);
+                    // A record the broker can never take wins: a retry would fail the same way.
+                    if matches!(e, Failure::TooLarge(_))
+                        || !matches!(failure, Some(Failure::TooLarge(_)))
+                    {
+                        failure = Some(e);
+                    }
                 }
             }
         }
@@ -315,7 +335,13 @@ impl Publisher {
                 .filter(|i| answers[*i].is_none())
                 .collect();
             count(&prepared, &failed, outcome::FAILED);
-            return Err(Error::BrokerUnavailable(e));
+            return Err(match e {
+                Failure::Unavailable(why) => Error::BrokerUnavailable(why),
+                Failure::TooLarge(why) => Error::TooLarge {
+                    message: why,
+                    details: Vec::new(),
+                },
+            });
         }
         for (i, j) in copies {
             answers[i] = answers[j].clone().map(|r| PublishResult {
@@ -331,6 +357,52 @@ impl Publisher {
             .into_iter()
             .map(|a| a.expect("every item is answered"))
             .collect())
+    }
+
+    /// Refuses the request when an event is larger than its topic takes: it could never be
+    /// written, so it is not retried into the broker (and not answered 503).
+    async fn check_sizes(&self, prepared: &[Prepared], batch: bool) -> Result<(), Error> {
+        let mut details = Vec::new();
+        let mut first = None;
+        for (i, p) in prepared.iter().enumerate() {
+            let headers = headers(p);
+            let bytes = size::record_size(
+                p.record_key.len(),
+                p.value.len(),
+                headers.iter().map(|h| (h.key, h.value.unwrap_or_default())),
+            );
+            let limit = self.sizes.of(&p.topic).await;
+            if bytes > limit.max_record {
+                let why = format!(
+                    "the event is {bytes} bytes as a Kafka record (key, Avro value, headers); {}",
+                    limit.explain(&p.topic)
+                );
+                first.get_or_insert_with(|| why.clone());
+                details.push(Violation {
+                    path: if batch {
+                        format!("[{i}].data")
+                    } else {
+                        "data".into()
+                    },
+                    message: why,
+                });
+            }
+        }
+        let Some(first) = first else {
+            return Ok(());
+        };
+        let which: Vec<usize> = (0..prepared.len()).collect();
+        count(prepared, &which, outcome::REJECTED);
+        let message = if batch {
+            format!(
+                "{} event(s) of the batch are larger than the broker takes; nothing in the batch \
+                 was written; the first: {first}",
+                details.len()
+            )
+        } else {
+            first
+        };
+        Err(Error::TooLarge { message, details })
     }
 
     /// Checks envelopes, resolves schemas, converts and encodes every item; on any failure
@@ -462,7 +534,7 @@ impl Publisher {
         &self,
         prepared: &[Prepared],
         which: &[usize],
-    ) -> Vec<Result<(i32, i64), String>> {
+    ) -> Vec<Result<(i32, i64), Failure>> {
         let deadline = Instant::now() + self.timeout + Duration::from_secs(1);
         let current = self.current_producer();
         let producer = &current.producer;
@@ -484,11 +556,13 @@ impl Publisher {
                 let future = sent.map_err(describe)?;
                 let late = || {
                     timed_out.store(true, Ordering::Relaxed);
-                    Err(TIMED_OUT.to_string())
+                    Err(Failure::Unavailable(TIMED_OUT.to_string()))
                 };
                 match tokio::time::timeout_at(deadline.into(), future).await {
                     Err(_) => late(),
-                    Ok(Err(_)) => Err("the producer was shut down".to_string()),
+                    Ok(Err(_)) => Err(Failure::Unavailable(
+                        "the producer was shut down".to_string(),
+                    )),
                     Ok(Ok(Err((e, _))))
                         if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageTimedOut) =>
                     {
@@ -526,11 +600,28 @@ fn conflict(key: &str, why: &str) -> Error {
     Error::IdempotencyConflict(format!("idempotency key {key:?} {why}"))
 }
 
-fn describe(e: KafkaError) -> String {
+/// Why a delivery failed, as the client should take it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Failure {
+    /// Retry later (503).
+    Unavailable(String),
+    /// Never fits (413): librdkafka or the broker found the record or batch too large.
+    TooLarge(String),
+}
+
+fn describe(e: KafkaError) -> Failure {
     match e.rdkafka_error_code() {
-        Some(RDKafkaErrorCode::QueueFull) => "the producer queue is full; retry later".into(),
-        Some(RDKafkaErrorCode::MessageTimedOut) => TIMED_OUT.into(),
-        _ => format!("the broker did not accept the event: {e}"),
+        Some(RDKafkaErrorCode::QueueFull) => {
+            Failure::Unavailable("the producer queue is full; retry later".into())
+        }
+        Some(RDKafkaErrorCode::MessageTimedOut) => Failure::Unavailable(TIMED_OUT.into()),
+        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge) => {
+            Failure::TooLarge(format!(
+                "the event is larger than the broker takes (producer message.max.bytes or the \
+                 topic's max.message.bytes): {e}"
+            ))
+        }
+        _ => Failure::Unavailable(format!("the broker did not accept the event: {e}")),
     }
 }
 
@@ -707,6 +798,23 @@ mod tests {
         *p.renewed.lock().unwrap() = Some(Instant::now() - RENEW_AT_MOST_EVERY);
         p.renew_producer("the broker is back");
         assert_ne!(id(&p), second);
+    }
+
+    #[test]
+    fn a_record_too_large_for_kafka_is_a_413_never_a_503() {
+        for code in [
+            RDKafkaErrorCode::MessageSizeTooLarge,
+            RDKafkaErrorCode::MessageBatchTooLarge,
+        ] {
+            assert!(matches!(
+                describe(KafkaError::MessageProduction(code)),
+                Failure::TooLarge(_)
+            ));
+        }
+        assert!(matches!(
+            describe(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)),
+            Failure::Unavailable(_)
+        ));
     }
 
     #[test]
