@@ -140,8 +140,10 @@ async fn wait_stable(
             let partitions = topic_partitions(admin, &kafka.topic_prefix, agent)?;
             Ok(stable_members(admin, agent, n, partitions))
         })?;
-        if now.is_some() && now == last {
-            return Ok(now.expect("checked"));
+        if let Some(members) = &now
+            && now == last
+        {
+            return Ok(members.clone());
         }
         if Instant::now() > deadline {
             bail!(
@@ -359,12 +361,12 @@ mod tests {
     fn decodes_an_assignment() {
         let mut b = vec![0, 3]; // version 3
         b.extend(2i32.to_be_bytes());
-        for (topic, parts) in [("t.events", vec![2, 0]), ("a.retry", vec![])] {
+        for (topic, parts) in [("t.events", vec![2i32, 0]), ("a.retry", vec![])] {
             b.extend((topic.len() as i16).to_be_bytes());
             b.extend(topic.as_bytes());
             b.extend((parts.len() as i32).to_be_bytes());
             for p in parts {
-                b.extend((p as i32).to_be_bytes());
+                b.extend(p.to_be_bytes());
             }
         }
         b.extend((-1i32).to_be_bytes()); // no user data
