@@ -23,14 +23,14 @@ pub struct ReplayArgs {
     #[command(flatten)]
     kafka: KafkaArgs,
     /// Records to copy.
-    #[arg(long, default_value_t = 50_000)]
+    #[arg(long, default_value_t = 100_000)]
     events: usize,
     /// Partitions of the source topic.
     #[arg(long, default_value_t = 3)]
     partitions: i32,
     /// Rounds of each copy, each into a topic of its own, in the order raw, replay, replay,
     /// raw, ... so that drifts of the machine weigh on both alike; medians are compared.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     rounds: usize,
 }
 
