@@ -37,13 +37,14 @@ pub struct ScaleArgs {
     #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
     handler_time: Duration,
     /// How long the throughput is measured once the group is stable.
-    #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
     window: Duration,
     /// Events published before the processes start (a backlog the window must not exhaust).
     #[arg(long, default_value_t = 4000)]
     events: usize,
-    /// The agent's name. Its topics (`<name>.retry`, `<name>.replay`) sort before the events
-    /// topic `knowledge.events` with the default, the case of issue 10's defect 2.
+    /// The agent's name, to which `-n<processes>-r<round>` is added (a group of its own per
+    /// measurement). Its topics (`<name>.retry`, `<name>.replay`) sort before the events topic
+    /// `knowledge.events` with the default, as for 4 of the 6 sample agents.
     #[arg(long, default_value = "bench-scale")]
     agent: String,
 }
@@ -224,6 +225,8 @@ async fn measure(
     // stable (as when a running agent is scaled out), so that the join order is the same in
     // every round.
     let dir = service::temp_dir("scale")?;
+    // A group of its own for every measurement (no members left over from the last one).
+    let agent = format!("{}-n{n}-r{round}", args.agent);
     let admin: BaseConsumer = kafka.client_config().create()?;
     let mut processes = Vec::new();
     let mut members = Members::new();
@@ -236,20 +239,20 @@ async fn measure(
             consumers.join("agent.toml"),
             format!(
                 "name = \"{}\"\nsubscribe = [\"knowledge.shared\"]\nconcurrency = 1\n[handler]\nkind = \"webhook\"\nurl = \"{hook}/{i}\"\ntimeout = \"10s\"\n",
-                args.agent
+                agent
             ),
         )?;
         processes.push(Process::agent_run(
             &args.agentbus,
             &kafka,
-            &args.agent,
+            &agent,
             &consumers,
             &[(
                 "AGENTBUS_KAFKA_CLIENT_ID",
                 format!("bench-scale-p{}", i + 1),
             )],
         )?);
-        members = wait_stable(&admin, &kafka, &args.agent, i + 1).await?;
+        members = wait_stable(&admin, &kafka, &agent, i + 1).await?;
     }
     let before: Vec<u64> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
     let started = Instant::now();
