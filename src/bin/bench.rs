@@ -1,8 +1,10 @@
 //! `agentbus-bench`: the load generator behind `ops/bench.sh`. Every figure is measured
-//! against a baseline in the same run: raw librdkafka, on the same broker or (consume
-//! latency, through ops/bench.sh) on a fresh broker of the same kind for each side.
+//! against baselines in the same run, on the same broker: raw librdkafka and, for publish and
+//! consume, Kafka's own perf tools (kafka-producer-perf-test, kafka-consumer-perf-test).
+//! Every round has topics of its own; the figures are medians over the rounds.
 
 use std::{
+    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -22,8 +24,17 @@ use serde_json::{Value, json};
 
 #[path = "bench/history.rs"]
 mod history;
+#[path = "bench/kafka_tools.rs"]
+mod kafka_tools;
+#[path = "bench/scale.rs"]
+mod scale;
+#[path = "bench/service.rs"]
+mod service;
 #[path = "bench/soak.rs"]
 mod soak;
+
+use kafka_tools::ToolArgs;
+use service::Process;
 
 #[derive(Parser)]
 #[command(about = "agentbus benchmarks (run through ops/bench.sh)")]
@@ -34,10 +45,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Publish throughput (raw producer vs agentbus over HTTP) and single-event latency.
+    /// Publish throughput (raw producer, kafka-producer-perf-test, agentbus over HTTP) and
+    /// single-event latency.
     Publish(PublishArgs),
-    /// Consume throughput (raw consumer vs an agent with a no-op handler and its dedup store)
-    /// and publish-to-handler latency.
+    /// Consume throughput (raw consumer, kafka-consumer-perf-test, an agent with a no-op
+    /// handler and its dedup store) and publish-to-handler latency.
     Consume(ConsumeArgs),
     /// Replay throughput (agentbus replay vs a raw consume-and-produce copy).
     Replay(history::ReplayArgs),
@@ -45,54 +57,58 @@ enum Command {
     Lag(history::LagArgs),
     /// A steady publish load for a long time, with the service's memory sampled.
     Soak(soak::SoakArgs),
+    /// Throughput of 1, 2, 3 `agentbus agent run` processes of one agent.
+    Scale(scale::ScaleArgs),
 }
 
 #[derive(Clone, clap::Args)]
 struct ConsumeArgs {
     #[command(flatten)]
     kafka: KafkaArgs,
-    /// Base URL of the agentbus that publishes (started by ops/bench.sh, without agents).
-    #[arg(long)]
-    url: String,
-    /// The agentbus binary, to start the agent process with.
-    #[arg(long)]
-    agentbus: std::path::PathBuf,
-    /// Events to consume.
+    #[command(flatten)]
+    tools: ToolArgs,
+    /// The agentbus binary: the service that publishes and the agent process.
+    #[arg(long, default_value = "target/release/agentbus")]
+    agentbus: PathBuf,
+    /// Events to consume per throughput round.
     #[arg(long, default_value_t = 20_000)]
     events: usize,
-    /// Events per second of the latency runs (one run each, comma-separated; lowest first, since
-    /// a broker driven past what it can take may not recover).
+    /// Throughput rounds, each on topics of its own.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Events per second of the latency runs (comma-separated).
     #[arg(long, value_delimiter = ',', default_values_t = [100, 200, 500])]
     rate: Vec<u64>,
-    /// Duration of each latency run.
+    /// Duration of each latency round.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     latency_duration: Duration,
-    /// The latency rounds in order: `a` the raw baseline, `b` agentbus (a broker that slows
-    /// as it fills weighs on both alike in `abba`).
-    #[arg(long, default_value = "abba", value_parser = parse_rounds)]
-    rounds: String,
-    /// Which part to run: `throughput`, `latency` or `both` (ops/bench.sh runs each on a
-    /// fresh broker of its own, since tansu slows as its database grows).
+    /// The latency rounds at each rate, in order: `a` the raw baseline, `b` agentbus (`abba`
+    /// weighs drifts of the machine on both alike).
+    #[arg(long, default_value = "ab", value_parser = parse_rounds)]
+    latency_rounds: String,
+    /// Which part to run: `throughput`, `latency` or `both`.
     #[arg(long, default_value = "both")]
     part: String,
     /// Pid of the broker, to report its CPU use during the latency runs.
     #[arg(long)]
     broker_pid: Option<u32>,
-    /// Pid of the agentbus that publishes, likewise.
-    #[arg(long)]
-    service_pid: Option<u32>,
 }
 
 #[derive(Clone, clap::Args)]
 struct PublishArgs {
     #[command(flatten)]
     kafka: KafkaArgs,
-    /// Base URL of the agentbus under test.
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
-    url: String,
+    #[command(flatten)]
+    tools: ToolArgs,
+    /// The agentbus binary (a fresh `agentbus serve` with a topic prefix of its own per round).
+    #[arg(long, default_value = "target/release/agentbus")]
+    agentbus: PathBuf,
     /// Events per throughput run.
     #[arg(long, default_value_t = 50_000)]
     events: usize,
+    /// Rounds; each runs every side once on topics of its own, in a rotating order.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Events per HTTP batch.
     #[arg(long, default_value_t = 100)]
     batch: usize,
@@ -105,15 +121,27 @@ struct PublishArgs {
     /// Duration of the latency run.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     latency_duration: Duration,
-    /// Pid of the agentbus under test, to report its CPU time per event.
-    #[arg(long)]
-    service_pid: Option<u32>,
     /// Deliveries the raw producer keeps outstanding.
     #[arg(long, default_value_t = 10_000)]
     raw_in_flight: usize,
-    /// Partitions of the baseline topic (match the service's).
+    /// Partitions of the baseline topics (match the service's).
     #[arg(long, default_value_t = 3)]
     partitions: i32,
+}
+
+/// The median of some values (0 for none).
+fn median(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let mid = v.len() / 2;
+    if v.len().is_multiple_of(2) {
+        (v[mid - 1] + v[mid]) / 2.0
+    } else {
+        v[mid]
+    }
 }
 
 /// ~300 bytes of Avro: the content string dominates.
@@ -153,7 +181,11 @@ fn cloudevents_headers(i: usize) -> OwnedHeaders {
 }
 
 async fn raw_producer(args: &PublishArgs, with_headers: bool) -> anyhow::Result<f64> {
-    let topic = format!("bench-raw-{}", uuid::Uuid::new_v4().simple());
+    let topic = format!(
+        "{}bench-raw-{}",
+        args.kafka.topic_prefix,
+        uuid::Uuid::new_v4().simple()
+    );
     topics::ensure(
         &args.kafka,
         &[TopicSpec {
@@ -198,8 +230,12 @@ async fn raw_producer(args: &PublishArgs, with_headers: bool) -> anyhow::Result<
     Ok(args.events as f64 / started.elapsed().as_secs_f64())
 }
 
-async fn agentbus_batches(args: &PublishArgs, client: &reqwest::Client) -> anyhow::Result<f64> {
-    let endpoint = format!("{}/v1/events", args.url);
+async fn agentbus_batches(
+    args: &PublishArgs,
+    client: &reqwest::Client,
+    url: &str,
+) -> anyhow::Result<f64> {
+    let endpoint = format!("{url}/v1/events");
     let bodies: Vec<Value> = (0..args.events)
         .collect::<Vec<_>>()
         .chunks(args.batch)
@@ -229,8 +265,9 @@ async fn agentbus_batches(args: &PublishArgs, client: &reqwest::Client) -> anyho
 async fn latency(
     args: &PublishArgs,
     client: &reqwest::Client,
+    url: &str,
 ) -> anyhow::Result<(f64, f64, f64, usize)> {
-    let endpoint = Arc::new(format!("{}/v1/events", args.url));
+    let endpoint = Arc::new(format!("{url}/v1/events"));
     let total = (args.rate as f64 * args.latency_duration.as_secs_f64()) as usize;
     let period = Duration::from_secs_f64(1.0 / args.rate as f64);
     let start = tokio::time::Instant::now();
@@ -273,6 +310,167 @@ async fn latency(
     ))
 }
 
+/// The perf tool's topic (created like the raw producer's) and its rate.
+async fn perf_producer(args: &PublishArgs) -> anyhow::Result<kafka_tools::ProducerPerf> {
+    let topic = format!(
+        "{}bench-perf-{}",
+        args.kafka.topic_prefix,
+        uuid::Uuid::new_v4().simple()
+    );
+    topics::ensure(
+        &args.kafka,
+        &[TopicSpec {
+            name: topic.clone(),
+            partitions: args.partitions,
+            replication: 1,
+            retention: Duration::from_secs(3600),
+        }],
+    )
+    .await?;
+    args.tools
+        .producer_perf(&args.kafka.brokers, &topic, args.events, 300)
+        .await
+}
+
+async fn publish(args: PublishArgs) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .build()?;
+    // Medians over the rounds: raw, raw with headers, perf tool, agentbus; CPU µs per event.
+    let (mut raw, mut raw_headers, mut perf, mut ours) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut raw_cpu, mut cpu) = (Vec::new(), Vec::new());
+    let mut perf_mb = Vec::new();
+    let mut last = None;
+    println!(
+        "publish throughput, {} events of ~300 bytes per side and round, {} rounds (each on topics of its own, rotating order), {} cores:",
+        args.events,
+        args.rounds,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    for round in 0..args.rounds {
+        let kafka = KafkaArgs {
+            topic_prefix: format!("{}r{round}.", args.kafka.topic_prefix),
+            ..args.kafka.clone()
+        };
+        let round_args = PublishArgs {
+            kafka,
+            ..args.clone()
+        };
+        let service = Process::serve(&args.agentbus, &round_args.kafka, None, true).await?;
+        // Warm up both paths (connections, metadata, the broker) outside the measurement.
+        let warm = PublishArgs {
+            events: 2_000,
+            ..round_args.clone()
+        };
+        raw_producer(&warm, true).await?;
+        agentbus_batches(&warm, &client, &service.url).await?;
+        let mut sides = vec!["raw", "raw+headers", "perf-tool", "agentbus"];
+        if !args.tools.enabled() {
+            sides.retain(|s| *s != "perf-tool");
+        }
+        let turn = round % sides.len();
+        sides.rotate_left(turn);
+        let mut line = Vec::new();
+        for side in sides {
+            match side {
+                "raw" => {
+                    let before = cpu_seconds(std::process::id());
+                    let r = raw_producer(&round_args, false).await?;
+                    if let (Some(b), Some(a)) = (before, cpu_seconds(std::process::id())) {
+                        raw_cpu.push((a - b) / args.events as f64 * 1e6);
+                    }
+                    raw.push(r);
+                    line.push(format!("raw {r:.0}"));
+                }
+                "raw+headers" => {
+                    let r = raw_producer(&round_args, true).await?;
+                    raw_headers.push(r);
+                    line.push(format!("raw+headers {r:.0}"));
+                }
+                "perf-tool" => {
+                    let p = perf_producer(&round_args).await?;
+                    perf.push(p.records_per_sec);
+                    perf_mb.push(p.mb_per_sec);
+                    line.push(format!(
+                        "perf-tool {:.0} ({:.2} MB/s)",
+                        p.records_per_sec, p.mb_per_sec
+                    ));
+                }
+                _ => {
+                    let before = cpu_seconds(service.pid());
+                    let r = agentbus_batches(&round_args, &client, &service.url).await?;
+                    if let (Some(b), Some(a)) = (before, cpu_seconds(service.pid())) {
+                        cpu.push((a - b) / args.events as f64 * 1e6);
+                    }
+                    ours.push(r);
+                    line.push(format!("agentbus {r:.0}"));
+                }
+            }
+        }
+        println!(
+            "  round {round}: {} events/s; b/a {:.2}",
+            line.join(", "),
+            ours.last().copied().unwrap_or(0.0) / raw.last().copied().unwrap_or(f64::NAN)
+        );
+        last = Some(service);
+    }
+    let (raw, raw_headers, perf, ours) = (
+        median(&raw),
+        median(&raw_headers),
+        median(&perf),
+        median(&ours),
+    );
+    println!("publish throughput, median of {} rounds:", args.rounds);
+    println!("  (a)  raw rdkafka producer (idempotent, acks=all):          {raw:>9.0} events/s");
+    println!(
+        "  (a') the same with agentbus's 8 CloudEvents headers:       {raw_headers:>9.0} events/s"
+    );
+    if args.tools.enabled() {
+        println!(
+            "  (k)  kafka-producer-perf-test (acks=all, idempotent):      {perf:>9.0} events/s ({:.2} MB/s)",
+            median(&perf_mb)
+        );
+    }
+    println!(
+        "  (b)  agentbus HTTP, JSON batches of {} x{} in flight:     {ours:>9.0} events/s",
+        args.batch, args.concurrency
+    );
+    println!("  ratio b/a:  {:.2} (target >= 0.5)", ours / raw);
+    println!(
+        "  ratio b/a': {:.2} (same records on the wire)",
+        ours / raw_headers
+    );
+    if args.tools.enabled() {
+        println!(
+            "  ratio b/k:  {:.2} (Kafka's own producer tool)",
+            ours / perf
+        );
+        println!(
+            "  ratio a/k:  {:.2} (raw librdkafka against Kafka's tool)",
+            raw / perf
+        );
+    }
+    if !raw_cpu.is_empty() && !cpu.is_empty() {
+        println!(
+            "  CPU per event: raw producer {:.0} µs, agentbus {:.0} µs",
+            median(&raw_cpu),
+            median(&cpu)
+        );
+    }
+    let service = last.context("no rounds")?;
+    let (p50, p99, p999, failures) = latency(&args, &client, &service.url).await?;
+    println!(
+        "single-event publish at {}/s for {:?}: p50 {p50:.1} ms, p99 {p99:.1} ms, p99.9 {p999:.1} ms, {failures} failed (target p99 <= 20 ms)",
+        args.rate, args.latency_duration
+    );
+    println!(
+        "agentbus peak memory (VmHWM, last round's service): {:.1} MiB",
+        service.peak_mib()
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     agentbus::telemetry::init_logging(
@@ -284,54 +482,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Replay(args) => history::replay(args).await?,
         Command::Lag(args) => history::lag(args).await?,
         Command::Soak(args) => soak::soak(args).await?,
-        Command::Publish(args) => {
-            let client = reqwest::Client::builder()
-                .pool_max_idle_per_host(1024)
-                .build()?;
-            // Warm up both paths (connections, metadata) outside the measurement.
-            let warm = PublishArgs {
-                events: 2_000,
-                ..args.clone()
-            };
-            raw_producer(&warm, true).await?;
-            agentbus_batches(&warm, &client).await?;
-
-            let own_before = cpu_seconds(std::process::id());
-            let raw = raw_producer(&args, false).await?;
-            let raw_cpu = own_before
-                .zip(cpu_seconds(std::process::id()))
-                .map(|(before, after)| (after - before) / args.events as f64 * 1e6);
-            let raw_headers = raw_producer(&args, true).await?;
-            let cpu_before = args.service_pid.and_then(cpu_seconds);
-            let ours = agentbus_batches(&args, &client).await?;
-            let cpu = cpu_before
-                .zip(args.service_pid.and_then(cpu_seconds))
-                .map(|(before, after)| (after - before) / args.events as f64 * 1e6);
-            println!("publish throughput, {} events of ~300 bytes:", args.events);
-            println!(
-                "  (a)  raw rdkafka producer (idempotent, acks=all):        {raw:>9.0} events/s"
-            );
-            println!(
-                "  (a') the same with agentbus's 8 CloudEvents headers:       {raw_headers:>9.0} events/s"
-            );
-            println!(
-                "  (b)  agentbus HTTP, JSON batches of {} x{} in flight:     {ours:>9.0} events/s",
-                args.batch, args.concurrency
-            );
-            println!("  ratio b/a:  {:.2} (target >= 0.5)", ours / raw);
-            println!(
-                "  ratio b/a': {:.2} (same records on the wire)",
-                ours / raw_headers
-            );
-            if let (Some(raw_us), Some(us)) = (raw_cpu, cpu) {
-                println!("  CPU per event: raw producer {raw_us:.0} µs, agentbus {us:.0} µs");
-            }
-            let (p50, p99, p999, failures) = latency(&args, &client).await?;
-            println!(
-                "single-event publish at {}/s for {:?}: p50 {p50:.1} ms, p99 {p99:.1} ms, p99.9 {p999:.1} ms, {failures} failed (target p99 <= 20 ms)",
-                args.rate, args.latency_duration
-            );
-        }
+        Command::Scale(args) => scale::scale(args).await?,
+        Command::Publish(args) => publish(args).await?,
     }
     Ok(())
 }
@@ -354,7 +506,7 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 /// A plain consumer in a new group of its own (named `<prefix>-<uuid>`), from the oldest
-/// record, with the short group timeouts tansu needs to join quickly.
+/// record, with the short group timeouts the tests use (a killed member leaves quickly).
 fn raw_group_consumer(
     kafka: &KafkaArgs,
     prefix: &str,
@@ -381,13 +533,45 @@ pub(crate) fn status_mib(pid: u32, field: &str) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-/// Reads `n` records of `topic` with a plain consumer in a new group; the rate from the first
-/// record to the last.
-fn raw_consume(kafka: &KafkaArgs, topics: &[&str], n: usize) -> anyhow::Result<f64> {
-    use rdkafka::consumer::Consumer;
-    let consumer = raw_group_consumer(kafka, "bench-raw")?;
+/// Remembers when the consumer first got partitions assigned.
+#[derive(Default)]
+struct AssignedAt(std::sync::Mutex<Option<Instant>>);
+
+impl rdkafka::ClientContext for AssignedAt {}
+
+impl rdkafka::consumer::ConsumerContext for AssignedAt {
+    fn post_rebalance(
+        &self,
+        _: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        if let rdkafka::consumer::Rebalance::Assign(_) = rebalance {
+            self.0.lock().unwrap().get_or_insert_with(Instant::now);
+        }
+    }
+}
+
+/// A raw consumer's rates, events/s: from its partitions' assignment to the last record (what
+/// kafka-consumer-perf-test's fetch rate measures), and over its whole run, from `subscribe`
+/// on (group join included, as that tool's overall rate).
+#[derive(Clone, Copy)]
+struct RawRate {
+    from_assignment: f64,
+    whole: f64,
+}
+
+/// Reads `n` records of `topics` with a plain consumer in a new group.
+fn raw_consume(kafka: &KafkaArgs, topics: &[&str], n: usize) -> anyhow::Result<RawRate> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer<AssignedAt> = kafka
+        .client_config()
+        .set("group.id", format!("bench-raw-{}", uuid::Uuid::new_v4()))
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "1000")
+        .create_with_context(AssignedAt::default())?;
+    let subscribed = Instant::now();
     consumer.subscribe(topics)?;
-    let mut first = None;
     let mut seen = 0;
     let deadline = Instant::now() + Duration::from_secs(300);
     while seen < n {
@@ -396,12 +580,19 @@ fn raw_consume(kafka: &KafkaArgs, topics: &[&str], n: usize) -> anyhow::Result<f
         }
         if let Some(m) = consumer.poll(Duration::from_millis(100)) {
             m?;
-            first.get_or_insert_with(Instant::now);
             seen += 1;
         }
     }
-    let first = first.expect("n > 0");
-    Ok((n - 1) as f64 / first.elapsed().as_secs_f64())
+    let assigned = consumer
+        .context()
+        .0
+        .lock()
+        .unwrap()
+        .context("records read before any assignment")?;
+    Ok(RawRate {
+        from_assignment: n as f64 / assigned.elapsed().as_secs_f64(),
+        whole: n as f64 / subscribed.elapsed().as_secs_f64(),
+    })
 }
 
 /// Latencies in ms, sorted, and how many were sent: the baseline of the publish-to-handler
@@ -622,14 +813,10 @@ fn consumed(metrics: &str, group: &str) -> f64 {
         .sum()
 }
 
-/// Fills the no-op agent's topic through agentbus (so the records are what agents really
-/// read) and reads it with a raw consumer: its rate.
-async fn fill_and_read_raw(
-    args: &ConsumeArgs,
-    client: &reqwest::Client,
-    endpoint: &str,
-) -> anyhow::Result<f64> {
-    let bodies: Vec<Value> = (0..args.events)
+/// Fills `<prefix>knowledge.events`, the no-op agent's topic, through agentbus (so the
+/// records are what agents really read).
+async fn fill(client: &reqwest::Client, endpoint: &str, events: usize) -> anyhow::Result<()> {
+    let bodies: Vec<Value> = (0..events)
         .collect::<Vec<_>>()
         .chunks(100)
         .map(|chunk| Value::Array(chunk.iter().map(|i| event(*i)).collect()))
@@ -648,25 +835,21 @@ async fn fill_and_read_raw(
     while let Some(r) = posts.next().await {
         r?;
     }
-    let topic = args.kafka.events_topic("knowledge");
-    let (kafka, t, n) = (args.kafka.clone(), topic.clone(), args.events);
-    tokio::task::spawn_blocking(move || raw_consume(&kafka, &[&t], n)).await?
+    Ok(())
 }
 
 /// The no-op agent's rate from its first handled event to the last.
 async fn agent_throughput(
-    args: &ConsumeArgs,
+    events: usize,
     client: &reqwest::Client,
     metrics_url: &str,
-    agent: &mut std::process::Child,
 ) -> anyhow::Result<f64> {
     let mut first: Option<(Instant, f64)> = None;
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         tokio::time::sleep(Duration::from_millis(20)).await;
         if Instant::now() > deadline {
-            let _ = agent.kill();
-            bail!("the agent did not consume {} events in time", args.events);
+            bail!("the agent did not consume {events} events in time");
         }
         let Ok(r) = client.get(metrics_url).send().await else {
             continue;
@@ -675,11 +858,77 @@ async fn agent_throughput(
         if count > 0.0 && first.is_none() {
             first = Some((Instant::now(), count));
         }
-        if count >= args.events as f64 {
+        if count >= events as f64 {
             let (t0, c0) = first.expect("set above");
             return Ok((count - c0) / t0.elapsed().as_secs_f64());
         }
     }
+}
+
+/// What one throughput round measured, events/s.
+struct ThroughputRound {
+    raw: RawRate,
+    perf: Option<kafka_tools::ConsumerPerf>,
+    agent: f64,
+    agent_peak_mib: f64,
+}
+
+/// One throughput round on topics of its own: fill through agentbus, then (a) a raw consumer,
+/// (k) kafka-consumer-perf-test and (b) the no-op agent read them (b first in odd rounds).
+async fn throughput_round(
+    args: &ConsumeArgs,
+    round: usize,
+    client: &reqwest::Client,
+    consumers: &std::path::Path,
+) -> anyhow::Result<ThroughputRound> {
+    let kafka = KafkaArgs {
+        topic_prefix: format!("{}t{round}.", args.kafka.topic_prefix),
+        ..args.kafka.clone()
+    };
+    {
+        let service = Process::serve(&args.agentbus, &kafka, None, true).await?;
+        fill(client, &format!("{}/v1/events", service.url), args.events).await?;
+    }
+    let topic = kafka.events_topic("knowledge");
+    let mut result = ThroughputRound {
+        raw: RawRate {
+            from_assignment: 0.0,
+            whole: 0.0,
+        },
+        perf: None,
+        agent: 0.0,
+        agent_peak_mib: 0.0,
+    };
+    let mut sides = vec!["raw", "perf-tool", "agent"];
+    if !args.tools.enabled() {
+        sides.retain(|s| *s != "perf-tool");
+    }
+    if round % 2 == 1 {
+        sides.reverse();
+    }
+    for side in sides {
+        match side {
+            "raw" => {
+                let (k, t, n) = (kafka.clone(), topic.clone(), args.events);
+                result.raw =
+                    tokio::task::spawn_blocking(move || raw_consume(&k, &[&t], n)).await??;
+            }
+            "perf-tool" => {
+                result.perf = Some(
+                    args.tools
+                        .consumer_perf(&kafka.brokers, &topic, args.events)
+                        .await?,
+                );
+            }
+            _ => {
+                let agent = Process::serve(&args.agentbus, &kafka, Some(consumers), false).await?;
+                let metrics = format!("{}/metrics", agent.url);
+                result.agent = agent_throughput(args.events, client, &metrics).await?;
+                result.agent_peak_mib = agent.peak_mib();
+            }
+        }
+    }
+    Ok(result)
 }
 
 /// Publish-to-handler latency at each rate, in the order of `--rounds`.
@@ -688,26 +937,28 @@ async fn latency_runs(
     client: &reqwest::Client,
     endpoint: &str,
     latencies: &Arc<std::sync::Mutex<Vec<f64>>>,
-    agent_pid: u32,
+    kafka: &KafkaArgs,
+    pids: (u32, u32),
 ) -> anyhow::Result<()> {
+    let (service_pid, agent_pid) = pids;
     // Publish-to-handler latency at steady rates, single events: first the baseline, then
     // agentbus, with the agent process running in both; CPU of every process meanwhile.
     let processes = [
         ("broker", args.broker_pid),
-        ("agentbus serve (publishes)", args.service_pid),
+        ("agentbus serve (publishes)", Some(service_pid)),
         ("agent process", Some(agent_pid)),
         ("load generator (this)", Some(std::process::id())),
     ];
     for &rate in &args.rate {
         println!(
             "publish-to-handler latency, single events at {rate}/s for {:?}, rounds {}:",
-            args.latency_duration, args.rounds
+            args.latency_duration, args.latency_rounds
         );
         let (mut raw_all, mut ours_all) = ((Vec::new(), 0), (Vec::new(), 0));
-        let order: Vec<bool> = args.rounds.chars().map(|c| c == 'a').collect();
+        let order: Vec<bool> = args.latency_rounds.chars().map(|c| c == 'a').collect();
         for (round, raw) in order.into_iter().enumerate() {
             let (l, sent, cpu) = if raw {
-                raw_latency(&args.kafka, rate, args.latency_duration, round, &processes).await?
+                raw_latency(kafka, rate, args.latency_duration, round, &processes).await?
             } else {
                 latencies.lock().unwrap().clear();
                 let cpu = CpuMeter::start(&processes);
@@ -732,7 +983,7 @@ async fn latency_runs(
             all.0.extend(l);
             all.1 += sent;
         }
-        if args.rounds.len() > 2 {
+        if args.latency_rounds.len() > 2 {
             for all in [&mut raw_all, &mut ours_all] {
                 all.0.sort_by(|a, b| a.total_cmp(b));
             }
@@ -757,97 +1008,161 @@ async fn consume(args: ConsumeArgs) -> anyhow::Result<()> {
         other => bail!("--part {other:?}: throughput, latency or both"),
     };
     let client = reqwest::Client::new();
-    let endpoint = format!("{}/v1/events", args.url);
-    let raw = if throughput {
-        fill_and_read_raw(&args, &client, &endpoint).await?
-    } else {
-        0.0
-    };
-
-    // The agent process: a no-op agent on the filled topic, and a webhook agent whose
-    // endpoint (below) measures publish-to-handler latency.
-    let receiver = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let hook = format!("http://{}/hook", receiver.local_addr()?);
-    let latencies = Arc::new(std::sync::Mutex::new(Vec::<f64>::new()));
-    {
-        let latencies = latencies.clone();
-        let app = axum::Router::new().route(
-            "/hook",
-            axum::routing::post(move |axum::Json(ce): axum::Json<Value>| {
-                let latencies = latencies.clone();
-                async move {
-                    if let Some(t) = ce["time"]
-                        .as_str()
-                        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                    {
-                        let ms = (chrono::Utc::now() - t.to_utc())
-                            .num_microseconds()
-                            .unwrap_or(0) as f64
-                            / 1000.0;
-                        latencies.lock().unwrap().push(ms);
-                    }
-                    "ok"
-                }
-            }),
-        );
-        tokio::spawn(async move { axum::serve(receiver, app).await });
-    }
-    let dir =
-        std::env::temp_dir().join(format!("agentbus-bench-{}", uuid::Uuid::new_v4().simple()));
-    let consumers = dir.join("consumers");
-    std::fs::create_dir_all(&consumers)?;
+    let dir = service::temp_dir("consume")?;
+    let noop = dir.join("noop");
+    std::fs::create_dir_all(&noop)?;
     std::fs::write(
-        consumers.join("noop.toml"),
+        noop.join("noop.toml"),
         "name = \"bench-noop\"\nsubscribe = [\"knowledge.shared\"]\nconcurrency = 8\n[handler]\nkind = \"noop\"\n",
     )?;
-    std::fs::write(
-        consumers.join("latency.toml"),
-        format!(
-            "name = \"bench-latency\"\nsubscribe = [\"pattern.learned\"]\nconcurrency = 8\n[handler]\nkind = \"webhook\"\nurl = \"{hook}\"\n"
-        ),
-    )?;
-    let port = free_port()?;
-    let mut agent = std::process::Command::new(&args.agentbus)
-        .arg("serve")
-        .env("AGENTBUS_BROKERS", &args.kafka.brokers)
-        .env("AGENTBUS_TOPIC_PREFIX", &args.kafka.topic_prefix)
-        .env("AGENTBUS_HTTP_ADDR", format!("127.0.0.1:{port}"))
-        .env("AGENTBUS_DATA_DIR", dir.join("data"))
-        .env("AGENTBUS_CONSUMERS_DIR", &consumers)
-        .env("AGENTBUS_AGENT_SESSION_TIMEOUT", "6s")
-        .env(
-            "AGENTBUS_LOG",
-            std::env::var("AGENTBUS_BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .spawn()?;
-    let metrics_url = format!("http://127.0.0.1:{port}/metrics");
     if throughput {
-        let ours = agent_throughput(&args, &client, &metrics_url, &mut agent).await?;
-        println!("consume throughput, {} events:", args.events);
-        println!("  (a) raw rdkafka consumer:                         {raw:>9.0} events/s");
-        println!("  (b) agentbus agent, no-op handler, dedup store:  {ours:>9.0} events/s");
+        println!(
+            "consume throughput, {} events per round (filled through agentbus), {} rounds on topics of their own, {} cores:",
+            args.events,
+            args.rounds,
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        let (mut raw, mut raw_all, mut perf, mut perf_all, mut ours, mut peak) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            0.0f64,
+        );
+        for round in 0..args.rounds {
+            let r = throughput_round(&args, round, &client, &noop).await?;
+            let perf_text = r.perf.map_or(String::new(), |p| {
+                format!(
+                    ", perf-tool {:.0} ({:.0} with its group join)",
+                    p.fetch_records_per_sec, p.records_per_sec
+                )
+            });
+            println!(
+                "  round {round}: raw {:.0} ({:.0} with its group join){perf_text}, agent {:.0} events/s; b/a {:.2}",
+                r.raw.from_assignment,
+                r.raw.whole,
+                r.agent,
+                r.agent / r.raw.from_assignment
+            );
+            raw.push(r.raw.from_assignment);
+            raw_all.push(r.raw.whole);
+            if let Some(p) = r.perf {
+                perf.push(p.fetch_records_per_sec);
+                perf_all.push(p.records_per_sec);
+            }
+            ours.push(r.agent);
+            peak = peak.max(r.agent_peak_mib);
+        }
+        let (raw, raw_all, perf, perf_all, ours) = (
+            median(&raw),
+            median(&raw_all),
+            median(&perf),
+            median(&perf_all),
+            median(&ours),
+        );
+        println!("consume throughput, median of {} rounds:", args.rounds);
+        println!(
+            "  (a) raw rdkafka consumer, from its assignment:     {raw:>9.0} events/s ({raw_all:.0} over its whole run, group join included)"
+        );
+        if args.tools.enabled() {
+            println!(
+                "  (k) kafka-consumer-perf-test, fetch time:          {perf:>9.0} events/s ({perf_all:.0} over its whole run, group join included)"
+            );
+        }
+        println!(
+            "  (b) agentbus agent, no-op handler, dedup store:    {ours:>9.0} events/s (first handled event to last)"
+        );
         println!("  ratio b/a: {:.2} (target >= 0.5)", ours / raw);
+        if args.tools.enabled() {
+            println!(
+                "  ratio b/k: {:.2} (Kafka's own consumer tool)",
+                ours / perf
+            );
+            println!(
+                "  ratio a/k: {:.2} (raw librdkafka against Kafka's tool)",
+                raw / perf
+            );
+        }
+        println!("  agent process peak memory (VmHWM): {peak:.1} MiB");
     }
     if latency {
+        // A webhook agent whose endpoint (below) measures publish-to-handler latency.
+        let receiver = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let hook = format!("http://{}/hook", receiver.local_addr()?);
+        let latencies = Arc::new(std::sync::Mutex::new(Vec::<f64>::new()));
+        {
+            let latencies = latencies.clone();
+            let app = axum::Router::new().route(
+                "/hook",
+                axum::routing::post(move |axum::Json(ce): axum::Json<Value>| {
+                    let latencies = latencies.clone();
+                    async move {
+                        if let Some(t) = ce["time"]
+                            .as_str()
+                            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                        {
+                            let ms = (chrono::Utc::now() - t.to_utc())
+                                .num_microseconds()
+                                .unwrap_or(0) as f64
+                                / 1000.0;
+                            latencies.lock().unwrap().push(ms);
+                        }
+                        "ok"
+                    }
+                }),
+            );
+            tokio::spawn(async move { axum::serve(receiver, app).await });
+        }
+        let consumers = dir.join("latency");
+        std::fs::create_dir_all(&consumers)?;
+        std::fs::write(
+            consumers.join("latency.toml"),
+            format!(
+                "name = \"bench-latency\"\nsubscribe = [\"pattern.learned\"]\nconcurrency = 8\n[handler]\nkind = \"webhook\"\nurl = \"{hook}\"\n"
+            ),
+        )?;
+        let kafka = KafkaArgs {
+            topic_prefix: format!("{}l.", args.kafka.topic_prefix),
+            ..args.kafka.clone()
+        };
+        let service = Process::serve(&args.agentbus, &kafka, None, true).await?;
+        let agent = Process::serve(&args.agentbus, &kafka, Some(&consumers), false).await?;
+        let endpoint = format!("{}/v1/events", service.url);
         // Once one event went through, the agent has joined its group.
-        publish_steadily(&client, &endpoint, 10, Duration::from_secs(1)).await?;
         let deadline = Instant::now() + Duration::from_secs(120);
         while latencies.lock().unwrap().is_empty() {
             if Instant::now() > deadline {
-                let _ = agent.kill();
                 bail!("the latency agent handled nothing within 120 s");
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            publish_steadily(&client, &endpoint, 10, Duration::from_secs(1)).await?;
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
-        latency_runs(&args, &client, &endpoint, &latencies, agent.id()).await?;
+        latency_runs(
+            &args,
+            &client,
+            &endpoint,
+            &latencies,
+            &kafka,
+            (service.pid(), agent.pid()),
+        )
+        .await?;
+        println!(
+            "peak memory (VmHWM) of the latency runs: agent process {:.1} MiB, agentbus serve {:.1} MiB",
+            agent.peak_mib(),
+            service.peak_mib()
+        );
     }
-    println!(
-        "agent process peak memory (VmHWM): {:.1} MiB",
-        status_mib(agent.id(), "VmHWM:")
-    );
-    let _ = agent.kill();
-    let _ = agent.wait();
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(super::median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(super::median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(super::median(&[]), 0.0);
+    }
 }

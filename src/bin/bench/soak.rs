@@ -13,31 +13,31 @@ use serde_json::json;
 
 #[derive(Clone, clap::Args)]
 pub struct SoakArgs {
-    /// Base URL of the agentbus under test.
-    #[arg(long)]
-    url: String,
-    /// Its pid, to sample its resident memory.
-    #[arg(long)]
-    service_pid: u32,
+    #[command(flatten)]
+    kafka: agentbus::config::KafkaArgs,
+    /// The agentbus binary (started as `agentbus serve` with a topic prefix of its own).
+    #[arg(long, default_value = "target/release/agentbus")]
+    agentbus: std::path::PathBuf,
     /// Events a second, in batches of `--batch`.
     #[arg(long, default_value_t = 1000)]
     rate: u64,
     /// Events per request.
     #[arg(long, default_value_t = 10)]
     batch: usize,
-    /// How long.
-    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    /// How long (2 minutes by default to keep a run short; the README's long run is `10m`).
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
     duration: Duration,
-    /// Seconds per report line.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    /// Time per report line.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     every: Duration,
 }
 
 pub async fn soak(args: SoakArgs) -> anyhow::Result<()> {
+    let service = super::Process::serve(&args.agentbus, &args.kafka, None, true).await?;
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .build()?;
-    let endpoint = Arc::new(format!("{}/v1/events", args.url));
+    let endpoint = Arc::new(format!("{}/v1/events", service.url));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let requests_per_second = (args.rate as f64 / args.batch as f64).max(1.0);
     let period = Duration::from_secs_f64(1.0 / requests_per_second);
@@ -52,7 +52,7 @@ pub async fn soak(args: SoakArgs) -> anyhow::Result<()> {
     );
     println!(
         "{:>8} {:>12} {:>10} {:>10}",
-        "minute", "events/s", "failed", "RSS MiB"
+        "minutes", "events/s", "failed", "RSS MiB"
     );
     let mut i: u64 = 0;
     while tokio::time::Instant::now() < end {
@@ -79,7 +79,7 @@ pub async fn soak(args: SoakArgs) -> anyhow::Result<()> {
         i += 1;
         if tokio::time::Instant::now() >= next_report {
             let now_ok = ok.load(Ordering::Relaxed);
-            let rss = super::status_mib(args.service_pid, "VmRSS:");
+            let rss = super::status_mib(service.pid(), "VmRSS:");
             samples.push(rss);
             println!(
                 "{:>8.1} {:>12.0} {:>10} {:>10.1}",
@@ -101,6 +101,10 @@ pub async fn soak(args: SoakArgs) -> anyhow::Result<()> {
         "sustained {:.0} events/s for {:?}: {ok} acknowledged, {failed} failed; RSS first {first:.1} MiB, last {last:.1} MiB, max {max:.1} MiB",
         ok as f64 / args.duration.as_secs_f64(),
         args.duration
+    );
+    println!(
+        "agentbus peak memory (VmHWM): {:.1} MiB",
+        service.peak_mib()
     );
     Ok(())
 }
