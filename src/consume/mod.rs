@@ -843,7 +843,7 @@ async fn forward(
 }
 
 /// A record's headers without those named in `drop` or in `extra`, followed by `extra`.
-pub(crate) fn copied_headers<M: Message>(
+pub fn copied_headers<M: Message>(
     message: &M,
     drop: &[&str],
     extra: &[(&str, String)],
@@ -869,7 +869,7 @@ pub(crate) fn copied_headers<M: Message>(
 }
 
 /// A copy of `message` for `topic`: same key, value and timestamp, these headers.
-pub(crate) fn copy_of<'a>(
+pub fn copy_of<'a>(
     message: &'a OwnedMessage,
     topic: &'a str,
     headers: OwnedHeaders,
