@@ -459,12 +459,14 @@ async fn every_process_of_an_agent_handles_events(n: usize) {
     // assignment balanced over all topics together, the first process kept the events
     // topic and the others got the retry and replay topics.
     let name = format!("zz-share-{}", uuid::Uuid::new_v4().simple());
-    let (mut receivers, mut children, mut dirs) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut receivers, mut children, mut dirs) = (Vec::new(), Killed(Vec::new()), Vec::new());
     for i in 0..n {
         let (receiver, url) = Receiver::start().await;
         let (consumers, data) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         agent_file(consumers.path(), &name, &url, "");
-        children.push(agent_process(&app, consumers.path(), &name, data.path()));
+        children
+            .0
+            .push(agent_process(&app, consumers.path(), &name, data.path()));
         if i == 0 {
             // The first process owns every partition before the others join.
             assert_eq!(app.post(&task("first", "first")).await.status(), 200);
@@ -496,9 +498,17 @@ async fn every_process_of_an_agent_handles_events(n: usize) {
              without events holds no partition of the events topic"
         );
     }
-    for child in &mut children {
-        let _ = child.kill();
-        let _ = child.wait();
+}
+
+/// Child processes, killed when dropped (a failed assertion included).
+struct Killed(Vec<std::process::Child>);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
