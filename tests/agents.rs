@@ -577,9 +577,11 @@ async fn an_agent_whose_lane_fails_makes_readyz_answer_503_naming_it() {
     assert!(why.contains("injected fault"), "{body}");
     let metrics = app.get("/metrics").await.text().await.unwrap();
     assert!(
-        metrics.lines().any(|l| l.starts_with("agentbus_agent_failures_total")
-            && l.contains(&name)
-            && l.ends_with(" 1")),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("agentbus_agent_failures_total")
+                && l.contains(&name)
+                && l.ends_with(" 1")),
         "{metrics}"
     );
     // The API stays up: publishing still works, the events wait for the agent.

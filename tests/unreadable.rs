@@ -159,7 +159,10 @@ async fn a_batch_the_consumer_cannot_decompress_is_skipped_counted_and_the_parti
             .await
             .unwrap();
     assert_eq!(read, 0);
-    assert!(errors > 0, "no BadCompression error: the damage did not take");
+    assert!(
+        errors > 0,
+        "no BadCompression error: the damage did not take"
+    );
 
     let (receiver, url) = Receiver::start().await;
     let name = format!("unwedged-{}", uuid::Uuid::new_v4().simple());
@@ -173,7 +176,10 @@ async fn a_batch_the_consumer_cannot_decompress_is_skipped_counted_and_the_parti
     .await;
     // Behind the damaged batch, whichever partition it lands in.
     for key in ["a", "b", "c", "d"] {
-        assert_eq!(app.post(&task(key, &format!("after-{key}"))).await.status(), 200);
+        assert_eq!(
+            app.post(&task(key, &format!("after-{key}"))).await.status(),
+            200
+        );
     }
     receiver.wait_for(4, Duration::from_secs(90)).await;
     let mut got = receiver.descriptions();
@@ -204,4 +210,3 @@ async fn a_batch_the_consumer_cannot_decompress_is_skipped_counted_and_the_parti
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
-

@@ -87,7 +87,10 @@ impl Prober {
         tracker: &Arc<Tracker>,
         code: RDKafkaErrorCode,
     ) {
-        if self.last.is_some_and(|at| at.elapsed() < PROBE_AT_MOST_EVERY) {
+        if self
+            .last
+            .is_some_and(|at| at.elapsed() < PROBE_AT_MOST_EVERY)
+        {
             return;
         }
         let (consumer, tracker, config) = (consumer.clone(), tracker.clone(), self.config.clone());
@@ -150,7 +153,10 @@ fn find_stuck(
         let (low, high) = probe.fetch_watermarks(topic, partition, CALL_TIMEOUT)?;
         // Where the agent reads next: its position, or (nothing read since the assignment)
         // the committed offset, or the oldest record (`auto.offset.reset=earliest`).
-        let mut next = match position.find_partition(topic, partition).map(|e| e.offset()) {
+        let mut next = match position
+            .find_partition(topic, partition)
+            .map(|e| e.offset())
+        {
             Some(Offset::Offset(o)) => Some(o),
             _ => None,
         };

@@ -186,11 +186,10 @@ pub async fn app_with_agent(url: &str, name: &str) -> (TestApp, tempfile::TempDi
 /// count).
 pub async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
-        rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .create()
-            .unwrap();
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
     let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
     let answers = admin
         .create_topics([&new], &AdminOptions::new())
