@@ -527,22 +527,36 @@ async fn a_webhook_asking_to_retry_after_u64_max_seconds_does_not_kill_the_agent
     let (receiver, url) = Receiver::start().await;
     let name = format!("patient-{}", uuid::Uuid::new_v4().simple());
     let (app, _c) = app_with_agent(&url, &name).await;
-    assert_eq!(app.post(&task("k", "retry-after-max")).await.status(), 200);
-    // Same key: the same lane, behind it.
+    // Each once killed the lane: 10^13 s overflowed the due time's date arithmetic, and
+    // u64::MAX s after a first wait of a second overflowed the Duration addition.
+    let asking = [
+        ("retry-after-10000000000000", "1"),
+        ("retry-after-1-then-max", "2"),
+        ("retry-after-max", "1"),
+    ];
+    for (description, _) in asking {
+        assert_eq!(app.post(&task("k", description)).await.status(), 200);
+    }
+    // Same key: the same lane, behind them.
     assert_eq!(app.post(&task("k", "after")).await.status(), 200);
     receiver.wait_for(1, Duration::from_secs(60)).await;
     assert_eq!(receiver.descriptions(), ["after"]);
-    // The event waits in the retry topic, due after the longest wait agentbus grants.
-    let retry = records(&app, &format!("{}{name}.retry", app.prefix), 1).await;
-    let due = header(&retry[0], "agentbus-not-before").unwrap();
-    let due = chrono::DateTime::parse_from_rfc3339(&due).unwrap().to_utc();
+    // The events wait in the retry topic, due after the longest wait agentbus grants.
+    let retry = records(&app, &format!("{}{name}.retry", app.prefix), asking.len()).await;
     let clamp = chrono::Duration::from_std(agentbus::consume::MAX_RETRY_AFTER).unwrap();
     let now = chrono::Utc::now();
-    assert!(
-        due <= now + clamp && due > now + clamp - chrono::Duration::minutes(5),
-        "due {due}, now {now}"
-    );
-    assert_eq!(header(&retry[0], "agentbus-attempts").as_deref(), Some("1"));
+    let mut attempts = Vec::new();
+    for r in &retry {
+        let due = header(r, "agentbus-not-before").unwrap();
+        let due = chrono::DateTime::parse_from_rfc3339(&due).unwrap().to_utc();
+        assert!(
+            due <= now + clamp && due > now + clamp - chrono::Duration::minutes(5),
+            "due {due}, now {now}"
+        );
+        attempts.push(header(r, "agentbus-attempts").unwrap());
+    }
+    let expected: Vec<&str> = asking.iter().map(|(_, a)| *a).collect();
+    assert_eq!(attempts, expected);
     assert_eq!(app.get("/readyz").await.status(), 200);
     // And the agent goes on.
     assert_eq!(app.post(&task("k", "later")).await.status(), 200);

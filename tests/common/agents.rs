@@ -33,8 +33,10 @@ pub struct Receiver {
 /// 400, `held` answers 400 once `released` is set, `follow` answers with a follow-up event,
 /// `follow-varying` with one whose body differs each time the same event comes (its
 /// `duration_ms` counts the deliveries), `slow` takes 100 ms, `sleep-N` takes N ms (a
-/// handler with a fixed time per event, for benchmarks), `retry-after-max` answers 503 with
-/// `Retry-After: 18446744073709551615` (u64::MAX seconds); anything else 200.
+/// handler with a fixed time per event, for benchmarks), `retry-after-N` answers 503 with
+/// `Retry-After: N`, `retry-after-max` with `Retry-After: 18446744073709551615` (u64::MAX
+/// seconds), `retry-after-1-then-max` with 1 the first time and u64::MAX after; anything
+/// else 200.
 async fn receive(
     State(r): State<Receiver>,
     headers: HeaderMap,
@@ -59,11 +61,17 @@ async fn receive(
     {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
-    if description == "retry-after-max" {
+    let retry_after = match description.as_str() {
+        "retry-after-max" => Some(u64::MAX.to_string()),
+        "retry-after-1-then-max" if attempt == 1 => Some("1".into()),
+        "retry-after-1-then-max" => Some(u64::MAX.to_string()),
+        d => d.strip_prefix("retry-after-").map(str::to_string),
+    };
+    if let Some(retry_after) = retry_after {
         return (
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            [("retry-after", u64::MAX.to_string())],
-            "come back in 584 billion years",
+            [("retry-after", retry_after)],
+            "come back later",
         )
             .into_response();
     }
