@@ -696,3 +696,45 @@ async fn an_event_handled_twice_keeps_its_first_follow_up_and_a_replayed_one_mak
         .unwrap();
     assert_eq!(dead, 0, "the replay was dead-lettered");
 }
+
+#[tokio::test]
+async fn a_retry_record_claiming_u32_max_attempts_gets_its_last_attempt_and_is_dead_lettered() {
+    let (receiver, url) = Receiver::start().await;
+    let name = format!("counted-{}", uuid::Uuid::new_v4().simple());
+    let (app, _c) = app_with_agent(&url, &name).await;
+    let dlq = format!("{}{name}.dlq", app.prefix);
+    assert_eq!(app.post(&task("k", "poison")).await.status(), 200);
+    // Handled after the poison one: by then the dead-letter topic exists and holds it.
+    assert_eq!(app.post(&task("k", "marker")).await.status(), 200);
+    receiver.wait_for(1, Duration::from_secs(60)).await;
+    let first = records(&app, &dlq, 1).await;
+    // The same event as a retry record (under another key, so not a duplicate) whose
+    // attempts header says u32::MAX: counting on from it once overflowed.
+    let extra = vec![
+        ("agentbus-attempts", u32::MAX.to_string()),
+        ("ce_idempotencykey", "counted-again".to_string()),
+        ("agentbus-not-before", agentbus::envelope::format_time(&chrono::Utc::now())),
+    ];
+    let headers = agentbus::consume::copied_headers(&first[0], &[], &extra);
+    let retry = format!("{}{name}.retry", app.prefix);
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &app.brokers)
+        .create()
+        .unwrap();
+    producer
+        .send(
+            agentbus::consume::copy_of(&first[0], &retry, headers),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    let dead = records(&app, &dlq, 2).await;
+    let attempts: Vec<Option<String>> = dead
+        .iter()
+        .map(|d| header(d, "agentbus-attempts"))
+        .collect();
+    // The policy allows 4: the claimed count is clamped so that one attempt is left.
+    assert!(attempts.contains(&Some("4".into())), "{attempts:?}");
+    assert_eq!(app.get("/readyz").await.status(), 200);
+}

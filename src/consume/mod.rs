@@ -329,12 +329,12 @@ pub async fn run_agent(
         let from_retry = message.topic() == retry_topic;
         let work = Work {
             attempts: if from_retry {
-                // A header is input: clamped to the policy, so that counting on from it
-                // cannot overflow.
+                // A header is input: clamped to the policy (at most one attempt is left),
+                // so that counting on from it cannot overflow.
                 header_str(&message, header::ATTEMPTS)
                     .and_then(|a| a.trim().parse::<u32>().ok())
                     .unwrap_or(0)
-                    .min(shared.agent.retry.attempts)
+                    .min(shared.agent.retry.attempts.saturating_sub(1))
             } else {
                 0
             },
@@ -701,11 +701,7 @@ async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) -> Outcom
             .await;
         }
         let jitter = rand::random::<f64>() * 2.0 - 1.0;
-        let wait = failure
-            .retry_after
-            .map(|asked| asked.min(MAX_RETRY_AFTER))
-            .unwrap_or_default()
-            .max(policy.backoff(attempt, jitter));
+        let wait = retry_wait(failure.retry_after, policy.backoff(attempt, jitter));
         if held_since.elapsed().saturating_add(wait) > policy.max_hold {
             // Waiting here would hold the events behind it too long: retry later, elsewhere.
             let not_before = time_after(wait);
@@ -727,6 +723,15 @@ async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) -> Outcom
             return Outcome::GivenBack;
         }
     }
+}
+
+/// The wait before the next attempt: what the peer asked for, clamped to
+/// [`MAX_RETRY_AFTER`], and at least the policy's backoff.
+fn retry_wait(asked: Option<Duration>, backoff: Duration) -> Duration {
+    asked
+        .map(|asked| asked.min(MAX_RETRY_AFTER))
+        .unwrap_or_default()
+        .max(backoff)
 }
 
 /// Now plus `wait`, saturating at the latest time chrono can represent.
@@ -1008,5 +1013,35 @@ async fn publish_follow_ups(
             Ok(())
         }
         Err(e) => Err(failed(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever a peer asks for, the retry arithmetic neither panics nor waits longer
+        /// than the clamp (or the policy's own backoff).
+        #[test]
+        fn any_retry_after_gives_a_bounded_wait_and_a_due_time(
+            secs in any::<u64>(),
+            nanos in 0u32..1_000_000_000,
+            held_ms in any::<u32>(),
+            backoff_ms in 0u64..(30 * 24 * 3600 * 1000),
+        ) {
+            let asked = Duration::new(secs, nanos);
+            let backoff = Duration::from_millis(backoff_ms);
+            let wait = retry_wait(Some(asked), backoff);
+            prop_assert!(wait <= MAX_RETRY_AFTER.max(backoff));
+            prop_assert!(wait >= backoff);
+            let held = Duration::from_millis(held_ms.into()) + Duration::from_nanos(999_999_999);
+            let _ = held.saturating_add(wait);
+            let due = time_after(wait);
+            let text = format_time(&due);
+            let parsed = DateTime::parse_from_rfc3339(&text).map(|t| t.to_utc());
+            prop_assert!(parsed.is_ok(), "{text}");
+        }
     }
 }
