@@ -713,7 +713,10 @@ async fn a_retry_record_claiming_u32_max_attempts_gets_its_last_attempt_and_is_d
     let extra = vec![
         ("agentbus-attempts", u32::MAX.to_string()),
         ("ce_idempotencykey", "counted-again".to_string()),
-        ("agentbus-not-before", agentbus::envelope::format_time(&chrono::Utc::now())),
+        (
+            "agentbus-not-before",
+            agentbus::envelope::format_time(&chrono::Utc::now()),
+        ),
     ];
     let headers = agentbus::consume::copied_headers(&first[0], &[], &extra);
     let retry = format!("{}{name}.retry", app.prefix);
