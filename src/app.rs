@@ -210,6 +210,7 @@ impl App {
         } = self;
         let publisher = state.publisher.clone();
         let replays = state.replays.clone();
+        let state_readiness = state.readiness.clone();
         let tasks = TaskTracker::new();
         tasks.spawn(publish::watch_broker(
             state.publisher.clone(),
@@ -236,8 +237,12 @@ impl App {
             grace: settings.shutdown_grace,
             session_timeout: settings.agent_session_timeout,
         };
-        // An agent that fails stops the process: running on without it would hide it.
+        // An agent that stops by itself (an error, a panic, a lane that ended) is a failure
+        // someone must see: logged once with its cause, counted, and `/readyz` answers 503
+        // naming it. `agent run` has nothing else to do and exits non-zero; `serve` keeps
+        // the API up (publishing still works, the events wait in Kafka for the agent).
         let agent_failed = CancellationToken::new();
+        let agent_only = listener.is_none();
         for agent in agents {
             let (runtime, registry, publisher, integrations) = (
                 runtime.clone(),
@@ -257,18 +262,30 @@ impl App {
                         _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                     }
                 }
-                if let Err(e) = run_agent(
+                // A task of its own, so that a panic in the agent's loop is seen here.
+                let running = tokio::spawn(run_agent(
                     agent,
                     runtime,
                     registry,
                     publisher,
                     integrations,
                     cancel.clone(),
-                )
-                .await
-                {
-                    tracing::error!(agent = %name, error = %e, "agent failed");
-                    agent_failed.cancel();
+                ));
+                let why = match running.await {
+                    Ok(Ok(())) if cancel.is_cancelled() => return,
+                    Ok(Ok(())) => "the agent stopped by itself".to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) if e.is_panic() => format!(
+                        "the agent panicked: {}",
+                        crate::consume::panic_message(e.into_panic())
+                    ),
+                    Err(e) => format!("the agent's task ended: {e}"),
+                };
+                tracing::error!(agent = %name, error = %why, "agent failed; it takes no events until the process restarts");
+                metrics::counter!(telemetry::AGENT_FAILURES, "group" => name.clone()).increment(1);
+                readiness.agent_failed(&name, &why);
+                agent_failed.cancel();
+                if agent_only {
                     cancel.cancel();
                 }
             });
@@ -299,7 +316,8 @@ impl App {
         }
         store.flush().await?;
         if agent_failed.is_cancelled() {
-            anyhow::bail!("an agent failed; see the log");
+            let failed = state_readiness.failed_agents();
+            anyhow::bail!("an agent failed: {failed:?}");
         }
         tracing::info!("agentbus stopped");
         Ok(())

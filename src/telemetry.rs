@@ -32,6 +32,14 @@ pub const PAUSED_PARTITIONS: &str = "agentbus_agent_paused_partitions";
 /// Keys in an agent's dedup store, by `group`.
 pub const DEDUP_KEYS: &str = "agentbus_dedup_keys";
 
+/// Agents that stopped by themselves (a lane panicked or ended, the dedup store failed),
+/// by `group`. Any increase needs a person: the agent takes no events until restarted.
+pub const AGENT_FAILURES: &str = "agentbus_agent_failures_total";
+/// Records an agent skipped because the consumer could not read them (a corrupt batch, a
+/// codec or format the client lacks, a record too large for the fetch settings), by
+/// `group`, `topic` and `reason` (the client's error code). Any increase needs a person.
+pub const RECORDS_SKIPPED: &str = "agentbus_records_skipped_total";
+
 /// State of an integration's circuit breaker, by `service`: 0 closed, 1 half-open, 2 open.
 pub const CIRCUIT_BREAKER_STATE: &str = "agentbus_circuit_breaker_state";
 
@@ -144,6 +152,14 @@ fn describe() {
         "Partitions paused because the agent's lanes are full."
     );
     describe_gauge!(DEDUP_KEYS, "Keys in an agent's dedup store, by group.");
+    describe_counter!(
+        AGENT_FAILURES,
+        "Agents that stopped by themselves (a lane failed, the dedup store failed), by group."
+    );
+    describe_counter!(
+        RECORDS_SKIPPED,
+        "Records an agent skipped because the consumer could not read them, by group, topic and reason."
+    );
     describe_gauge!(
         CIRCUIT_BREAKER_STATE,
         "Circuit breaker of an integration: 0 closed, 1 half-open, 2 open."

@@ -443,3 +443,301 @@ async fn the_circuit_breaker_opens_fails_fast_and_closes_again() {
     let status: Value = app.get_json("/v1/integrations").await;
     assert_eq!(status["integrations"][0]["state"], "closed");
 }
+
+/// `n` processes of one agent on a 3-partition events topic, each with a webhook of its
+/// own: once the group settled, every process handles events (each holds partitions of
+/// the events topic, not only of the agent's retry and replay topics).
+async fn every_process_of_an_agent_handles_events(n: usize) {
+    let prefix = unique_prefix();
+    create_topic(&brokers(), &format!("{prefix}agent.events"), 3).await;
+    let app = spawn(Options {
+        prefix,
+        ..Options::default()
+    })
+    .await;
+    // The name sorts after the events topic, as most sample agents' names do: with the
+    // assignment balanced over all topics together, the first process kept the events
+    // topic and the others got the retry and replay topics.
+    let name = format!("zz-share-{}", uuid::Uuid::new_v4().simple());
+    let (mut receivers, mut children, mut dirs) = (Vec::new(), Killed(Vec::new()), Vec::new());
+    for i in 0..n {
+        let (receiver, url) = Receiver::start().await;
+        let (consumers, data) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        agent_file(consumers.path(), &name, &url, "");
+        children
+            .0
+            .push(agent_process(&app, consumers.path(), &name, data.path()));
+        if i == 0 {
+            // The first process owns every partition before the others join.
+            assert_eq!(app.post(&task("first", "first")).await.status(), 200);
+            receiver.wait_for(1, Duration::from_secs(60)).await;
+        }
+        receivers.push(receiver);
+        dirs.push((consumers, data));
+    }
+    wait_for_stable_group(&app.brokers, &name, n, Duration::from_secs(60)).await;
+    let before: Vec<usize> = receivers.iter().map(|r| r.got().len()).collect();
+    let deadline = Instant::now() + Duration::from_secs(45);
+    for round in 0.. {
+        let batch: Vec<Value> = (0..30)
+            .map(|i| task(&format!("k{round}-{i}"), &format!("r{round}-{i}")))
+            .collect();
+        assert_eq!(app.post(&Value::Array(batch)).await.status(), 200);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let handled: Vec<usize> = receivers
+            .iter()
+            .zip(&before)
+            .map(|(r, b)| r.got().len() - b)
+            .collect();
+        if handled.iter().all(|&h| h > 0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "events handled per process after the group settled: {handled:?}; a process \
+             without events holds no partition of the events topic"
+        );
+    }
+}
+
+/// Child processes, killed when dropped (a failed assertion included).
+struct Killed(Vec<std::process::Child>);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[tokio::test]
+async fn each_of_two_processes_of_one_agent_handles_a_share_of_a_three_partition_topic() {
+    every_process_of_an_agent_handles_events(2).await;
+}
+
+#[tokio::test]
+async fn each_of_three_processes_of_one_agent_handles_a_share_of_a_three_partition_topic() {
+    every_process_of_an_agent_handles_events(3).await;
+}
+
+#[tokio::test]
+async fn a_webhook_asking_to_retry_after_u64_max_seconds_does_not_kill_the_agent() {
+    let (receiver, url) = Receiver::start().await;
+    let name = format!("patient-{}", uuid::Uuid::new_v4().simple());
+    let (app, _c) = app_with_agent(&url, &name).await;
+    // Each once killed the lane: 10^13 s overflowed the due time's date arithmetic, and
+    // u64::MAX s after a first wait of a second overflowed the Duration addition.
+    let asking = [
+        ("retry-after-10000000000000", "1"),
+        ("retry-after-1-then-max", "2"),
+        ("retry-after-max", "1"),
+    ];
+    for (description, _) in asking {
+        assert_eq!(app.post(&task("k", description)).await.status(), 200);
+    }
+    // Same key: the same lane, behind them.
+    assert_eq!(app.post(&task("k", "after")).await.status(), 200);
+    receiver.wait_for(1, Duration::from_secs(60)).await;
+    assert_eq!(receiver.descriptions(), ["after"]);
+    // The events wait in the retry topic, due after the longest wait agentbus grants.
+    let retry = records(&app, &format!("{}{name}.retry", app.prefix), asking.len()).await;
+    let clamp = chrono::Duration::from_std(agentbus::consume::MAX_RETRY_AFTER).unwrap();
+    let now = chrono::Utc::now();
+    let mut attempts = Vec::new();
+    for r in &retry {
+        let due = header(r, "agentbus-not-before").unwrap();
+        let due = chrono::DateTime::parse_from_rfc3339(&due).unwrap().to_utc();
+        assert!(
+            due <= now + clamp && due > now + clamp - chrono::Duration::minutes(5),
+            "due {due}, now {now}"
+        );
+        attempts.push(header(r, "agentbus-attempts").unwrap());
+    }
+    let expected: Vec<&str> = asking.iter().map(|(_, a)| *a).collect();
+    assert_eq!(attempts, expected);
+    assert_eq!(app.get("/readyz").await.status(), 200);
+    // And the agent goes on.
+    assert_eq!(app.post(&task("k", "later")).await.status(), 200);
+    receiver.wait_for(2, Duration::from_secs(60)).await;
+}
+
+#[tokio::test]
+async fn an_agent_whose_lane_fails_makes_readyz_answer_503_naming_it() {
+    let (receiver, url) = Receiver::start().await;
+    let name = format!("fragile-{}", uuid::Uuid::new_v4().simple());
+    let (app, _c) = app_with_agent(&url, &name).await;
+    assert_eq!(app.post(&task("k", "before")).await.status(), 200);
+    receiver.wait_for(1, Duration::from_secs(60)).await;
+    assert_eq!(app.get("/readyz").await.status(), 200);
+
+    agentbus::consume::fault::panic_next_event_of(&name);
+    assert_eq!(app.post(&task("k", "boom")).await.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body: Value = loop {
+        let answer = app.get("/readyz").await;
+        if answer.status() == 503 {
+            break answer.json().await.unwrap();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz still 200 after the agent's lane panicked"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(body["checks"]["agents"], false, "{body}");
+    let why = body["failed_agents"][&name].as_str().unwrap_or_default();
+    assert!(why.contains("injected fault"), "{body}");
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("agentbus_agent_failures_total")
+                && l.contains(&name)
+                && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    // The API stays up: publishing still works, the events wait for the agent.
+    assert_eq!(app.post(&task("k", "later")).await.status(), 200);
+}
+
+#[tokio::test]
+async fn an_event_handled_twice_keeps_its_first_follow_up_and_a_replayed_one_makes_a_new_one() {
+    let (receiver, url) = Receiver::start().await;
+    let name = format!("repeat-{}", uuid::Uuid::new_v4().simple());
+    let consumers = tempfile::tempdir().unwrap();
+    std::fs::write(
+        consumers.path().join("repeat.toml"),
+        format!(
+            "name = \"{name}\"\nsubscribe = [\"agent.task.requested\"]\n\
+             [handler]\nkind = \"webhook\"\nurl = \"{url}\"\n"
+        ),
+    )
+    .unwrap();
+    // The agent forgets what it handled after a second: a copy of a record then comes to
+    // it as a redelivery after a crash would (handled, but its dedup record lost).
+    let app = spawn(Options {
+        consumers_dir: Some(consumers.path().to_path_buf()),
+        extra: vec!["--dedup-ttl".into(), "1s".into()],
+        ..Options::default()
+    })
+    .await;
+    let topic = app.topic("agent");
+    let dlq = format!("{}{name}.dlq", app.prefix);
+    assert_eq!(app.post(&task("k", "follow-varying")).await.status(), 200);
+    receiver.wait_for(1, Duration::from_secs(60)).await;
+    let first = records(&app, &topic, 2).await;
+    let original = first
+        .iter()
+        .find(|r| header(r, "ce_type").as_deref() == Some("agent.task.requested"))
+        .unwrap()
+        .clone();
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &app.brokers)
+        .create()
+        .unwrap();
+    let copy = |replay: Option<&str>| {
+        let extra: Vec<(&str, String)> = replay
+            .map(|r| vec![("agentbus-replay-id", r.to_string())])
+            .unwrap_or_default();
+        let headers = agentbus::consume::copied_headers(&original, &[], &extra);
+        let (producer, original, topic) = (producer.clone(), original.clone(), topic.clone());
+        async move {
+            let record = agentbus::consume::copy_of(&original, &topic, headers)
+                .partition(original.partition());
+            producer
+                .send(record, Duration::from_secs(10))
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap();
+        }
+    };
+    let completed = |records: &[rdkafka::message::OwnedMessage]| -> Vec<String> {
+        records
+            .iter()
+            .filter(|r| header(r, "ce_type").as_deref() == Some("agent.task.completed"))
+            .map(|r| header(r, "ce_idempotencykey").unwrap())
+            .collect()
+    };
+    // A time-to-live is a matter of time: past it, the key is forgotten.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // The same event again, then a marker behind it in its partition and lane.
+    copy(None).await;
+    assert_eq!(app.post(&task("k", "marker")).await.status(), 200);
+    receiver.wait_for(3, Duration::from_secs(60)).await;
+    let (brokers, t) = (app.brokers.clone(), topic.clone());
+    let count = tokio::task::spawn_blocking(move || record_count(&brokers, &t))
+        .await
+        .unwrap();
+    // The request, its first follow-up, the copy and the marker: no second follow-up.
+    assert_eq!(count, 4, "a follow-up was written for the repeat");
+    let (brokers, d) = (app.brokers.clone(), dlq.clone());
+    let dead = tokio::task::spawn_blocking(move || record_count(&brokers, &d))
+        .await
+        .unwrap();
+    assert_eq!(dead, 0, "the repeat was dead-lettered");
+
+    // A replay of it is handled anew: a new follow-up.
+    copy(Some("replay-1")).await;
+    assert_eq!(app.post(&task("k", "marker-2")).await.status(), 200);
+    receiver.wait_for(5, Duration::from_secs(60)).await;
+    let all = records(&app, &topic, 7).await;
+    let keys = completed(&all);
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert!(
+        keys.iter().any(|k| k.contains("replay-1")),
+        "the replay's follow-up is a new event: {keys:?}"
+    );
+    let (brokers, d) = (app.brokers.clone(), dlq.clone());
+    let dead = tokio::task::spawn_blocking(move || record_count(&brokers, &d))
+        .await
+        .unwrap();
+    assert_eq!(dead, 0, "the replay was dead-lettered");
+}
+
+#[tokio::test]
+async fn a_retry_record_claiming_u32_max_attempts_gets_its_last_attempt_and_is_dead_lettered() {
+    let (receiver, url) = Receiver::start().await;
+    let name = format!("counted-{}", uuid::Uuid::new_v4().simple());
+    let (app, _c) = app_with_agent(&url, &name).await;
+    let dlq = format!("{}{name}.dlq", app.prefix);
+    assert_eq!(app.post(&task("k", "poison")).await.status(), 200);
+    // Handled after the poison one: by then the dead-letter topic exists and holds it.
+    assert_eq!(app.post(&task("k", "marker")).await.status(), 200);
+    receiver.wait_for(1, Duration::from_secs(60)).await;
+    let first = records(&app, &dlq, 1).await;
+    // The same event as a retry record (under another key, so not a duplicate) whose
+    // attempts header says u32::MAX: counting on from it once overflowed.
+    let extra = vec![
+        ("agentbus-attempts", u32::MAX.to_string()),
+        ("ce_idempotencykey", "counted-again".to_string()),
+        (
+            "agentbus-not-before",
+            agentbus::envelope::format_time(&chrono::Utc::now()),
+        ),
+    ];
+    let headers = agentbus::consume::copied_headers(&first[0], &[], &extra);
+    let retry = format!("{}{name}.retry", app.prefix);
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &app.brokers)
+        .create()
+        .unwrap();
+    producer
+        .send(
+            agentbus::consume::copy_of(&first[0], &retry, headers),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    let dead = records(&app, &dlq, 2).await;
+    let attempts: Vec<Option<String>> = dead
+        .iter()
+        .map(|d| header(d, "agentbus-attempts"))
+        .collect();
+    // The policy allows 4: the claimed count is clamped so that one attempt is left.
+    assert!(attempts.contains(&Some("4".into())), "{attempts:?}");
+    assert_eq!(app.get("/readyz").await.status(), 200);
+}

@@ -6,7 +6,9 @@
 
 pub mod definition;
 pub mod dlq;
+pub mod fault;
 mod tracker;
+mod unreadable;
 
 use std::{
     hash::{Hash, Hasher},
@@ -55,6 +57,10 @@ pub enum Error {
     /// The handler could not be built.
     #[error("handler: {0}")]
     Handler(String),
+    /// The agent stopped by itself: a lane panicked or ended, or its dedup store failed.
+    /// Whatever the cause, the agent no longer takes events, and someone must see it.
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// Settings of an agent process.
@@ -123,6 +129,11 @@ const LANE_CAPACITY: usize = 256;
 /// How long the loop waits for a full lane before pausing the record's partition.
 const PAUSE_AFTER: Duration = Duration::from_millis(500);
 
+/// The longest wait a webhook's or service's `Retry-After` can ask for; longer answers are
+/// clamped to it. What a peer sends is input: `Retry-After: 18446744073709551615` once
+/// overflowed the retry arithmetic and killed the lane.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
 /// A record handed to a lane.
 struct Work {
     message: OwnedMessage,
@@ -143,6 +154,22 @@ struct Shared {
     handler: Handler,
     tracker: Arc<Tracker>,
     consumer: Arc<StreamConsumer<AgentContext>>,
+    /// Stops this agent alone (a child of the process's token).
+    stop: CancellationToken,
+    /// Why the agent stopped by itself, the first cause only.
+    failure: std::sync::Mutex<Option<String>>,
+}
+
+impl Shared {
+    /// The agent cannot go on: keeps the first cause and stops the agent. The cause is
+    /// logged once, by whoever runs the agent, from [`Error::Failed`].
+    fn fail(&self, why: String) {
+        let mut failure = self.failure.lock().expect("not poisoned");
+        if failure.is_none() {
+            *failure = Some(why);
+        }
+        self.stop.cancel();
+    }
 }
 
 /// Rebalances: before partitions are taken away, the events in flight on them finish and
@@ -235,6 +262,8 @@ pub async fn run_agent(
     let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topic_refs)?;
     let consumer = Arc::new(consumer);
+    // The process's token stops every agent; this one stops this agent when it fails.
+    let stop = cancel.child_token();
 
     let shared = Arc::new(Shared {
         kafka: settings.kafka.clone(),
@@ -245,6 +274,8 @@ pub async fn run_agent(
         handler,
         tracker: tracker.clone(),
         consumer: consumer.clone(),
+        stop: stop.clone(),
+        failure: std::sync::Mutex::new(None),
         agent,
     });
     metrics::gauge!(telemetry::DEDUP_KEYS, "group" => shared.agent.name.clone())
@@ -259,20 +290,37 @@ pub async fn run_agent(
     for _ in 0..=lane_count {
         let (tx, rx) = mpsc::channel::<Work>(LANE_CAPACITY);
         lanes.push(tx);
-        lane_tasks.spawn(run_lane(shared.clone(), rx, cancel.clone()));
+        lane_tasks.spawn(run_lane(shared.clone(), rx, stop.clone()));
     }
     let retry_topic = shared.agent.retry_topic(&prefix);
-    lane_tasks.spawn(sweep_dedup(shared.clone(), cancel.clone()));
+    lane_tasks.spawn(sweep_dedup(shared.clone(), stop.clone()));
+    let mut unreadable = unreadable::Prober::new(&settings, &shared.agent.name);
 
     loop {
         let message = tokio::select! {
-            _ = cancel.cancelled() => break,
+            biased;
+            _ = stop.cancelled() => break,
+            // A lane or the sweeper ends only when the agent stops; ending before is a
+            // failure (a panic, most likely), never a quiet end of the agent.
+            Some(ended) = lane_tasks.join_next() => {
+                if !stop.is_cancelled() {
+                    shared.fail(task_failure(ended));
+                }
+                break;
+            }
             m = consumer.recv() => m,
         };
         let message = match message {
             Ok(m) => m.detach(),
             Err(e) => {
                 tracing::warn!(agent = %shared.agent.name, error = %e, "consumer error");
+                // A record librdkafka cannot hand over stops its partition: find it and
+                // skip past it, counted and logged.
+                if let Some(code) = e.rdkafka_error_code()
+                    && unreadable::is_unreadable(code)
+                {
+                    unreadable.skip_stuck(&consumer, &tracker, code).await;
+                }
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
@@ -281,9 +329,12 @@ pub async fn run_agent(
         let from_retry = message.topic() == retry_topic;
         let work = Work {
             attempts: if from_retry {
+                // A header is input: clamped to the policy (at most one attempt is left),
+                // so that counting on from it cannot overflow.
                 header_str(&message, header::ATTEMPTS)
-                    .and_then(|a| a.parse().ok())
+                    .and_then(|a| a.trim().parse::<u32>().ok())
                     .unwrap_or(0)
+                    .min(shared.agent.retry.attempts.saturating_sub(1))
             } else {
                 0
             },
@@ -339,7 +390,14 @@ pub async fn run_agent(
     // Shutdown: no new work; lanes finish what they hold within the grace period.
     drop(lanes);
     let drained = tokio::time::timeout(settings.grace, async {
-        while lane_tasks.join_next().await.is_some() {}
+        while let Some(ended) = lane_tasks.join_next().await {
+            // A lane that panicked while the loop was handing it work (its channel closed).
+            if let Err(e) = &ended
+                && e.is_panic()
+            {
+                shared.fail(task_failure(ended));
+            }
+        }
     })
     .await
     .is_ok();
@@ -347,15 +405,44 @@ pub async fn run_agent(
         tracing::warn!(agent = %shared.agent.name, "in-flight events did not finish within the grace period; they will be delivered again");
         lane_tasks.abort_all();
     }
+    // The loop ended without anyone stopping the agent: a lane's channel closed.
+    if !cancel.is_cancelled() && !stop.is_cancelled() {
+        shared.fail("a lane stopped taking events".into());
+    }
+    let failure = shared.failure.lock().expect("not poisoned").take();
     // Every dedup record handed over is on disk after this flush; the completions waiting
     // for it then store their offsets, and the final commit takes them along.
-    shared.dedup.flush().await?;
+    let flushed = shared.dedup.flush().await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         tracing::debug!(error = %e, "final commit");
     }
+    if let Some(why) = failure {
+        return Err(Error::Failed(why));
+    }
+    flushed?;
     tracing::info!(agent = %shared.agent.name, "agent stopped");
     Ok(())
+}
+
+/// Why a lane task ended: its panic's message, or that it returned.
+fn task_failure(ended: Result<(), tokio::task::JoinError>) -> String {
+    match ended {
+        Ok(()) => "a lane ended by itself".into(),
+        Err(e) if e.is_panic() => format!("a lane panicked: {}", panic_message(e.into_panic())),
+        Err(e) => format!("a lane was cancelled: {e}"),
+    }
+}
+
+/// The text of a panic's payload (`panic!` gives a `&str` or a `String`).
+pub fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(text) => *text,
+        Err(payload) => payload
+            .downcast_ref::<&str>()
+            .map(|text| text.to_string())
+            .unwrap_or_else(|| "a panic without a message".into()),
+    }
 }
 
 /// Removes expired keys from the agent's dedup store, once a minute.
@@ -394,8 +481,17 @@ fn consumer_config(settings: &RuntimeSettings, agent: &AgentDefinition) -> Clien
         ("auto.offset.reset", "earliest".into()),
         // Bounds what librdkafka prefetches per partition ahead of the lanes.
         ("queued.max.messages.kbytes", "16384".into()),
-        // Several processes of one agent share partitions without one stalling the others.
-        ("partition.assignment.strategy", "cooperative-sticky".into()),
+        // Several processes of one agent compete for its work, so each must hold a share of
+        // every topic, the events topics above all. `range` assigns each topic on its own
+        // (N processes: each about 1/N of that topic's partitions). `cooperative-sticky`
+        // and `roundrobin` balance the count over all subscribed topics together:
+        // cooperative-sticky gave one process the three events partitions and the other
+        // the retry and replay topics (issue 10, item 2), and roundrobin's per-topic
+        // spread holds only while every process subscribes to exactly the same topics
+        // (not so while a new definition rolls out). The price of `range` is an eager
+        // rebalance: every partition is revoked at a join, after its in-flight events
+        // finished (see `AgentContext`), and consumption pauses for the join.
+        ("partition.assignment.strategy", "range".into()),
     ])
 }
 
@@ -448,14 +544,13 @@ async fn run_lane(shared: Arc<Shared>, mut work: mpsc::Receiver<Work>, cancel: C
             // The offset is stored once the dedup record is on disk, so a committed offset
             // never runs ahead of what the dedup store knows.
             Outcome::Handled(durable) => {
-                let (shared, cancel) = (shared.clone(), cancel.clone());
+                let shared = shared.clone();
                 previous = Some(tokio::spawn(async move {
                     match durable.wait().await {
                         Ok(()) => finish(&shared, &topic, partition, offset),
-                        Err(e) => {
-                            tracing::error!(agent = %shared.agent.name, error = %e, "dedup store unwritable: the agent stops taking events (they stay unconsumed) and exits");
-                            cancel.cancel();
-                        }
+                        Err(e) => shared.fail(format!(
+                            "dedup store unwritable: the agent stops taking events (they stay unconsumed): {e}"
+                        )),
                     }
                 }));
             }
@@ -495,6 +590,7 @@ async fn wait_unless_stopping(wait: Duration, cancel: &CancellationToken) -> boo
 /// The outcome of one record, decided and recorded.
 async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) -> Outcome {
     let group = &shared.agent.name;
+    fault::strike(group);
     let message = &w.message;
     let event_type = header_str(message, header::TYPE);
     let count = |event_type: &str, outcome: &'static str| {
@@ -525,7 +621,8 @@ async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) -> Outcom
     if !shared.agent.subscribes_to(&event.event_type) {
         return Outcome::Final;
     }
-    let dedup_key = match header_str(message, header::REPLAY_ID) {
+    let replay = header_str(message, header::REPLAY_ID);
+    let dedup_key = match &replay {
         Some(replay) => format!("{}|{replay}", event.idempotency_key),
         None => event.idempotency_key.clone(),
     };
@@ -538,13 +635,19 @@ async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) -> Outcom
         Err(e) => {
             // Without its dedup store the agent must not handle events: stop here, the
             // offset stays unstored and the event comes again.
-            tracing::error!(agent = %group, error = %e, "dedup store failed: the agent stops taking events (they stay unconsumed) and exits");
-            cancel.cancel();
+            shared.fail(format!(
+                "dedup store failed: the agent stops taking events (they stay unconsumed): {e}"
+            ));
             return Outcome::GivenBack;
         }
     }
     if let Some(not_before) = w.not_before {
-        let wait = (not_before - Utc::now()).to_std().unwrap_or_default();
+        // The header is input too: no wait longer than the agent could have asked for.
+        let longest = shared.agent.retry.max_backoff.max(MAX_RETRY_AFTER);
+        let wait = (not_before - Utc::now())
+            .to_std()
+            .unwrap_or_default()
+            .min(longest);
         if !wait_unless_stopping(wait, cancel).await {
             return Outcome::GivenBack;
         }
@@ -554,11 +657,13 @@ async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) -> Outcom
     let held_since = Instant::now();
     let mut attempt = w.attempts;
     loop {
-        attempt += 1;
+        attempt = attempt.saturating_add(1);
         let started = Instant::now();
         tracing::debug!(agent = %group, event = %event.id, event_type = %event.event_type, attempt, "handling");
         let result = match shared.handler.handle(&event, attempt).await {
-            Ok(follow_ups) => publish_follow_ups(shared, &event, follow_ups).await,
+            Ok(follow_ups) => {
+                publish_follow_ups(shared, &event, replay.as_deref(), follow_ups).await
+            }
             Err(f) => Err(f),
         };
         metrics::histogram!(telemetry::HANDLER_DURATION, "group" => group.clone())
@@ -572,8 +677,7 @@ async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) -> Outcom
                 {
                     Ok(durable) => durable,
                     Err(e) => {
-                        tracing::error!(agent = %group, error = %e, "dedup store unwritable; stopping the agent");
-                        cancel.cancel();
+                        shared.fail(format!("dedup store unwritable: {e}"));
                         return Outcome::GivenBack;
                     }
                 };
@@ -597,13 +701,10 @@ async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) -> Outcom
             .await;
         }
         let jitter = rand::random::<f64>() * 2.0 - 1.0;
-        let wait = failure
-            .retry_after
-            .unwrap_or_default()
-            .max(policy.backoff(attempt, jitter));
-        if held_since.elapsed() + wait > policy.max_hold {
+        let wait = retry_wait(failure.retry_after, policy.backoff(attempt, jitter));
+        if held_since.elapsed().saturating_add(wait) > policy.max_hold {
             // Waiting here would hold the events behind it too long: retry later, elsewhere.
-            let not_before = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+            let not_before = time_after(wait);
             let mut extra = vec![
                 (header::ATTEMPTS, attempt.to_string()),
                 (header::NOT_BEFORE, format_time(&not_before)),
@@ -622,6 +723,23 @@ async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) -> Outcom
             return Outcome::GivenBack;
         }
     }
+}
+
+/// The wait before the next attempt: what the peer asked for, clamped to
+/// [`MAX_RETRY_AFTER`], and at least the policy's backoff.
+fn retry_wait(asked: Option<Duration>, backoff: Duration) -> Duration {
+    asked
+        .map(|asked| asked.min(MAX_RETRY_AFTER))
+        .unwrap_or_default()
+        .max(backoff)
+}
+
+/// Now plus `wait`, saturating at the latest time chrono can represent.
+fn time_after(wait: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(wait)
+        .ok()
+        .and_then(|wait| Utc::now().checked_add_signed(wait))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 /// A final failure: to the dead-letter topic, or dropped when the agent has none.
@@ -730,7 +848,7 @@ async fn forward(
 }
 
 /// A record's headers without those named in `drop` or in `extra`, followed by `extra`.
-pub(crate) fn copied_headers<M: Message>(
+pub fn copied_headers<M: Message>(
     message: &M,
     drop: &[&str],
     extra: &[(&str, String)],
@@ -756,7 +874,7 @@ pub(crate) fn copied_headers<M: Message>(
 }
 
 /// A copy of `message` for `topic`: same key, value and timestamp, these headers.
-pub(crate) fn copy_of<'a>(
+pub fn copy_of<'a>(
     message: &'a OwnedMessage,
     topic: &'a str,
     headers: OwnedHeaders,
@@ -814,14 +932,23 @@ fn decode(shared: &Shared, message: &OwnedMessage) -> Result<Event, String> {
 /// Publishes a handler's follow-up events as the agent's actions: causation = the handled
 /// event, the same correlation id, and idempotency keys derived from the handled event so
 /// that handling it again never publishes them twice.
+///
+/// Handling an event again (a redelivery after a crash or a rebalance, a copy of the
+/// record, the dedup window passed) is a duplicate: the first handling's follow-ups stand
+/// and the repeat's are not written, even when they differ (a latency, a timestamp). A
+/// replay (a record with `agentbus-replay-id`: a replay or a redrive) asks for the events
+/// to be handled anew: its follow-ups' keys include the replay id, so they are new events.
+/// Keys the handler chose itself are its own: a conflict on one stays a failure.
 async fn publish_follow_ups(
     shared: &Shared,
     event: &Event,
+    replay: Option<&str>,
     follow_ups: Vec<Json>,
 ) -> Result<(), Failure> {
     if follow_ups.is_empty() {
         return Ok(());
     }
+    let mut all_derived = true;
     let mut items = Vec::with_capacity(follow_ups.len());
     for (i, mut envelope) in follow_ups.into_iter().enumerate() {
         let Some(fields) = envelope.as_object_mut() else {
@@ -833,11 +960,14 @@ async fn publish_follow_ups(
         fields
             .entry("source")
             .or_insert_with(|| json!(shared.agent.name));
+        all_derived &= !fields.contains_key("idempotency_key");
         fields.entry("idempotency_key").or_insert_with(|| {
-            json!(format!(
-                "{}:{}:{i}",
-                shared.agent.name, event.idempotency_key
-            ))
+            let agent = &shared.agent.name;
+            let key = &event.idempotency_key;
+            json!(match replay {
+                Some(replay) => format!("{agent}:{key}:{replay}:{i}"),
+                None => format!("{agent}:{key}:{i}"),
+            })
         });
         let metadata = fields.entry("metadata").or_insert_with(|| json!({}));
         if let Some(meta) = metadata.as_object_mut() {
@@ -854,16 +984,64 @@ async fn publish_follow_ups(
         }
         items.push(envelope);
     }
-    let request = publish::Request {
+    // Kept for the one-by-one path below, which only keys derived here can take.
+    let copies = all_derived.then(|| items.clone());
+    let request = |items: Vec<Json>| publish::Request {
         items,
         batch: true,
         idempotency_key: None,
         // Follow-ups keep the service's own namespace: their keys derive from the event.
         scope: None,
     };
-    match shared.publisher.publish(request).await {
+    let failed = |e: publish::Error| match e {
+        publish::Error::BrokerUnavailable(m) => Failure::retryable("publish", m),
+        e => Failure::fatal("invalid_follow_up", e.to_string()),
+    };
+    match shared.publisher.publish(request(items)).await {
         Ok(_) => Ok(()),
-        Err(publish::Error::BrokerUnavailable(m)) => Err(Failure::retryable("publish", m)),
-        Err(e) => Err(Failure::fatal("invalid_follow_up", e.to_string())),
+        // A key derived from this event is taken with another body: this event's own
+        // earlier handling published first. Its follow-ups stand; those it did not get to
+        // write (a batch cut short by the broker) are written now, one by one.
+        Err(publish::Error::IdempotencyConflict(why)) if let Some(copies) = copies => {
+            tracing::debug!(agent = %shared.agent.name, event = %event.id, %why, "handled before: its first follow-ups stand");
+            for item in copies {
+                match shared.publisher.publish(request(vec![item])).await {
+                    Ok(_) | Err(publish::Error::IdempotencyConflict(_)) => {}
+                    Err(e) => return Err(failed(e)),
+                }
+            }
+            Ok(())
+        }
+        Err(e) => Err(failed(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever a peer asks for, the retry arithmetic neither panics nor waits longer
+        /// than the clamp (or the policy's own backoff).
+        #[test]
+        fn any_retry_after_gives_a_bounded_wait_and_a_due_time(
+            secs in any::<u64>(),
+            nanos in 0u32..1_000_000_000,
+            held_ms in any::<u32>(),
+            backoff_ms in 0u64..(30 * 24 * 3600 * 1000),
+        ) {
+            let asked = Duration::new(secs, nanos);
+            let backoff = Duration::from_millis(backoff_ms);
+            let wait = retry_wait(Some(asked), backoff);
+            prop_assert!(wait <= MAX_RETRY_AFTER.max(backoff));
+            prop_assert!(wait >= backoff);
+            let held = Duration::from_millis(held_ms.into()) + Duration::from_nanos(999_999_999);
+            let _ = held.saturating_add(wait);
+            let due = time_after(wait);
+            let text = format_time(&due);
+            let parsed = DateTime::parse_from_rfc3339(&text).map(|t| t.to_utc());
+            prop_assert!(parsed.is_ok(), "{text}");
+        }
     }
 }

@@ -55,6 +55,31 @@ impl Tracker {
         }
     }
 
+    /// Offsets `from..=to` will never be received (skipped as unreadable): final at once.
+    /// Returns the offset to store, as [`Tracker::complete`] does.
+    pub fn skip(&self, topic: &str, partition: i32, from: i64, to: i64) -> Option<i64> {
+        let mut parts = self.partitions.lock().expect("not poisoned");
+        let p = parts
+            .entry((topic.to_string(), partition))
+            .or_insert_with(|| Partition {
+                stored: from - 1,
+                highest: from - 1,
+                ..Partition::default()
+            });
+        p.highest = p.highest.max(to);
+        let done = match p.pending.first() {
+            Some(first) => first - 1,
+            None => p.highest,
+        };
+        self.idle.notify_all();
+        if done > p.stored {
+            p.stored = done;
+            Some(done)
+        } else {
+            None
+        }
+    }
+
     /// Waits until none of `partitions` has an offset in flight; false on timeout.
     pub fn wait_idle(&self, partitions: &[(String, i32)], timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
@@ -105,5 +130,17 @@ mod tests {
         assert!(t.wait_idle(&[("t".into(), 0)], Duration::from_millis(10)));
         t.forget(&[("t".into(), 0)]);
         assert_eq!(t.complete("t", 0, 14), None);
+    }
+
+    #[test]
+    fn skipped_offsets_are_final_but_wait_for_the_events_in_flight_before_them() {
+        let t = Tracker::default();
+        t.begin("t", 0, 5);
+        assert_eq!(t.skip("t", 0, 6, 9), None);
+        assert_eq!(t.complete("t", 0, 5), Some(9));
+        // Nothing received on the partition yet: the skip alone moves the offset.
+        assert_eq!(t.skip("t", 1, 0, 3), Some(3));
+        t.begin("t", 1, 4);
+        assert_eq!(t.complete("t", 1, 4), Some(4));
     }
 }

@@ -52,6 +52,24 @@ pub struct Readiness {
     pub broker: Arc<AtomicBool>,
     /// The event topics exist.
     pub topics: AtomicBool,
+    /// Agents of this process that stopped by themselves, with the cause: none may have.
+    failed_agents: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
+}
+
+impl Readiness {
+    /// Records that `agent` stopped by itself; `/readyz` answers 503 naming it from now on
+    /// (a restart of the process is what brings it back).
+    pub fn agent_failed(&self, agent: &str, why: &str) {
+        self.failed_agents
+            .lock()
+            .expect("not poisoned")
+            .insert(agent.to_string(), why.to_string());
+    }
+
+    /// The agents that stopped by themselves, with their causes.
+    pub fn failed_agents(&self) -> std::collections::BTreeMap<String, String> {
+        self.failed_agents.lock().expect("not poisoned").clone()
+    }
 }
 
 /// State shared by the handlers.
@@ -157,16 +175,21 @@ async fn readyz(State(state): State<AppState>) -> Response {
     let broker = state.readiness.broker.load(Ordering::Relaxed);
     let topics = state.readiness.topics.load(Ordering::Relaxed);
     let schemas = state.registry.version_count() > 0;
-    let ready = broker && topics && schemas;
+    let failed_agents = state.readiness.failed_agents();
+    let agents = failed_agents.is_empty();
+    let ready = broker && topics && schemas && agents;
     let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = json!({
+    let mut body = json!({
         "status": if ready { "ready" } else { "not_ready" },
-        "checks": { "broker": broker, "topics": topics, "schemas": schemas },
+        "checks": { "broker": broker, "topics": topics, "schemas": schemas, "agents": agents },
     });
+    if !agents {
+        body["failed_agents"] = json!(failed_agents);
+    }
     (status, Json(body)).into_response()
 }
 

@@ -31,7 +31,12 @@ pub struct Receiver {
 
 /// Behaviour by the task's description: `fail-N` fails N times with 503, `poison` answers
 /// 400, `held` answers 400 once `released` is set, `follow` answers with a follow-up event,
-/// `slow` takes 100 ms; anything else 200.
+/// `follow-varying` with one whose body differs each time the same event comes (its
+/// `duration_ms` counts the deliveries), `slow` takes 100 ms, `sleep-N` takes N ms (a
+/// handler with a fixed time per event, for benchmarks), `retry-after-N` answers 503 with
+/// `Retry-After: N`, `retry-after-max` with `Retry-After: 18446744073709551615` (u64::MAX
+/// seconds), `retry-after-1-then-max` with 1 the first time and u64::MAX after; anything
+/// else 200.
 async fn receive(
     State(r): State<Receiver>,
     headers: HeaderMap,
@@ -50,6 +55,25 @@ async fn receive(
     };
     if description == "slow" {
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Some(ms) = description.strip_prefix("sleep-")
+        && let Ok(ms) = ms.parse()
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let retry_after = match description.as_str() {
+        "retry-after-max" => Some(u64::MAX.to_string()),
+        "retry-after-1-then-max" if attempt == 1 => Some("1".into()),
+        "retry-after-1-then-max" => Some(u64::MAX.to_string()),
+        d => d.strip_prefix("retry-after-").map(str::to_string),
+    };
+    if let Some(retry_after) = retry_after {
+        return (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            [("retry-after", retry_after)],
+            "come back later",
+        )
+            .into_response();
     }
     if let Some(n) = description.strip_prefix("fail-")
         && attempt <= n.parse().unwrap()
@@ -78,6 +102,15 @@ async fn receive(
             "event_type": "agent.task.completed",
             "data": {"task_id": event["data"]["task_id"], "agent_id": event["data"]["agent_id"],
                      "status": "succeeded", "result": "done", "duration_ms": 5}
+        }]});
+        return Json(completed).into_response();
+    }
+    if description == "follow-varying" {
+        let completed = json!({"events": [{
+            "event_type": "agent.task.completed",
+            "data": {"task_id": event["data"]["task_id"], "agent_id": event["data"]["agent_id"],
+                     "status": "succeeded", "result": format!("delivery {attempt}"),
+                     "duration_ms": attempt}
         }]});
         return Json(completed).into_response();
     }
@@ -155,4 +188,51 @@ pub async fn app_with_agent(url: &str, name: &str) -> (TestApp, tempfile::TempDi
     })
     .await;
     (app, consumers)
+}
+
+/// Creates `topic` with `partitions` partitions (before the service would, with its own
+/// count).
+pub async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let answers = admin
+        .create_topics([&new], &AdminOptions::new())
+        .await
+        .unwrap();
+    answers[0].as_ref().unwrap();
+}
+
+/// Waits until consumer group `group` is stable with `members` members.
+pub async fn wait_for_stable_group(brokers: &str, group: &str, members: usize, timeout: Duration) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let (brokers, group) = (brokers.to_string(), group.to_string());
+    tokio::task::spawn_blocking(move || {
+        let client: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .unwrap();
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        loop {
+            if let Ok(list) = client.fetch_group_list(Some(&group), Duration::from_secs(5))
+                && let Some(g) = list.groups().first()
+            {
+                if g.state() == "Stable" && g.members().len() == members {
+                    return;
+                }
+                last = format!("{} with {} members", g.state(), g.members().len());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "group {group} not stable with {members} members: {last}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    })
+    .await
+    .unwrap();
 }
