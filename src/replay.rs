@@ -583,7 +583,12 @@ pub fn execute_with(
     let mut last_read: HashMap<(String, i32), (Instant, i64)> = plan
         .partitions
         .iter()
-        .map(|p| ((p.topic.clone(), p.partition), (Instant::now(), p.start_offset)))
+        .map(|p| {
+            (
+                (p.topic.clone(), p.partition),
+                (Instant::now(), p.start_offset),
+            )
+        })
         .collect();
     let mut last_check = Instant::now();
     // What the reader reported (it retries by itself): the reason of a stall, few and distinct.
@@ -795,13 +800,17 @@ fn give_up_stalled(
             }
         );
         tracing::warn!(topic = %key.0, partition = key.1, at, end, %reason, "replay: partition stalled, given up");
-        progress.stalled.lock().expect("stalled lock").push(Stalled {
-            topic: key.0.clone(),
-            partition: key.1,
-            at_offset: at,
-            end_offset: end,
-            reason,
-        });
+        progress
+            .stalled
+            .lock()
+            .expect("stalled lock")
+            .push(Stalled {
+                topic: key.0.clone(),
+                partition: key.1,
+                at_offset: at,
+                end_offset: end,
+                reason,
+            });
         done(consumer, open, &key)?;
     }
     Ok(())

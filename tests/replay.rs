@@ -21,6 +21,7 @@ use common::{agents::*, *};
 use rdkafka::{
     ClientConfig, Message, Offset, TopicPartitionList,
     consumer::{BaseConsumer, CommitMode, Consumer},
+    producer::{BaseProducer, BaseRecord, Producer},
 };
 use serde_json::{Value, json};
 
@@ -472,5 +473,247 @@ async fn reset_offsets_plans_refuses_an_active_group_and_moves_an_idle_one() {
         6,
         "{before:?} → {after:?}"
     );
+    app.stop().await;
+}
+
+/// `agentbus serve` in a process of its own whose Kafka clients fetch at most ~100 kB: a
+/// record larger than that cannot be read by it (librdkafka drops the answer as too large
+/// and asks again), as a record the service cannot read.
+struct SmallFetchServe {
+    child: std::process::Child,
+    url: String,
+    _data: tempfile::TempDir,
+}
+
+impl Drop for SmallFetchServe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn small_fetch_serve(app: &TestApp) -> SmallFetchServe {
+    let data = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let child = Command::new(agentbus_bin())
+        .args([
+            "serve",
+            "--replay-stall-timeout",
+            "3s",
+            "--lag-read-timeout",
+            "2s",
+            "--lag-interval",
+            "0s",
+        ])
+        .env("AGENTBUS_BROKERS", &app.brokers)
+        .env("AGENTBUS_TOPIC_PREFIX", &app.prefix)
+        .env("AGENTBUS_HTTP_ADDR", &addr)
+        .env("AGENTBUS_DATA_DIR", data.path())
+        .env("AGENTBUS_SCHEMAS_DIR", root().join("schemas"))
+        .env("AGENTBUS_CONSUMERS_DIR", data.path().join("no-agents"))
+        .env("AGENTBUS_TOPIC_PARTITIONS", "2")
+        .env("AGENTBUS_LOG", "warn")
+        .env("AGENTBUS_KAFKA_MESSAGE_MAX_BYTES", "100000")
+        .env("AGENTBUS_KAFKA_FETCH_MAX_BYTES", "100000")
+        .env("AGENTBUS_KAFKA_MAX_PARTITION_FETCH_BYTES", "100000")
+        .env("AGENTBUS_KAFKA_RECEIVE_MESSAGE_MAX_BYTES", "200000")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let served = SmallFetchServe {
+        child,
+        url: format!("http://{addr}"),
+        _data: data,
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = app
+            .client
+            .get(format!("{}/readyz", served.url))
+            .send()
+            .await
+            && r.status() == 200
+        {
+            return served;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agentbus serve did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_record_the_service_cannot_read_gives_a_lag_lower_bound_and_fails_a_replay_naming_it() {
+    let app = spawn(Options::default()).await;
+    let topic = format!("{}unreadable", app.prefix);
+    let copy = format!("{}unreadable-copy", app.prefix);
+    let spec = |name: &str| TopicSpec {
+        name: name.to_string(),
+        partitions: 1,
+        replication: 1,
+        retention: Duration::from_secs(7 * 24 * 3600),
+    };
+    topics::ensure(&kafka(&app), &[spec(&topic), spec(&copy)])
+        .await
+        .unwrap();
+    // Offsets 0 and 2 are small; 1 is 600 kB, more than the service may fetch.
+    let now = Utc::now().timestamp_millis();
+    let later_at = now - 7_209_000;
+    let (brokers, t) = (app.brokers.clone(), topic.clone());
+    tokio::task::spawn_blocking(move || {
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .unwrap();
+        let big = "x".repeat(600_000);
+        for (payload, ts) in [
+            ("small", now - 7_300_000),
+            (big.as_str(), now - 7_250_000),
+            ("small", later_at),
+        ] {
+            producer
+                .send(
+                    BaseRecord::<str, str>::to(&t)
+                        .payload(payload)
+                        .timestamp(ts),
+                )
+                .unwrap();
+            // One batch per record: the large one alone cannot be read.
+            producer.flush(Duration::from_secs(10)).unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    let group = format!("stuck-{}", uuid::Uuid::new_v4().simple());
+    let (b, g, t) = (app.brokers.clone(), group.clone(), topic.clone());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &b)
+            .set("group.id", &g)
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&t, 0, Offset::Offset(1)).unwrap();
+        consumer.commit(&tpl, CommitMode::Sync).unwrap();
+    })
+    .await
+    .unwrap();
+    let served = small_fetch_serve(&app).await;
+
+    // The lag: 2 records, and at least the age of the later record (two hours), never 0;
+    // answered within the read deadline.
+    let asked = Instant::now();
+    let lag: Value = app
+        .client
+        .get(format!("{}/v1/consumers/{group}/lag", served.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        asked.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        asked.elapsed()
+    );
+    let p = &lag["partitions"][0];
+    assert_eq!(
+        (p["lag"].as_i64(), p["end_offset"].as_i64()),
+        (Some(2), Some(3)),
+        "{lag}"
+    );
+    assert_eq!(p["lag_seconds_basis"], "lower_bound", "{lag}");
+    assert!(p["lag_seconds"].as_f64().unwrap() >= 7209.0, "{lag}");
+    let note = p["lag_seconds_note"].as_str().unwrap();
+    assert!(
+        note.contains("offset 1") && note.contains("lower bound"),
+        "{note}"
+    );
+    let _: Value = app
+        .client
+        .get(format!("{}/v1/consumers", served.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let metrics = app
+        .client
+        .get(format!("{}/metrics", served.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let unknown = format!(
+        "agentbus_lag_seconds_unknown{{cluster_name=\"default\",group=\"{group}\",topic=\"{topic}\",partition=\"0\"}} 1\n"
+    );
+    assert!(metrics.contains(&unknown), "{metrics}");
+
+    // A replay over it: the partition is given up after the stall timeout (3 s), the job
+    // fails naming the partition and offset; the record before it was copied.
+    let started = app
+        .client
+        .post(format!("{}/v1/replays", served.url))
+        .json(&json!({
+            "from": (Utc::now() - chrono::Duration::hours(3)).to_rfc3339(),
+            "topic": topic,
+            "into_topic": copy,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), 202);
+    let location = started.headers()["location"].to_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let done = loop {
+        let view: Value = app
+            .client
+            .get(format!("{}{location}", served.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if view["status"] != "running" {
+            break view;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replay stayed running: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(done["status"], "failed", "{done}");
+    let error = done["error"].as_str().unwrap();
+    assert!(
+        error.contains("stalled") && error.contains(&format!("{topic}/0 at offset 1 of 3")),
+        "{error}"
+    );
+    let stalled = &done["stalled_partitions"][0];
+    assert_eq!(
+        (
+            stalled["at_offset"].as_i64(),
+            stalled["end_offset"].as_i64()
+        ),
+        (Some(1), Some(3)),
+        "{done}"
+    );
+    assert!(
+        stalled["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no record read for"),
+        "{done}"
+    );
+    assert_eq!(done["copied"], 1, "{done}");
+    drop(served);
     app.stop().await;
 }

@@ -227,13 +227,7 @@ fn print_lag(snapshot: &Snapshot) {
             };
             println!(
                 "{:<32} {:<36} {:>9} {:>12} {:>12} {:>10} {:>12}",
-                g.group,
-                p.topic,
-                p.partition,
-                p.committed_offset,
-                p.end_offset,
-                p.lag,
-                seconds
+                g.group, p.topic, p.partition, p.committed_offset, p.end_offset, p.lag, seconds
             );
             if let Some(note) = &p.lag_seconds_note {
                 println!("    {}/{}: {note}", p.topic, p.partition);
