@@ -344,10 +344,6 @@ fn ends_of(
 
 /// The first offset whose record's timestamp is at or after `time`, per (topic, partition);
 /// the end where there is none.
-///
-/// Every answer is checked against the record it points at: some brokers answer offset 0
-/// instead of "none" when every record is older than `time` (tansu 0.6), which would
-/// replay or reset a whole partition.
 fn offsets_at(
     kafka: &KafkaArgs,
     consumer: &BaseConsumer,
@@ -356,9 +352,23 @@ fn offsets_at(
     ends: &HashMap<(String, i32), i64>,
 ) -> Result<HashMap<(String, i32), i64>, Error> {
     let (out, to_check) = offsets_answered(consumer, parts, time, ends)?;
+    tansu_recheck_offsets_for_times(kafka, out, &to_check, time, ends)
+}
+
+/// Broker quirk (tansu 0.6): it answers offsets-for-times with offset 0 instead of "none"
+/// when every record is older than `time`, which would reset a whole partition. So every
+/// answer is checked against the timestamp of the record it points at, and one older than
+/// `time` becomes the end. Apache Kafka's answers are exact: there this changes nothing
+/// (it costs one read per partition).
+fn tansu_recheck_offsets_for_times(
+    kafka: &KafkaArgs,
+    mut out: Offsets,
+    to_check: &[lag::Position],
+    time: DateTime<Utc>,
+    ends: &HashMap<(String, i32), i64>,
+) -> Result<Offsets, Error> {
     let target = time.timestamp_millis();
-    let mut out = out;
-    let found = lag::first_timestamps(kafka, &to_check, 64, CHECK_TIMEOUT)?;
+    let found = lag::first_timestamps(kafka, to_check, 64, CHECK_TIMEOUT)?;
     let unread = to_check.len() - found.len();
     for ((topic, partition, _), ts) in found {
         if ts < target {
@@ -430,8 +440,8 @@ pub fn plan(kafka: &KafkaArgs, request: &Request) -> Result<Plan, Error> {
     }
     // The ranges only bound the reading; each record's own timestamp decides whether it is
     // copied. So the broker's offsets-for-times answers are taken unchecked: where a broker
-    // answers 0 for "no record that late" (tansu 0.6), the replay reads more, never less.
-    // `until` bounds the reading only where the answer is past the start.
+    // answers 0 for "no record that late" (tansu 0.6), the replay reads more, never less
+    // (see tansu_widened_until).
     let ends = ends_of(&consumer, &parts)?;
     let (starts, _) = offsets_answered(&consumer, &parts, request.from, &ends)?;
     let untils = match request.until {
@@ -442,7 +452,7 @@ pub fn plan(kafka: &KafkaArgs, request: &Request) -> Result<Plan, Error> {
                 .map(|(key, o)| {
                     let end = ends.get(&key).copied().unwrap_or(o);
                     let start = starts.get(&key).copied().unwrap_or(0);
-                    (key, if o > start { o } else { end })
+                    (key, tansu_widened_until(o, start, end))
                 })
                 .collect()
         }
@@ -471,6 +481,14 @@ pub fn plan(kafka: &KafkaArgs, request: &Request) -> Result<Plan, Error> {
         target_topic,
         partitions,
     })
+}
+
+/// Broker quirk (tansu 0.6 answers 0 for "no record that late"): `until`'s offset bounds a
+/// replay's range only where it is past the start; else the range runs to the end (the
+/// records' own timestamps still decide what is copied). On Apache Kafka an answer at the
+/// start means an empty range, and this reads more than needed.
+fn tansu_widened_until(until: i64, start: i64, end: i64) -> i64 {
+    if until > start { until } else { end }
 }
 
 /// Counts deliveries.
@@ -911,14 +929,19 @@ pub fn execute_reset(
 ) -> Result<(), Error> {
     match groups::describe(kafka, Some(group), Duration::from_secs(5)) {
         Ok(described) => {
-            let members = described
-                .iter()
-                .find(|g| g.name == group)
-                .and_then(|g| g.members.as_ref())
-                .map_or(0, Vec::len);
+            let found = described.iter().find(|g| g.name == group);
+            let members = found.and_then(|g| g.members.as_ref()).map_or(0, Vec::len);
             if members > 0 {
                 return Err(Error::GroupActive(format!(
                     "group {group} has {members} active members; stop them first (offsets unchanged)"
+                )));
+            }
+            // A group between two generations lists no members yet is not inactive.
+            if let Some(state) = found.and_then(|g| g.state.as_deref())
+                && !matches!(state, "Empty" | "Dead" | "")
+            {
+                return Err(Error::GroupActive(format!(
+                    "group {group} is {state}, not empty; stop its consumers first (offsets unchanged)"
                 )));
             }
         }
