@@ -450,7 +450,7 @@ async fn own_topic(app: &TestApp, name: &str, partitions: i32) -> String {
     topic
 }
 
-fn partition_of<'a>(lag: &'a Value, partition: i64) -> &'a Value {
+fn partition_of(lag: &Value, partition: i64) -> &Value {
     lag["partitions"]
         .as_array()
         .unwrap()
