@@ -1015,8 +1015,22 @@ pub(crate) fn oldest_unconsumed(
         }
         reader.assign(&assignment)?;
         while !open.is_empty() && Instant::now() < deadline {
-            let Some(Ok(m)) = reader.poll(Duration::from_millis(50)) else {
-                continue;
+            let m = match reader.poll(Duration::from_millis(50)) {
+                Some(Ok(m)) => m,
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) | None => {
+                    // At the end without a record (the last offsets are markers): no later
+                    // record to take a bound from.
+                    for e in reader.position()?.elements() {
+                        let key = (e.topic().to_string(), e.partition());
+                        if let (Some(b), Offset::Offset(at)) = (bounds.get(&key), e.offset())
+                            && at >= b.end
+                        {
+                            open.remove(&key);
+                        }
+                    }
+                    continue;
+                }
+                Some(Err(_)) => continue,
             };
             let key = (m.topic().to_string(), m.partition());
             if open.remove(&key) {
