@@ -838,10 +838,29 @@ fn rounds_of<'a>(wanted: impl Iterator<Item = &'a Position>, at_once: usize) -> 
         .collect()
 }
 
+/// The lag readers' client context: an end of partition is an answer the reader asked for
+/// (`enable.partition.eof`), also when librdkafka reports it as a client-wide error after
+/// the partition was paused; anything else is logged as the default context would.
+pub(crate) struct ReaderContext;
+
+impl rdkafka::ClientContext for ReaderContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
+            || matches!(error, rdkafka::error::KafkaError::PartitionEOF(_))
+        {
+            tracing::trace!(%reason, "lag reader: end of partition");
+        } else {
+            tracing::warn!(%error, %reason, "lag reader: librdkafka error");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for ReaderContext {}
+
 fn lag_reader(
     kafka: &KafkaArgs,
     isolation: &str,
-) -> Result<BaseConsumer, rdkafka::error::KafkaError> {
+) -> Result<BaseConsumer<ReaderContext>, rdkafka::error::KafkaError> {
     kafka
         .client_config_with(&[
             ("group.id", "agentbus-lag-reader".into()),
@@ -852,7 +871,7 @@ fn lag_reader(
             ("fetch.wait.max.ms", READER_FETCH_WAIT.into()),
             ("isolation.level", isolation.into()),
         ])
-        .create()
+        .create_with_context(ReaderContext)
 }
 
 /// The oldest record a group's consumers would get at or after each position, all within
@@ -892,7 +911,13 @@ pub(crate) fn oldest_unconsumed(
         .collect();
     if !to_read.is_empty() {
         let reader = lag_reader(kafka, "read_committed")?;
-        for round in rounds_of(to_read.into_iter(), at_once) {
+        let rounds = rounds_of(to_read.into_iter(), at_once);
+        let count = rounds.len() as u32;
+        for (i, round) in rounds.into_iter().enumerate() {
+            // Each round its share of the time left: a record that cannot be read holds up
+            // its own round only, not every partition after it.
+            let left = committed_deadline.saturating_duration_since(Instant::now());
+            let round_deadline = Instant::now() + left / (count - i as u32).max(1);
             let mut assignment = TopicPartitionList::new();
             let mut open: HashMap<(String, i32), std::collections::VecDeque<i64>> = HashMap::new();
             for ((topic, partition), run) in round {
@@ -900,7 +925,7 @@ pub(crate) fn oldest_unconsumed(
                 open.insert((topic, partition), run.into());
             }
             reader.assign(&assignment)?;
-            while !open.is_empty() && Instant::now() < committed_deadline {
+            while !open.is_empty() && Instant::now() < round_deadline {
                 let m = match reader.poll(Duration::from_millis(50)) {
                     Some(Ok(m)) => m,
                     Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) | None => {
@@ -1006,7 +1031,11 @@ pub(crate) fn oldest_unconsumed(
     let reader = lag_reader(kafka, "read_uncommitted")?;
     let mut later: HashMap<(String, i32), (i64, i64)> = HashMap::new();
     let keys: Vec<((String, i32), i64)> = starts.into_iter().collect();
-    for chunk in keys.chunks(at_once.max(1)) {
+    let chunks: Vec<_> = keys.chunks(at_once.max(1)).collect();
+    let count = chunks.len() as u32;
+    for (i, chunk) in chunks.into_iter().enumerate() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let chunk_deadline = Instant::now() + left / (count - i as u32).max(1);
         let mut assignment = TopicPartitionList::new();
         let mut open: HashSet<(String, i32)> = HashSet::new();
         for ((topic, partition), start) in chunk {
@@ -1014,7 +1043,7 @@ pub(crate) fn oldest_unconsumed(
             open.insert((topic.clone(), *partition));
         }
         reader.assign(&assignment)?;
-        while !open.is_empty() && Instant::now() < deadline {
+        while !open.is_empty() && Instant::now() < chunk_deadline {
             let m = match reader.poll(Duration::from_millis(50)) {
                 Some(Ok(m)) => m,
                 Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) | None => {
