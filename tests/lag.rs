@@ -479,7 +479,12 @@ fn partition_of(lag: &Value, partition: i64) -> &Value {
 
 #[tokio::test]
 async fn a_partition_stuck_behind_an_open_transaction_is_not_caught_up_and_markers_are_said_so() {
-    let app = spawn(Options::default()).await;
+    let group = group_name("stuck");
+    let app = spawn(Options {
+        extra: vec!["--lag-groups".into(), group.clone()],
+        ..Options::default()
+    })
+    .await;
     let topic = own_topic(&app, "txn", 2).await;
     let brokers = app.brokers.clone();
     let t = topic.clone();
@@ -533,7 +538,6 @@ async fn a_partition_stuck_behind_an_open_transaction_is_not_caught_up_and_marke
     })
     .await
     .unwrap();
-    let group = group_name("stuck");
     // The group read partition 0's committed record and nothing of partition 1.
     commit(&app.brokers, &group, &topic, [2, 0]).await;
 
@@ -592,7 +596,7 @@ async fn a_partition_stuck_behind_an_open_transaction_is_not_caught_up_and_marke
         "{lag}"
     );
 
-    // The metrics of a collection of every group.
+    // The metrics of a collection of the watched groups.
     let all: Value = app.get_json("/v1/consumers").await;
     assert!(all["consumers"].is_array(), "{all}");
     let metrics = app.get("/metrics").await.text().await.unwrap();

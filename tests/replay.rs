@@ -20,6 +20,8 @@ use chrono::{DateTime, Utc};
 use common::{agents::*, *};
 use rdkafka::{
     ClientConfig, Message, Offset, TopicPartitionList,
+    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    client::DefaultClientContext,
     consumer::{BaseConsumer, CommitMode, Consumer},
     producer::{BaseProducer, BaseRecord, Producer},
 };
@@ -503,8 +505,8 @@ async fn reset_offsets_plans_refuses_an_active_group_and_moves_an_idle_one() {
     app.stop().await;
 }
 
-/// `agentbus serve` in a process of its own whose Kafka clients fetch at most ~100 kB: a
-/// record larger than that cannot be read by it (librdkafka drops the answer as too large
+/// `agentbus serve` in a process of its own whose Kafka clients take answers of at most 3 MB:
+/// a record larger than that cannot be read by it (librdkafka drops the answer as too large
 /// and asks again), as a record the service cannot read.
 struct SmallFetchServe {
     child: std::process::Child,
@@ -519,7 +521,7 @@ impl Drop for SmallFetchServe {
     }
 }
 
-async fn small_fetch_serve(app: &TestApp) -> SmallFetchServe {
+async fn small_fetch_serve(app: &TestApp, group: &str) -> SmallFetchServe {
     let data = tempfile::tempdir().unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
     let child = Command::new(agentbus_bin())
@@ -531,6 +533,8 @@ async fn small_fetch_serve(app: &TestApp) -> SmallFetchServe {
             "2s",
             "--lag-interval",
             "0s",
+            "--lag-groups",
+            group,
         ])
         .env("AGENTBUS_BROKERS", &app.brokers)
         .env("AGENTBUS_TOPIC_PREFIX", &app.prefix)
@@ -540,10 +544,10 @@ async fn small_fetch_serve(app: &TestApp) -> SmallFetchServe {
         .env("AGENTBUS_CONSUMERS_DIR", data.path().join("no-agents"))
         .env("AGENTBUS_TOPIC_PARTITIONS", "2")
         .env("AGENTBUS_LOG", "warn")
-        .env("AGENTBUS_KAFKA_MESSAGE_MAX_BYTES", "100000")
-        .env("AGENTBUS_KAFKA_FETCH_MAX_BYTES", "100000")
-        .env("AGENTBUS_KAFKA_MAX_PARTITION_FETCH_BYTES", "100000")
-        .env("AGENTBUS_KAFKA_RECEIVE_MESSAGE_MAX_BYTES", "200000")
+        .env("AGENTBUS_KAFKA_MESSAGE_MAX_BYTES", "1000000")
+        .env("AGENTBUS_KAFKA_FETCH_MAX_BYTES", "1000000")
+        .env("AGENTBUS_KAFKA_MAX_PARTITION_FETCH_BYTES", "1000000")
+        .env("AGENTBUS_KAFKA_RECEIVE_MESSAGE_MAX_BYTES", "3000000")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -577,39 +581,59 @@ async fn a_record_the_service_cannot_read_gives_a_lag_lower_bound_and_fails_a_re
     let app = spawn(Options::default()).await;
     let topic = format!("{}unreadable", app.prefix);
     let copy = format!("{}unreadable-copy", app.prefix);
-    let spec = |name: &str| TopicSpec {
-        name: name.to_string(),
-        partitions: 1,
-        replication: 1,
-        retention: Duration::from_secs(7 * 24 * 3600),
-    };
-    topics::ensure(&kafka(&app), &[spec(&topic), spec(&copy)])
+    // The source topic takes records up to 8 MB; offsets 0 and 2 are small, 1 is 5 MB, more
+    // than the service may fetch (it fetches at most 3 MB: far more than the shared
+    // cluster's metadata, far less than the record).
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &app.brokers)
+        .create()
+        .unwrap();
+    let created = admin
+        .create_topics(
+            &[
+                NewTopic::new(&topic, 1, TopicReplication::Fixed(1))
+                    .set("max.message.bytes", "8388608"),
+                NewTopic::new(&copy, 1, TopicReplication::Fixed(1)),
+            ],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
         .await
         .unwrap();
-    // Offsets 0 and 2 are small; 1 is 600 kB, more than the service may fetch.
+    for c in created {
+        c.unwrap();
+    }
     let now = Utc::now().timestamp_millis();
     let later_at = now - 7_209_000;
     let (brokers, t) = (app.brokers.clone(), topic.clone());
     tokio::task::spawn_blocking(move || {
         let producer: BaseProducer = ClientConfig::new()
             .set("bootstrap.servers", &brokers)
+            .set("message.max.bytes", "8000000")
             .create()
             .unwrap();
-        let big = "x".repeat(600_000);
+        let big = "x".repeat(5_000_000);
+        let deadline = Instant::now() + Duration::from_secs(30);
         for (payload, ts) in [
             ("small", now - 7_300_000),
             (big.as_str(), now - 7_250_000),
             ("small", later_at),
         ] {
-            producer
-                .send(
+            // The topic's metadata may reach the producer a moment after its creation.
+            loop {
+                match producer.send(
                     BaseRecord::<str, str>::to(&t)
                         .payload(payload)
                         .timestamp(ts),
-                )
-                .unwrap();
+                ) {
+                    Ok(()) => break,
+                    Err((e, _)) => {
+                        assert!(Instant::now() < deadline, "{e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
             // One batch per record: the large one alone cannot be read.
-            producer.flush(Duration::from_secs(10)).unwrap();
+            producer.flush(Duration::from_secs(30)).unwrap();
         }
     })
     .await
@@ -628,7 +652,7 @@ async fn a_record_the_service_cannot_read_gives_a_lag_lower_bound_and_fails_a_re
     })
     .await
     .unwrap();
-    let served = small_fetch_serve(&app).await;
+    let served = small_fetch_serve(&app, &group).await;
 
     // The lag: 2 records, and at least the age of the later record (two hours), never 0;
     // answered within the read deadline.
