@@ -356,6 +356,20 @@ async fn kafka_consumer_groups_describes_the_offsets_lag_state_and_members_agent
         why.contains("has 1 active members") && why.contains("offsets unchanged"),
         "{why}"
     );
+    // --assume-inactive only stands in for a broker that cannot describe the group; it does
+    // not override one that says the group is active.
+    let vouched = reset(&["--execute", "--assume-inactive"]);
+    assert!(!vouched.status.success());
+    let why = String::from_utf8_lossy(&vouched.stderr);
+    assert!(
+        why.contains("active members") || why.contains("UnknownMemberId"),
+        "{why}"
+    );
+    let (b, g, t) = (bootstrap.clone(), group.clone(), topic.clone());
+    let unchanged = tokio::task::spawn_blocking(move || committed(&b, &g, &t))
+        .await
+        .unwrap();
+    assert_eq!(unchanged, vec![2, 1]);
 
     // The member leaves: the group is empty, and both plan a reset to 25 minutes ago the
     // same way: partition 0 to its first record at or after it (offset 3, 20 minutes old),
