@@ -368,13 +368,32 @@ fn tansu_recheck_offsets_for_times(
     ends: &HashMap<(String, i32), i64>,
 ) -> Result<Offsets, Error> {
     let target = time.timestamp_millis();
-    let found = lag::first_timestamps(kafka, to_check, 64, CHECK_TIMEOUT)?;
-    let unread = to_check.len() - found.len();
-    for ((topic, partition, _), ts) in found {
-        if ts < target {
-            let key = (topic, partition);
-            let end = ends.get(&key).copied().unwrap_or(0);
-            out.insert(key, end);
+    let end_of = |topic: &str, partition: i32| {
+        ends.get(&(topic.to_string(), partition))
+            .copied()
+            .unwrap_or(0)
+    };
+    // `ends` are last stable offsets (read committed): the reading stops there.
+    let wanted: Vec<(lag::Position, lag::Bounds)> = to_check
+        .iter()
+        .map(|p| {
+            let end = end_of(&p.0, p.1);
+            (p.clone(), lag::Bounds { stable: end, end })
+        })
+        .collect();
+    let found = lag::oldest_unconsumed(kafka, &wanted, 64, CHECK_TIMEOUT)?;
+    let mut unread = 0;
+    for ((topic, partition, _), oldest) in found {
+        match oldest {
+            lag::Oldest::Record(ts) if ts >= target => {}
+            // Older than `time`, or nothing but markers and aborted records up to the end.
+            lag::Oldest::Record(_)
+            | lag::Oldest::NothingToConsume
+            | lag::Oldest::OpenTransaction(_) => {
+                let end = end_of(&topic, partition);
+                out.insert((topic, partition), end);
+            }
+            lag::Oldest::Unread { .. } => unread += 1,
         }
     }
     if unread > 0 {
