@@ -776,3 +776,83 @@ async fn a_record_the_service_cannot_read_gives_a_lag_lower_bound_and_fails_a_re
     drop(served);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn an_offset_reset_to_a_time_whose_first_record_was_aborted_plans_the_end_at_once() {
+    let app = spawn(Options::default()).await;
+    let topic = format!("{}aborted", app.prefix);
+    topics::ensure(
+        &kafka(&app),
+        &[TopicSpec {
+            name: topic.clone(),
+            partitions: 1,
+            replication: 1,
+            retention: Duration::from_secs(7 * 24 * 3600),
+        }],
+    )
+    .await
+    .unwrap();
+    // Offset 0: a record two hours old; offset 1: one ten minutes old, in a transaction that
+    // was aborted (its marker at 2). Offsets-for-times at 30 minutes ago answers 1.
+    let (brokers, t) = (app.brokers.clone(), topic.clone());
+    tokio::task::spawn_blocking(move || {
+        let now = Utc::now().timestamp_millis();
+        let plain: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .unwrap();
+        plain
+            .send(
+                BaseRecord::<str, str>::to(&t)
+                    .payload("old")
+                    .timestamp(now - 7_200_000),
+            )
+            .unwrap();
+        plain.flush(Duration::from_secs(10)).unwrap();
+        let tx: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set(
+                "transactional.id",
+                format!("aborted-{}", uuid::Uuid::new_v4()),
+            )
+            .create()
+            .unwrap();
+        let wait = Duration::from_secs(30);
+        tx.init_transactions(wait).unwrap();
+        tx.begin_transaction().unwrap();
+        tx.send(
+            BaseRecord::<str, str>::to(&t)
+                .payload("aborted")
+                .timestamp(now - 600_000),
+        )
+        .unwrap();
+        tx.flush(wait).unwrap();
+        tx.abort_transaction(wait).unwrap();
+    })
+    .await
+    .unwrap();
+    let request = Request {
+        from: Utc::now() - chrono::Duration::minutes(30),
+        until: None,
+        topics: vec![topic.clone()],
+        event_types: vec![],
+        target: Target::Agent("resetter".into()),
+        replay_id: None,
+    };
+    let started = Instant::now();
+    let k = kafka(&app);
+    let lines = tokio::task::spawn_blocking(move || replay::plan_reset(&k, "resetter", &request))
+        .await
+        .unwrap()
+        .unwrap();
+    // Nothing a consumer would get lies past that time: the end, known without waiting for
+    // a record that will never come.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(lines.len(), 1);
+    assert_eq!((lines[0].current, lines[0].new), (None, 3), "{lines:?}");
+    app.stop().await;
+}
