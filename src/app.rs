@@ -178,7 +178,7 @@ impl App {
                 settings.lag.clone(),
                 agents.iter().map(|a| a.name.clone()).collect(),
             ),
-            replays: Arc::new(Jobs::default()),
+            replays: Arc::new(Jobs::new(settings.replay.clone())),
             agents: Arc::new(agents.clone()),
             integrations,
         };

@@ -102,6 +102,9 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub lag: crate::lag::LagSettings,
 
+    #[command(flatten)]
+    pub replay: crate::replay::ReplaySettings,
+
     /// API keys: a TOML file of `[[key]]` entries (`agentbus keys new` makes them). Without
     /// keys the service starts only on a loopback address, unless `--insecure-no-auth`.
     #[arg(long, env = "AGENTBUS_API_KEYS_FILE")]

@@ -52,6 +52,10 @@ pub enum Error {
     /// Kafka failed.
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
+    /// Partitions whose reading stalled: given up, each with its reason (the other
+    /// partitions were replayed).
+    #[error("{0}")]
+    Stalled(String),
     /// Records could not be written.
     #[error("writing to {topic} failed: {reason}")]
     Write {
@@ -60,6 +64,24 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+}
+
+/// Settings of replays (`serve` and `agentbus replay`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReplaySettings {
+    /// A partition of a replay that reads no record for this long, short of its end, is given
+    /// up with its reason (a record the client cannot read: too large for the fetch settings,
+    /// not decodable); the other partitions go on and the replay then fails naming it.
+    #[arg(long = "replay-stall-timeout", env = "AGENTBUS_REPLAY_STALL_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
+    pub stall_timeout: Duration,
+}
+
+impl Default for ReplaySettings {
+    fn default() -> Self {
+        ReplaySettings {
+            stall_timeout: Duration::from_secs(120),
+        }
+    }
 }
 
 /// Where a replay writes.
@@ -209,6 +231,23 @@ pub struct Progress {
     pub copied: AtomicU64,
     /// Set to stop early.
     pub cancel: AtomicBool,
+    /// Partitions given up because their reading stalled.
+    pub stalled: Mutex<Vec<Stalled>>,
+}
+
+/// A partition of a replay given up: its reading stalled short of the range's end.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stalled {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    /// Where the reading stood: the first offset not read.
+    pub at_offset: i64,
+    /// The range's end (exclusive).
+    pub end_offset: i64,
+    /// Why.
+    pub reason: String,
 }
 
 /// Per partition: the count a replay copied (or, dry, would copy).
@@ -246,9 +285,6 @@ pub struct Summary {
 }
 
 const TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A replay that reads nothing for this long fails.
-const STALL_LIMIT: Duration = Duration::from_secs(120);
 
 /// An offset per (topic, partition).
 type Offsets = HashMap<(String, i32), i64>;
@@ -308,10 +344,6 @@ fn ends_of(
 
 /// The first offset whose record's timestamp is at or after `time`, per (topic, partition);
 /// the end where there is none.
-///
-/// Every answer is checked against the record it points at: some brokers answer offset 0
-/// instead of "none" when every record is older than `time` (tansu 0.6), which would
-/// replay or reset a whole partition.
 fn offsets_at(
     kafka: &KafkaArgs,
     consumer: &BaseConsumer,
@@ -320,15 +352,48 @@ fn offsets_at(
     ends: &HashMap<(String, i32), i64>,
 ) -> Result<HashMap<(String, i32), i64>, Error> {
     let (out, to_check) = offsets_answered(consumer, parts, time, ends)?;
+    tansu_recheck_offsets_for_times(kafka, out, &to_check, time, ends)
+}
+
+/// Broker quirk (tansu 0.6): it answers offsets-for-times with offset 0 instead of "none"
+/// when every record is older than `time`, which would reset a whole partition. So every
+/// answer is checked against the timestamp of the record it points at, and one older than
+/// `time` becomes the end. Apache Kafka's answers are exact: there this changes nothing
+/// (it costs one read per partition).
+fn tansu_recheck_offsets_for_times(
+    kafka: &KafkaArgs,
+    mut out: Offsets,
+    to_check: &[lag::Position],
+    time: DateTime<Utc>,
+    ends: &HashMap<(String, i32), i64>,
+) -> Result<Offsets, Error> {
     let target = time.timestamp_millis();
-    let mut out = out;
-    let found = lag::first_timestamps(kafka, &to_check, 64, CHECK_TIMEOUT)?;
-    let unread = to_check.len() - found.len();
-    for ((topic, partition, _), ts) in found {
-        if ts < target {
-            let key = (topic, partition);
-            let end = ends.get(&key).copied().unwrap_or(0);
-            out.insert(key, end);
+    let end_of = |topic: &str, partition: i32| {
+        ends.get(&(topic.to_string(), partition))
+            .copied()
+            .unwrap_or(0)
+    };
+    // `ends` are last stable offsets (read committed): the reading stops there.
+    let wanted: Vec<(lag::Position, lag::Bounds)> = to_check
+        .iter()
+        .map(|p| {
+            let end = end_of(&p.0, p.1);
+            (p.clone(), lag::Bounds { stable: end, end })
+        })
+        .collect();
+    let found = lag::oldest_unconsumed(kafka, &wanted, 64, CHECK_TIMEOUT)?;
+    let mut unread = 0;
+    for ((topic, partition, _), oldest) in found {
+        match oldest {
+            lag::Oldest::Record(ts) if ts >= target => {}
+            // Older than `time`, or nothing but markers and aborted records up to the end.
+            lag::Oldest::Record(_)
+            | lag::Oldest::NothingToConsume
+            | lag::Oldest::OpenTransaction(_) => {
+                let end = end_of(&topic, partition);
+                out.insert((topic, partition), end);
+            }
+            lag::Oldest::Unread { .. } => unread += 1,
         }
     }
     if unread > 0 {
@@ -394,8 +459,8 @@ pub fn plan(kafka: &KafkaArgs, request: &Request) -> Result<Plan, Error> {
     }
     // The ranges only bound the reading; each record's own timestamp decides whether it is
     // copied. So the broker's offsets-for-times answers are taken unchecked: where a broker
-    // answers 0 for "no record that late" (tansu 0.6), the replay reads more, never less.
-    // `until` bounds the reading only where the answer is past the start.
+    // answers 0 for "no record that late" (tansu 0.6), the replay reads more, never less
+    // (see tansu_widened_until).
     let ends = ends_of(&consumer, &parts)?;
     let (starts, _) = offsets_answered(&consumer, &parts, request.from, &ends)?;
     let untils = match request.until {
@@ -406,7 +471,7 @@ pub fn plan(kafka: &KafkaArgs, request: &Request) -> Result<Plan, Error> {
                 .map(|(key, o)| {
                     let end = ends.get(&key).copied().unwrap_or(o);
                     let start = starts.get(&key).copied().unwrap_or(0);
-                    (key, if o > start { o } else { end })
+                    (key, tansu_widened_until(o, start, end))
                 })
                 .collect()
         }
@@ -435,6 +500,14 @@ pub fn plan(kafka: &KafkaArgs, request: &Request) -> Result<Plan, Error> {
         target_topic,
         partitions,
     })
+}
+
+/// Broker quirk (tansu 0.6 answers 0 for "no record that late"): `until`'s offset bounds a
+/// replay's range only where it is past the start; else the range runs to the end (the
+/// records' own timestamps still decide what is copied). On Apache Kafka an answer at the
+/// start means an empty range, and this reads more than needed.
+fn tansu_widened_until(until: i64, start: i64, end: i64) -> i64 {
+    if until > start { until } else { end }
 }
 
 /// Counts deliveries.
@@ -467,14 +540,36 @@ impl ProducerContext for Deliveries {
     }
 }
 
-/// Runs a planned replay (blocking). With `dry_run` it reads and counts what it would copy
-/// and writes nothing.
+/// Runs a planned replay (blocking) with the default [`ReplaySettings`]. With `dry_run` it
+/// reads and counts what it would copy and writes nothing.
 pub fn execute(
     kafka: &KafkaArgs,
     request: &Request,
     plan: &Plan,
     progress: Arc<Progress>,
     dry_run: bool,
+) -> Result<Summary, Error> {
+    execute_with(
+        kafka,
+        request,
+        plan,
+        progress,
+        dry_run,
+        &ReplaySettings::default(),
+    )
+}
+
+/// Runs a planned replay (blocking). A partition that reads no record for
+/// `settings.stall_timeout` short of its end is given up (in `progress.stalled`) and the
+/// others go on; the replay then ends with [`Error::Stalled`] naming each, after what it
+/// copied was acknowledged.
+pub fn execute_with(
+    kafka: &KafkaArgs,
+    request: &Request,
+    plan: &Plan,
+    progress: Arc<Progress>,
+    dry_run: bool,
+    settings: &ReplaySettings,
 ) -> Result<Summary, Error> {
     let started = Instant::now();
     progress.total.store(plan.records(), Ordering::Relaxed);
@@ -520,7 +615,21 @@ pub fn execute(
     let replay_id = plan.replay_id.clone();
     let extra = [(header::REPLAY_ID, replay_id.clone())];
     let mut idle_since = Instant::now();
-    let mut last_record = Instant::now();
+    // Per partition, when it last gave a record (or started), and the next offset: the
+    // stall clock.
+    let mut last_read: HashMap<(String, i32), (Instant, i64)> = plan
+        .partitions
+        .iter()
+        .map(|p| {
+            (
+                (p.topic.clone(), p.partition),
+                (Instant::now(), p.start_offset),
+            )
+        })
+        .collect();
+    let mut last_check = Instant::now();
+    // What the reader reported (it retries by itself): the reason of a stall, few and distinct.
+    let mut errors: std::collections::BTreeSet<String> = Default::default();
     while !open.is_empty() {
         if progress.cancel.load(Ordering::Relaxed) {
             return Err(Error::Invalid(format!(
@@ -528,13 +637,19 @@ pub fn execute(
                  skip what was handled"
             )));
         }
-        if last_record.elapsed() > STALL_LIMIT {
-            return Err(Error::Invalid(format!(
-                "no record read for {}s with {} partitions unfinished; run it again with \
-                 --replay-id {replay_id} to skip what was handled",
-                STALL_LIMIT.as_secs(),
-                open.len()
-            )));
+        if last_check.elapsed() > Duration::from_millis(500) {
+            last_check = Instant::now();
+            give_up_stalled(
+                &consumer,
+                &mut open,
+                &last_read,
+                settings.stall_timeout,
+                &errors,
+                &progress,
+            )?;
+            if open.is_empty() {
+                break;
+            }
         }
         if let Some(p) = &producer {
             p.poll(Duration::ZERO);
@@ -550,19 +665,22 @@ pub fn execute(
         };
         idle_since = Instant::now();
         // The client retries by itself; an error here is reported and the reading goes on
-        // (the stall limit above ends a replay that no longer progresses).
+        // (a partition that no longer progresses is given up above).
         let m = match result {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(error = %e, "replay: reading");
+                if errors.len() < 4 {
+                    errors.insert(e.to_string());
+                }
                 continue;
             }
         };
-        last_record = Instant::now();
         let key = (m.topic().to_string(), m.partition());
         let Some(&end) = open.get(&key) else {
             continue;
         };
+        last_read.insert(key.clone(), (Instant::now(), m.offset() + 1));
         if m.offset() >= end {
             done(&consumer, &mut open, &key)?;
             continue;
@@ -631,6 +749,25 @@ pub fn execute(
         metrics::counter!(telemetry::REPLAYED, "target" => plan.target_topic.clone())
             .increment(copied);
     }
+    let stalled = progress.stalled.lock().expect("stalled lock").clone();
+    if !stalled.is_empty() {
+        let each: Vec<String> = stalled
+            .iter()
+            .map(|s| {
+                format!(
+                    "{}/{} at offset {} of {} ({})",
+                    s.topic, s.partition, s.at_offset, s.end_offset, s.reason
+                )
+            })
+            .collect();
+        return Err(Error::Stalled(format!(
+            "{} partitions stalled and were given up: {}; the other partitions were replayed \
+             ({copied} records copied); once the records can be read, run it again with \
+             --replay-id {replay_id} to skip what was handled",
+            stalled.len(),
+            each.join("; ")
+        )));
+    }
     Ok(Summary {
         replay_id,
         target_topic: plan.target_topic.clone(),
@@ -651,6 +788,68 @@ fn done(
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(&key.0, key.1);
     consumer.pause(&tpl)?;
+    Ok(())
+}
+
+/// Gives up the open partitions that read no record for `limit`, unless the reader's
+/// position shows they reached their end: each is paused and recorded in `progress.stalled`
+/// with where it stood and why.
+fn give_up_stalled(
+    consumer: &BaseConsumer,
+    open: &mut HashMap<(String, i32), i64>,
+    last_read: &HashMap<(String, i32), (Instant, i64)>,
+    limit: Duration,
+    errors: &std::collections::BTreeSet<String>,
+    progress: &Progress,
+) -> Result<(), Error> {
+    let late: Vec<(String, i32)> = open
+        .keys()
+        .filter(|k| last_read.get(*k).is_none_or(|(at, _)| at.elapsed() > limit))
+        .cloned()
+        .collect();
+    if late.is_empty() {
+        return Ok(());
+    }
+    close_passed(consumer, open)?;
+    let position = consumer.position()?;
+    for key in late {
+        let Some(&end) = open.get(&key) else {
+            continue;
+        };
+        let next = last_read.get(&key).map_or(-1, |(_, next)| *next);
+        let at = position
+            .find_partition(&key.0, key.1)
+            .and_then(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            })
+            .map_or(next, |o| o.max(next));
+        let reason = format!(
+            "no record read for {:?}{}",
+            limit,
+            if errors.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; the reader got: {}",
+                    errors.iter().cloned().collect::<Vec<_>>().join("; ")
+                )
+            }
+        );
+        tracing::warn!(topic = %key.0, partition = key.1, at, end, %reason, "replay: partition stalled, given up");
+        progress
+            .stalled
+            .lock()
+            .expect("stalled lock")
+            .push(Stalled {
+                topic: key.0.clone(),
+                partition: key.1,
+                at_offset: at,
+                end_offset: end,
+                reason,
+            });
+        done(consumer, open, &key)?;
+    }
     Ok(())
 }
 
@@ -749,14 +948,19 @@ pub fn execute_reset(
 ) -> Result<(), Error> {
     match groups::describe(kafka, Some(group), Duration::from_secs(5)) {
         Ok(described) => {
-            let members = described
-                .iter()
-                .find(|g| g.name == group)
-                .and_then(|g| g.members.as_ref())
-                .map_or(0, Vec::len);
+            let found = described.iter().find(|g| g.name == group);
+            let members = found.and_then(|g| g.members.as_ref()).map_or(0, Vec::len);
             if members > 0 {
                 return Err(Error::GroupActive(format!(
                     "group {group} has {members} active members; stop them first (offsets unchanged)"
+                )));
+            }
+            // A group between two generations lists no members yet is not inactive.
+            if let Some(state) = found.and_then(|g| g.state.as_deref())
+                && !matches!(state, "Empty" | "Dead" | "")
+            {
+                return Err(Error::GroupActive(format!(
+                    "group {group} is {state}, not empty; stop its consumers first (offsets unchanged)"
                 )));
             }
         }
@@ -811,9 +1015,18 @@ const MAX_JOBS: usize = 100;
 #[derive(Debug, Default)]
 pub struct Jobs {
     jobs: Mutex<HashMap<String, Arc<Job>>>,
+    settings: ReplaySettings,
 }
 
 impl Jobs {
+    /// No jobs yet; each job runs with `settings`.
+    pub fn new(settings: ReplaySettings) -> Jobs {
+        Jobs {
+            jobs: Mutex::default(),
+            settings,
+        }
+    }
+
     /// Plans and starts a replay in the background; answers the job once planned.
     pub async fn start(&self, kafka: KafkaArgs, request: Request) -> Result<Arc<Job>, Error> {
         let (k, r) = (kafka.clone(), request.clone());
@@ -857,13 +1070,15 @@ impl Jobs {
             jobs.insert(job.id.clone(), job.clone());
         }
         let running = job.clone();
+        let settings = self.settings.clone();
         tokio::task::spawn_blocking(move || {
-            let result = execute(
+            let result = execute_with(
                 &kafka,
                 &running.request,
                 &running.plan,
                 running.progress.clone(),
                 false,
+                &settings,
             );
             if let Err(e) = &result {
                 tracing::warn!(replay = %running.id, error = %e, "replay failed");
@@ -911,6 +1126,7 @@ impl Job {
             "copied": self.progress.copied.load(Ordering::Relaxed),
             "progress": if total == 0 { 1.0 } else { scanned as f64 / total as f64 },
             "partitions": self.plan.partitions,
+            "stalled_partitions": *self.progress.stalled.lock().expect("stalled lock"),
             "note": "replay jobs live in this process's memory: a restart forgets them",
         });
         match outcome {

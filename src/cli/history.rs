@@ -60,6 +60,8 @@ pub struct ReplayArgs {
     #[arg(long, requires = "execute")]
     pub assume_inactive: bool,
     #[command(flatten)]
+    pub settings: replay::ReplaySettings,
+    #[command(flatten)]
     pub kafka: KafkaArgs,
 }
 
@@ -117,9 +119,9 @@ pub async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     );
     let dry_run = args.dry_run;
     let running = {
-        let (plan, progress) = (plan.clone(), progress.clone());
+        let (plan, progress, settings) = (plan.clone(), progress.clone(), args.settings.clone());
         tokio::task::spawn_blocking(move || {
-            replay::execute(&kafka, &request, &plan, progress, dry_run)
+            replay::execute_with(&kafka, &request, &plan, progress, dry_run, &settings)
         })
     };
     tokio::pin!(running);
@@ -217,19 +219,30 @@ fn print_lag(snapshot: &Snapshot) {
     );
     for g in &snapshot.groups {
         for p in &g.partitions {
+            // A lower bound reads ">=": the record at the committed offset was not read.
+            let seconds = if p.lag_seconds_unknown() {
+                format!(">={:.1}", p.lag_seconds)
+            } else {
+                format!("{:.1}", p.lag_seconds)
+            };
             println!(
-                "{:<32} {:<36} {:>9} {:>12} {:>12} {:>10} {:>12.1}",
-                g.group,
-                p.topic,
-                p.partition,
-                p.committed_offset,
-                p.end_offset,
-                p.lag,
-                p.lag_seconds
+                "{:<32} {:<36} {:>9} {:>12} {:>12} {:>10} {:>12}",
+                g.group, p.topic, p.partition, p.committed_offset, p.end_offset, p.lag, seconds
             );
+            if let Some(note) = &p.lag_seconds_note {
+                println!("    {}/{}: {note}", p.topic, p.partition);
+            }
         }
         let members = match &g.members {
-            Some(m) => format!("{} members", m.len()),
+            Some(m) if m.is_empty() => "0 members".to_string(),
+            Some(m) => format!(
+                "{} members ({})",
+                m.len(),
+                m.iter()
+                    .map(|m| format!("{}@{}", m.client_id, m.client_host.trim_start_matches('/')))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
             None => "members unknown".to_string(),
         };
         println!(

@@ -334,6 +334,9 @@ pub fn openapi() -> Value {
                         "topic": {"type": "string"}, "partition": {"type": "integer"},
                         "committed_offset": {"type": "integer"}, "earliest_offset": {"type": "integer"},
                         "end_offset": {"type": "integer"}, "lag": {"type": "integer"}, "lag_seconds": {"type": "number"},
+                        "lag_seconds_basis": {"type": "string", "enum": ["caught_up", "record", "open_transaction", "no_consumable_record", "lower_bound"],
+                            "description": "What lag_seconds rests on; lower_bound: the record at the committed offset could not be read in time."},
+                        "lag_seconds_note": {"type": "string", "description": "Why, where the basis is neither record nor caught_up."},
                         "oldest_unconsumed_at": {"type": "string", "format": "date-time", "nullable": true}}}}}
             },
             "ReplayJob": {
@@ -345,7 +348,10 @@ pub fn openapi() -> Value {
                     "target_topic": {"type": "string"}, "total": {"type": "integer", "description": "Records in the fixed ranges."},
                     "scanned": {"type": "integer"}, "matched": {"type": "integer"}, "copied": {"type": "integer"},
                     "progress": {"type": "number", "minimum": 0, "maximum": 1}, "seconds": {"type": "number"},
-                    "partitions": {"type": "array", "items": {"type": "object"}}, "note": {"type": "string"}}
+                    "partitions": {"type": "array", "items": {"type": "object"}},
+                    "stalled_partitions": {"type": "array", "description": "Partitions given up because no record could be read for the stall timeout: topic, partition, at_offset, end_offset, reason.",
+                        "items": {"type": "object"}},
+                    "note": {"type": "string"}}
             },
             "Readiness": {
                 "type": "object",

@@ -8,6 +8,13 @@
 //! each lagging partition the timestamp of the record at the committed offset: one small
 //! fetch, and only when the committed offset moved since the last collection (the answer is
 //! cached by position), at most [`LagSettings::fetch_concurrency`] partitions at a time.
+//!
+//! The lag in records is the log end offset minus the committed offset, as Kafka's own
+//! `kafka-consumer-groups` and kafka-lag-exporter count it. The lag in seconds never reads
+//! "caught up" for a partition whose oldest unconsumed record cannot be read: each partition
+//! says what its seconds are based on ([`LagSecondsBasis`]), and where the record at the
+//! committed offset cannot be read within [`LagSettings::read_timeout`] the seconds are a
+//! lower bound and `agentbus_lag_seconds_unknown` is 1.
 
 pub mod groups;
 
@@ -57,6 +64,14 @@ pub struct LagSettings {
         default_value_t = 64
     )]
     pub fetch_concurrency: usize,
+
+    /// Longest a collection waits for the records at the groups' committed offsets. A record
+    /// not read by then (too large for the fetch settings, a batch the client cannot decode)
+    /// makes that partition's lag in seconds a lower bound, flagged by
+    /// `agentbus_lag_seconds_unknown` = 1; it bounds how long `GET /v1/consumers/{group}/lag`
+    /// can take.
+    #[arg(long = "lag-read-timeout", env = "AGENTBUS_LAG_READ_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub read_timeout: Duration,
 }
 
 impl Default for LagSettings {
@@ -66,8 +81,31 @@ impl Default for LagSettings {
             interval: Duration::from_secs(15),
             groups: Vec::new(),
             fetch_concurrency: 64,
+            read_timeout: Duration::from_secs(3),
         }
     }
+}
+
+/// What a partition's lag in seconds is based on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LagSecondsBasis {
+    /// No lag: 0.
+    CaughtUp,
+    /// The oldest unconsumed record's own timestamp: exact.
+    Record,
+    /// The records the group has not consumed wait behind an open transaction (the last
+    /// stable offset is below the end: read-committed consumers cannot go on until it
+    /// ends); the age of the first record past the last stable offset: exact.
+    OpenTransaction,
+    /// Between the committed offset and the end there are only transaction markers and
+    /// aborted records: nothing for the group to consume, 0 although the lag in records is
+    /// not.
+    NoConsumableRecord,
+    /// The record at the committed offset could not be read in time: the seconds are a lower
+    /// bound (the age of a later record, or the time since the group was first seen at that
+    /// offset), and `agentbus_lag_seconds_unknown` is 1.
+    LowerBound,
 }
 
 /// Lag of one partition for one group.
@@ -85,10 +123,23 @@ pub struct PartitionLag {
     pub end_offset: i64,
     /// Records not yet consumed.
     pub lag: i64,
-    /// Age of the oldest unconsumed record, from its own timestamp; 0 when caught up.
+    /// Age of the oldest unconsumed record, from its own timestamp; 0 when caught up; a
+    /// lower bound when `lag_seconds_basis` is `lower_bound`.
     pub lag_seconds: f64,
-    /// That record's timestamp.
+    /// What `lag_seconds` is based on.
+    pub lag_seconds_basis: LagSecondsBasis,
+    /// Why, where the basis is not `record` or `caught_up`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lag_seconds_note: Option<String>,
+    /// That record's timestamp (for a lower bound: the later record's).
     pub oldest_unconsumed_at: Option<DateTime<Utc>>,
+}
+
+impl PartitionLag {
+    /// Whether the lag in seconds could not be read from the record it is about.
+    pub fn lag_seconds_unknown(&self) -> bool {
+        self.lag_seconds_basis == LagSecondsBasis::LowerBound
+    }
 }
 
 /// Lag of one group.
@@ -166,6 +217,12 @@ struct Cache {
     /// Per group, the topics it had committed offsets on at the last full look, and the
     /// collections since: between full looks only those topics are asked about.
     group_topics: HashMap<String, (HashSet<String>, u32)>,
+    /// When a group was first seen lagging at (topic, partition, committed offset), in ms:
+    /// the record there existed then, so its age is at least the time since.
+    first_lagging: HashMap<(String, Position), i64>,
+    /// A read-committed client for the last stable offsets (the metadata client reads
+    /// uncommitted, for the log end offsets).
+    stable_client: Option<BaseConsumer>,
 }
 
 /// Every this many collections, a group's committed offsets are asked for on every topic.
@@ -430,8 +487,37 @@ impl LagMonitor {
         };
         let high = marks(ends)?;
         let low = marks(starts)?;
+        // The last stable offsets, read committed: below the end where a transaction is open.
+        if cache.stable_client.is_none() {
+            cache.stable_client = Some(
+                self.kafka
+                    .client_config_with(&[
+                        ("group.id", "agentbus-lag".into()),
+                        ("isolation.level", "read_committed".into()),
+                    ])
+                    .create()?,
+            );
+        }
+        let mut stables = TopicPartitionList::new();
+        for (topic, partition) in &used {
+            stables.add_partition_offset(topic, *partition, Offset::End)?;
+        }
+        let stable = if stables.count() == 0 {
+            HashMap::new()
+        } else {
+            let client = cache.stable_client.as_ref().expect("created above");
+            client
+                .offsets_for_times(stables, TIMEOUT)?
+                .elements()
+                .iter()
+                .filter_map(|e| match e.offset() {
+                    Offset::Offset(o) => Some(((e.topic().to_string(), e.partition()), o)),
+                    _ => None,
+                })
+                .collect::<HashMap<_, _>>()
+        };
         // The oldest unconsumed record of each lagging partition.
-        let mut positions: HashSet<Position> = HashSet::new();
+        let mut positions: HashMap<Position, Bounds> = HashMap::new();
         for offsets in committed.values() {
             for (topic, partition, offset) in offsets {
                 let key = (topic.clone(), *partition);
@@ -441,27 +527,40 @@ impl LagMonitor {
                 );
                 let position = (*offset).max(lo);
                 if position < hi {
-                    positions.insert((topic.clone(), *partition, position));
+                    let stable = stable.get(&key).copied().unwrap_or(hi).min(hi);
+                    positions.insert(
+                        (topic.clone(), *partition, position),
+                        Bounds { stable, end: hi },
+                    );
                 }
             }
         }
-        cache.timestamps.retain(|k, _| positions.contains(k));
-        let missing: Vec<Position> = positions
+        cache.timestamps.retain(|k, _| positions.contains_key(k));
+        let missing: Vec<(Position, Bounds)> = positions
             .iter()
-            .filter(|p| !cache.timestamps.contains_key(*p))
-            .cloned()
+            .filter(|(p, _)| !cache.timestamps.contains_key(*p))
+            .map(|(p, b)| (p.clone(), *b))
             .collect();
         if self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(Error::Stopping);
         }
-        let found = first_timestamps(
+        let read_timeout = self.settings.read_timeout;
+        let mut found = oldest_unconsumed(
             &self.kafka,
             &missing,
             self.settings.fetch_concurrency,
-            TIMEOUT,
+            read_timeout,
         )?;
-        cache.timestamps.extend(found);
+        for (position, oldest) in &found {
+            if let Oldest::Record(ts) = oldest {
+                cache.timestamps.insert(position.clone(), *ts);
+            }
+        }
+        for (position, ts) in &cache.timestamps {
+            found.entry(position.clone()).or_insert(Oldest::Record(*ts));
+        }
         let now_ms = collected_at.timestamp_millis();
+        let mut lagging_now = HashSet::new();
         let mut out_groups = Vec::new();
         for (name, group) in described {
             let offsets = committed.remove(&name).unwrap_or_default();
@@ -469,31 +568,43 @@ impl LagMonitor {
             if offsets.is_empty() && !from_here {
                 continue;
             }
-            let mut partitions: Vec<PartitionLag> = offsets
-                .into_iter()
-                .map(|(topic, partition, offset)| {
-                    let key = (topic.clone(), partition);
-                    let lo = low.get(&key).copied().unwrap_or(0);
-                    let hi = high.get(&key).copied().unwrap_or(offset.max(lo));
-                    let position = offset.max(lo);
-                    let lag = (hi - position).max(0);
-                    let oldest = (lag > 0)
-                        .then(|| cache.timestamps.get(&(topic.clone(), partition, position)))
-                        .flatten()
-                        .copied();
-                    PartitionLag {
-                        lag,
-                        lag_seconds: oldest
-                            .map_or(0.0, |ts| ((now_ms - ts).max(0)) as f64 / 1000.0),
-                        oldest_unconsumed_at: oldest.and_then(DateTime::from_timestamp_millis),
-                        topic,
-                        partition,
-                        committed_offset: offset,
-                        earliest_offset: lo,
-                        end_offset: hi,
-                    }
-                })
-                .collect();
+            let mut partitions: Vec<PartitionLag> = Vec::new();
+            for (topic, partition, offset) in offsets {
+                let key = (topic.clone(), partition);
+                let lo = low.get(&key).copied().unwrap_or(0);
+                let hi = high.get(&key).copied().unwrap_or(offset.max(lo));
+                let position = offset.max(lo);
+                let lag = (hi - position).max(0);
+                let seen_key = (name.clone(), (topic.clone(), partition, offset));
+                let first_seen = if lag > 0 {
+                    lagging_now.insert(seen_key.clone());
+                    Some(*cache.first_lagging.entry(seen_key).or_insert(now_ms))
+                } else {
+                    None
+                };
+                let at = (topic.clone(), partition, position);
+                let seconds = lag_seconds(
+                    lag,
+                    found.get(&at),
+                    position,
+                    positions.get(&at).copied(),
+                    first_seen,
+                    now_ms,
+                    read_timeout,
+                );
+                partitions.push(PartitionLag {
+                    lag,
+                    lag_seconds: seconds.seconds,
+                    lag_seconds_basis: seconds.basis,
+                    lag_seconds_note: seconds.note,
+                    oldest_unconsumed_at: seconds.at.and_then(DateTime::from_timestamp_millis),
+                    topic,
+                    partition,
+                    committed_offset: offset,
+                    earliest_offset: lo,
+                    end_offset: hi,
+                });
+            }
             partitions.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
             out_groups.push(GroupLag {
                 sum_lag: partitions.iter().map(|p| p.lag).sum(),
@@ -515,6 +626,7 @@ impl LagMonitor {
             })
             .collect();
         partitions.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        cache.first_lagging.retain(|k, _| lagging_now.contains(k));
         Ok(Snapshot {
             cluster_name: self.settings.cluster_name.clone(),
             collected_at,
@@ -540,12 +652,21 @@ impl LagMonitor {
 
     fn client<'c>(&self, cache: &'c mut Cache, group: &str) -> Result<&'c BaseConsumer, Error> {
         if !cache.clients.contains_key(group) {
+            // The metadata client reads uncommitted: its ListOffsets answer the log end
+            // offsets, the end Kafka's own tools count the lag to (read committed answers
+            // the last stable offset, which an open transaction holds back).
+            let isolation = if group == "agentbus-lag" {
+                "read_uncommitted"
+            } else {
+                "read_committed"
+            };
             let client: BaseConsumer = self
                 .kafka
                 .client_config_with(&[
                     ("group.id", group.to_string()),
                     ("enable.auto.commit", "false".into()),
                     ("enable.partition.eof", "false".into()),
+                    ("isolation.level", isolation.into()),
                 ])
                 .create()?;
             cache.clients.insert(group.to_string(), client);
@@ -554,25 +675,135 @@ impl LagMonitor {
     }
 }
 
-/// Positions of one partition further apart than this are read in separate rounds, so that
-/// two groups far apart do not make the reader walk the records between them.
-const MAX_RUN: i64 = 1_000;
+/// The offsets that bound reading one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Bounds {
+    /// The last stable offset: read-committed consumers read nothing at or past it.
+    pub stable: i64,
+    /// The log end offset.
+    pub end: i64,
+}
 
-/// The timestamp of the first record at or after each position, all within `timeout`. One
-/// reader: each partition is assigned at its lowest position and read until it passed the
-/// highest one of its run (several groups sit at different offsets of one partition), then
-/// paused; at most `at_once` partitions are assigned at a time.
-pub(crate) fn first_timestamps(
-    kafka: &KafkaArgs,
-    positions: &[Position],
-    at_once: usize,
-    timeout: Duration,
-) -> Result<Vec<(Position, i64)>, rdkafka::error::KafkaError> {
-    if positions.is_empty() {
-        return Ok(Vec::new());
+/// What the reader found at or after a position.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Oldest {
+    /// The timestamp of the first record a read-committed consumer gets there.
+    Record(i64),
+    /// Nothing readable before the last stable offset, which is below the end: the
+    /// timestamp of the first record past it, when one could be read.
+    OpenTransaction(Option<(i64, i64)>),
+    /// Only transaction markers and aborted records up to the end.
+    NothingToConsume,
+    /// Nothing read in time: why, and a later record (offset, timestamp) when one was read.
+    Unread {
+        why: String,
+        later: Option<(i64, i64)>,
+    },
+}
+
+/// A partition's lag in seconds, what it rests on, and the timestamp it was taken from.
+struct Seconds {
+    seconds: f64,
+    basis: LagSecondsBasis,
+    note: Option<String>,
+    at: Option<i64>,
+}
+
+/// The lag in seconds of a partition `lag` records behind at `position`, from what the
+/// reader `found` there; never "caught up" while there is something the group has to
+/// consume and the record could not be read.
+fn lag_seconds(
+    lag: i64,
+    found: Option<&Oldest>,
+    position: i64,
+    bounds: Option<Bounds>,
+    first_seen: Option<i64>,
+    now_ms: i64,
+    read_timeout: Duration,
+) -> Seconds {
+    let age = |ts: i64| (now_ms - ts).max(0) as f64 / 1000.0;
+    let exact = |basis, ts: i64, note| Seconds {
+        seconds: age(ts),
+        basis,
+        note,
+        at: Some(ts),
+    };
+    let since_seen = first_seen.map_or(0.0, age);
+    let bound = |why: String, later: Option<(i64, i64)>| {
+        let from_later = later.map_or(0.0, |(_, ts)| age(ts));
+        let basis = match later {
+            Some((offset, _)) if from_later >= since_seen => {
+                format!("the age of the later record at offset {offset}")
+            }
+            _ => "the time since the group was first seen at this offset".to_string(),
+        };
+        Seconds {
+            seconds: from_later.max(since_seen),
+            basis: LagSecondsBasis::LowerBound,
+            note: Some(format!(
+                "{why}; lag_seconds is a lower bound: {basis} (the record may be too large \
+                 for the fetch settings or not decodable by this client)"
+            )),
+            at: later.map(|(_, ts)| ts).filter(|_| from_later >= since_seen),
+        }
+    };
+    if lag <= 0 {
+        return Seconds {
+            seconds: 0.0,
+            basis: LagSecondsBasis::CaughtUp,
+            note: None,
+            at: None,
+        };
     }
+    let stable = bounds.map_or(position, |b| b.stable);
+    let end = bounds.map_or(position + lag, |b| b.end);
+    match found {
+        Some(Oldest::Record(ts)) => exact(LagSecondsBasis::Record, *ts, None),
+        Some(Oldest::OpenTransaction(Some((offset, ts)))) => exact(
+            LagSecondsBasis::OpenTransaction,
+            *ts,
+            Some(format!(
+                "an open transaction holds the last stable offset at {stable} (end {end}): \
+                 read-committed consumers get nothing past it until it commits or aborts; \
+                 the oldest waiting record is at offset {offset}"
+            )),
+        ),
+        Some(Oldest::OpenTransaction(None)) => bound(
+            format!(
+                "an open transaction holds the last stable offset at {stable} (end {end}) and \
+                 no record past it was read within {read_timeout:?}"
+            ),
+            None,
+        ),
+        Some(Oldest::NothingToConsume) => Seconds {
+            seconds: 0.0,
+            basis: LagSecondsBasis::NoConsumableRecord,
+            note: Some(format!(
+                "offsets {position}..{end} hold only transaction markers or aborted records: \
+                 nothing for the group to consume"
+            )),
+            at: None,
+        },
+        Some(Oldest::Unread { why, later }) => bound(
+            format!("the record at offset {position} was not read within {read_timeout:?} ({why})"),
+            *later,
+        ),
+        None => bound(
+            format!("the record at offset {position} was not read"),
+            None,
+        ),
+    }
+}
+
+/// How long a reader waits for a fetch answer: short, so that "nothing there" (an end of
+/// partition) is known quickly.
+const READER_FETCH_WAIT: &str = "100";
+
+/// The partitions of `wanted` in rounds: per partition its positions, sorted, split into runs
+/// no longer than [`MAX_RUN`]; each round at most `at_once` partitions.
+fn rounds_of<'a>(wanted: impl Iterator<Item = &'a Position>, at_once: usize) -> Vec<Round> {
     let mut by_partition: BTreeMap<(String, i32), Vec<i64>> = BTreeMap::new();
-    for (topic, partition, offset) in positions {
+    for (topic, partition, offset) in wanted {
         by_partition
             .entry((topic.clone(), *partition))
             .or_default()
@@ -596,7 +827,7 @@ pub(crate) fn first_timestamps(
             rounds[i].push((key.clone(), run));
         }
     }
-    let rounds: Vec<Round> = rounds
+    rounds
         .into_iter()
         .flat_map(|round| {
             round
@@ -604,61 +835,261 @@ pub(crate) fn first_timestamps(
                 .map(<[_]>::to_vec)
                 .collect::<Vec<_>>()
         })
-        .collect();
-    let reader: BaseConsumer = kafka
+        .collect()
+}
+
+/// The lag readers' client context: an end of partition is an answer the reader asked for
+/// (`enable.partition.eof`), also when librdkafka reports it as a client-wide error after
+/// the partition was paused; anything else is logged as the default context would.
+pub(crate) struct ReaderContext;
+
+impl rdkafka::ClientContext for ReaderContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
+            || matches!(error, rdkafka::error::KafkaError::PartitionEOF(_))
+        {
+            tracing::trace!(%reason, "lag reader: end of partition");
+        } else {
+            tracing::warn!(%error, %reason, "lag reader: librdkafka error");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for ReaderContext {}
+
+fn lag_reader(
+    kafka: &KafkaArgs,
+    isolation: &str,
+) -> Result<BaseConsumer<ReaderContext>, rdkafka::error::KafkaError> {
+    kafka
         .client_config_with(&[
             ("group.id", "agentbus-lag-reader".into()),
             ("enable.auto.commit", "false".into()),
             ("enable.auto.offset.store", "false".into()),
-            ("enable.partition.eof", "false".into()),
+            // The end of a partition is an answer too: nothing left to consume there.
+            ("enable.partition.eof", "true".into()),
+            ("fetch.wait.max.ms", READER_FETCH_WAIT.into()),
+            ("isolation.level", isolation.into()),
         ])
-        .create()?;
-    let mut found = Vec::new();
-    let deadline = Instant::now() + timeout;
-    for round in rounds {
-        let mut assignment = TopicPartitionList::new();
-        let mut open: HashMap<(String, i32), std::collections::VecDeque<i64>> = HashMap::new();
-        for ((topic, partition), run) in round {
-            assignment.add_partition_offset(&topic, partition, Offset::Offset(run[0]))?;
-            open.insert((topic, partition), run.into());
+        .create_with_context(ReaderContext)
+}
+
+/// The oldest record a group's consumers would get at or after each position, all within
+/// `timeout`. Two readers: a read-committed one, as the agents read, assigned at each
+/// partition's lowest position and read until it passed the highest (or reached the last
+/// stable offset: then there is nothing more for it); then, for what it could not answer, a
+/// read-uncommitted one that reads the first record past an open transaction's last stable
+/// offset, or the partition's last record as a lower bound for a record that could not be
+/// read. At most `at_once` partitions are assigned at a time.
+pub(crate) fn oldest_unconsumed(
+    kafka: &KafkaArgs,
+    positions: &[(Position, Bounds)],
+    at_once: usize,
+    timeout: Duration,
+) -> Result<HashMap<Position, Oldest>, rdkafka::error::KafkaError> {
+    let mut out: HashMap<Position, Oldest> = HashMap::new();
+    if positions.is_empty() {
+        return Ok(out);
+    }
+    let started = Instant::now();
+    let bounds: HashMap<(String, i32), Bounds> = positions
+        .iter()
+        .map(|((t, p, _), b)| ((t.clone(), *p), *b))
+        .collect();
+    // At or past the last stable offset a read-committed reader has nothing to give.
+    for ((t, p, o), b) in positions {
+        if *o >= b.stable {
+            out.insert((t.clone(), *p, *o), Oldest::OpenTransaction(None));
         }
-        reader.assign(&assignment)?;
-        while !open.is_empty() && Instant::now() < deadline {
-            let Some(result) = reader.poll(Duration::from_millis(100)) else {
-                continue;
-            };
-            let Ok(m) = result else {
-                continue;
-            };
-            let key = (m.topic().to_string(), m.partition());
-            let Some(pending) = open.get_mut(&key) else {
-                continue;
-            };
-            let ts = m.timestamp().to_millis();
-            while let Some(&position) = pending.front()
-                && position <= m.offset()
-            {
-                pending.pop_front();
-                if let Some(ts) = ts {
-                    found.push(((key.0.clone(), key.1, position), ts));
+    }
+    let committed_deadline = started + timeout.mul_f64(2.0 / 3.0);
+    let mut errors: std::collections::BTreeSet<String> = Default::default();
+    let to_read: Vec<&Position> = positions
+        .iter()
+        .map(|(p, _)| p)
+        .filter(|p| !out.contains_key(*p))
+        .collect();
+    if !to_read.is_empty() {
+        let reader = lag_reader(kafka, "read_committed")?;
+        let rounds = rounds_of(to_read.into_iter(), at_once);
+        let count = rounds.len() as u32;
+        for (i, round) in rounds.into_iter().enumerate() {
+            // Each round its share of the time left: a record that cannot be read holds up
+            // its own round only, not every partition after it.
+            let left = committed_deadline.saturating_duration_since(Instant::now());
+            let round_deadline = Instant::now() + left / (count - i as u32).max(1);
+            let mut assignment = TopicPartitionList::new();
+            let mut open: HashMap<(String, i32), std::collections::VecDeque<i64>> = HashMap::new();
+            for ((topic, partition), run) in round {
+                assignment.add_partition_offset(&topic, partition, Offset::Offset(run[0]))?;
+                open.insert((topic, partition), run.into());
+            }
+            reader.assign(&assignment)?;
+            while !open.is_empty() && Instant::now() < round_deadline {
+                let m = match reader.poll(Duration::from_millis(50)) {
+                    Some(Ok(m)) => m,
+                    Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) | None => {
+                        // Which partitions reached their last stable offset: nothing more
+                        // there for a read-committed consumer.
+                        for e in reader.position()?.elements() {
+                            let key = (e.topic().to_string(), e.partition());
+                            let (Some(b), Offset::Offset(at)) = (bounds.get(&key), e.offset())
+                            else {
+                                continue;
+                            };
+                            if at < b.stable {
+                                continue;
+                            }
+                            if let Some(pending) = open.remove(&key) {
+                                for o in pending {
+                                    let found = if b.stable >= b.end {
+                                        Oldest::NothingToConsume
+                                    } else {
+                                        Oldest::OpenTransaction(None)
+                                    };
+                                    out.insert((key.0.clone(), key.1, o), found);
+                                }
+                                let mut done = TopicPartitionList::new();
+                                done.add_partition(&key.0, key.1);
+                                reader.pause(&done)?;
+                            }
+                        }
+                        continue;
+                    }
+                    Some(Err(e)) => {
+                        if errors.len() < 4 {
+                            errors.insert(e.to_string());
+                        }
+                        continue;
+                    }
+                };
+                let key = (m.topic().to_string(), m.partition());
+                let Some(pending) = open.get_mut(&key) else {
+                    continue;
+                };
+                let ts = m.timestamp().to_millis();
+                while let Some(&position) = pending.front()
+                    && position <= m.offset()
+                {
+                    pending.pop_front();
+                    let found = match ts {
+                        Some(ts) => Oldest::Record(ts),
+                        None => Oldest::Unread {
+                            why: format!("the record at offset {} has no timestamp", m.offset()),
+                            later: None,
+                        },
+                    };
+                    out.insert((key.0.clone(), key.1, position), found);
+                }
+                if pending.is_empty() {
+                    let mut done = TopicPartitionList::new();
+                    done.add_partition(&key.0, key.1);
+                    reader.pause(&done)?;
+                    open.remove(&key);
                 }
             }
-            if pending.is_empty() {
+            let why = if errors.is_empty() {
+                "no answer from the broker".to_string()
+            } else {
+                format!(
+                    "the reader got: {}",
+                    errors.iter().cloned().collect::<Vec<_>>().join("; ")
+                )
+            };
+            for ((topic, partition), pending) in open {
+                for o in pending {
+                    out.insert(
+                        (topic.clone(), partition, o),
+                        Oldest::Unread {
+                            why: why.clone(),
+                            later: None,
+                        },
+                    );
+                }
+            }
+        }
+    }
+    // Second look, read uncommitted: where an open transaction holds the reading back, the
+    // first record past the last stable offset; where a record could not be read, the
+    // partition's last one, a lower bound for its age.
+    let mut starts: BTreeMap<(String, i32), i64> = BTreeMap::new();
+    for ((t, p, o), found) in &out {
+        let key = (t.clone(), *p);
+        let Some(b) = bounds.get(&key) else { continue };
+        let start = match found {
+            Oldest::OpenTransaction(None) => b.stable.max(*o),
+            Oldest::Unread { later: None, .. } if b.end - 1 > *o => b.end - 1,
+            _ => continue,
+        };
+        let slot = starts.entry(key).or_insert(start);
+        *slot = (*slot).min(start);
+    }
+    if starts.is_empty() {
+        return Ok(out);
+    }
+    let deadline = started + timeout;
+    let reader = lag_reader(kafka, "read_uncommitted")?;
+    let mut later: HashMap<(String, i32), (i64, i64)> = HashMap::new();
+    let keys: Vec<((String, i32), i64)> = starts.into_iter().collect();
+    let chunks: Vec<_> = keys.chunks(at_once.max(1)).collect();
+    let count = chunks.len() as u32;
+    for (i, chunk) in chunks.into_iter().enumerate() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let chunk_deadline = Instant::now() + left / (count - i as u32).max(1);
+        let mut assignment = TopicPartitionList::new();
+        let mut open: HashSet<(String, i32)> = HashSet::new();
+        for ((topic, partition), start) in chunk {
+            assignment.add_partition_offset(topic, *partition, Offset::Offset(*start))?;
+            open.insert((topic.clone(), *partition));
+        }
+        reader.assign(&assignment)?;
+        while !open.is_empty() && Instant::now() < chunk_deadline {
+            let m = match reader.poll(Duration::from_millis(50)) {
+                Some(Ok(m)) => m,
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) | None => {
+                    // At the end without a record (the last offsets are markers): no later
+                    // record to take a bound from.
+                    for e in reader.position()?.elements() {
+                        let key = (e.topic().to_string(), e.partition());
+                        if let (Some(b), Offset::Offset(at)) = (bounds.get(&key), e.offset())
+                            && at >= b.end
+                        {
+                            open.remove(&key);
+                        }
+                    }
+                    continue;
+                }
+                Some(Err(_)) => continue,
+            };
+            let key = (m.topic().to_string(), m.partition());
+            if open.remove(&key) {
+                if let Some(ts) = m.timestamp().to_millis() {
+                    later.insert(key.clone(), (m.offset(), ts));
+                }
                 let mut done = TopicPartitionList::new();
                 done.add_partition(&key.0, key.1);
                 reader.pause(&done)?;
-                open.remove(&key);
             }
         }
-        if !open.is_empty() {
-            tracing::warn!(
-                partitions = open.len(),
-                "no record read at a position in time"
-            );
+    }
+    for ((t, p, o), found) in out.iter_mut() {
+        let Some(&(offset, ts)) = later.get(&(t.clone(), *p)) else {
+            continue;
+        };
+        match found {
+            Oldest::OpenTransaction(slot @ None) if offset >= *o => *slot = Some((offset, ts)),
+            Oldest::Unread {
+                later: slot @ None, ..
+            } if offset > *o => *slot = Some((offset, ts)),
+            _ => {}
         }
     }
-    Ok(found)
+    Ok(out)
 }
+
+/// Positions of one partition further apart than this are read in separate rounds, so that
+/// two groups far apart do not make the reader walk the records between them.
+const MAX_RUN: i64 = 1_000;
 
 fn bare(name: &str) -> groups::Group {
     groups::Group {
@@ -718,6 +1149,11 @@ pub fn render(snapshot: &Snapshot) -> String {
         "kafka_consumergroup_group_lag_seconds",
         "Age of the oldest unconsumed record of a partition, from its timestamp; 0 when caught up.",
         per_partition(&|p| p.lag_seconds.to_string()),
+    );
+    family(
+        "agentbus_lag_seconds_unknown",
+        "1 where the record at a group's committed offset could not be read in time: its kafka_consumergroup_group_lag_seconds is a lower bound; 0 where it is exact.",
+        per_partition(&|p| u8::from(p.lag_seconds_unknown()).to_string()),
     );
     family(
         "kafka_consumergroup_group_max_lag",
@@ -817,6 +1253,8 @@ mod tests {
                         end_offset: 10,
                         lag: 3,
                         lag_seconds: 12.5,
+                        lag_seconds_basis: LagSecondsBasis::Record,
+                        lag_seconds_note: None,
                         oldest_unconsumed_at: None,
                     },
                     PartitionLag {
@@ -827,6 +1265,8 @@ mod tests {
                         end_offset: 3,
                         lag: 2,
                         lag_seconds: 4.0,
+                        lag_seconds_basis: LagSecondsBasis::LowerBound,
+                        lag_seconds_note: Some("not read".into()),
                         oldest_unconsumed_at: None,
                     },
                 ],
@@ -849,5 +1289,110 @@ mod tests {
             "kafka_partition_latest_offset{cluster_name=\"c\\\"1\",topic=\"agent.events\",partition=\"0\"} 10"
         ));
         assert!(text.contains("# TYPE kafka_consumergroup_group_max_lag_seconds gauge"));
+        assert!(text.contains(
+            "agentbus_lag_seconds_unknown{cluster_name=\"c\\\"1\",group=\"planner\",topic=\"agent.events\",partition=\"0\"} 0\n"
+        ), "{text}");
+        assert!(text.contains(
+            "agentbus_lag_seconds_unknown{cluster_name=\"c\\\"1\",group=\"planner\",topic=\"agent.events\",partition=\"1\"} 1\n"
+        ), "{text}");
+    }
+
+    const NOW: i64 = 10_000_000;
+    const READ: Duration = Duration::from_secs(3);
+
+    fn bounds(stable: i64, end: i64) -> Option<Bounds> {
+        Some(Bounds { stable, end })
+    }
+
+    #[test]
+    fn a_read_record_gives_its_exact_age_and_no_lag_is_caught_up() {
+        let s = lag_seconds(
+            2,
+            Some(&Oldest::Record(NOW - 7_209_000)),
+            5,
+            bounds(7, 7),
+            None,
+            NOW,
+            READ,
+        );
+        assert_eq!(
+            (s.seconds, s.basis, s.at),
+            (7209.0, LagSecondsBasis::Record, Some(NOW - 7_209_000))
+        );
+        let s = lag_seconds(0, None, 7, None, None, NOW, READ);
+        assert_eq!((s.seconds, s.basis), (0.0, LagSecondsBasis::CaughtUp));
+    }
+
+    #[test]
+    fn a_record_not_read_is_never_caught_up_but_a_lower_bound() {
+        // Nothing later read, first seen 60 s ago: at least 60 s.
+        let unread = Oldest::Unread {
+            why: "BadMessage".into(),
+            later: None,
+        };
+        let s = lag_seconds(
+            2,
+            Some(&unread),
+            5,
+            bounds(7, 7),
+            Some(NOW - 60_000),
+            NOW,
+            READ,
+        );
+        assert_eq!((s.seconds, s.basis), (60.0, LagSecondsBasis::LowerBound));
+        assert!(s.note.unwrap().contains("BadMessage"));
+        // A later record two hours old: at least its age.
+        let unread = Oldest::Unread {
+            why: "BadMessage".into(),
+            later: Some((6, NOW - 7_200_000)),
+        };
+        let s = lag_seconds(
+            2,
+            Some(&unread),
+            5,
+            bounds(7, 7),
+            Some(NOW - 60_000),
+            NOW,
+            READ,
+        );
+        assert_eq!(
+            (s.seconds, s.basis, s.at),
+            (7200.0, LagSecondsBasis::LowerBound, Some(NOW - 7_200_000))
+        );
+        assert!(s.note.unwrap().contains("offset 6"));
+        // Not even looked at.
+        let s = lag_seconds(1, None, 5, bounds(6, 6), Some(NOW - 1_000), NOW, READ);
+        assert_eq!((s.seconds, s.basis), (1.0, LagSecondsBasis::LowerBound));
+    }
+
+    #[test]
+    fn open_transactions_and_markers_say_so() {
+        let s = lag_seconds(
+            2,
+            Some(&Oldest::OpenTransaction(Some((5, NOW - 5_000)))),
+            5,
+            bounds(5, 7),
+            None,
+            NOW,
+            READ,
+        );
+        assert_eq!(
+            (s.seconds, s.basis),
+            (5.0, LagSecondsBasis::OpenTransaction)
+        );
+        assert!(s.note.unwrap().contains("last stable offset at 5"));
+        let s = lag_seconds(
+            1,
+            Some(&Oldest::NothingToConsume),
+            6,
+            bounds(7, 7),
+            None,
+            NOW,
+            READ,
+        );
+        assert_eq!(
+            (s.seconds, s.basis),
+            (0.0, LagSecondsBasis::NoConsumableRecord)
+        );
     }
 }
