@@ -289,10 +289,6 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// An offset per (topic, partition).
 type Offsets = HashMap<(String, i32), i64>;
 
-/// How long checking the broker's offsets-for-times answers may take (some brokers serve a
-/// first fetch slowly).
-const CHECK_TIMEOUT: Duration = Duration::from_secs(60);
-
 fn reader(kafka: &KafkaArgs) -> Result<BaseConsumer, Error> {
     Ok(kafka
         .client_config_with(&[
@@ -352,15 +348,18 @@ fn offsets_at(
     ends: &HashMap<(String, i32), i64>,
 ) -> Result<HashMap<(String, i32), i64>, Error> {
     let (out, to_check) = offsets_answered(consumer, parts, time, ends)?;
-    tansu_recheck_offsets_for_times(kafka, out, &to_check, time, ends)
+    check_offsets_for_times(kafka, out, &to_check, time, ends)
 }
 
-/// Broker quirk (tansu 0.6): it answers offsets-for-times with offset 0 instead of "none"
-/// when every record is older than `time`, which would reset a whole partition. So every
-/// answer is checked against the timestamp of the record it points at, and one older than
-/// `time` becomes the end. Apache Kafka's answers are exact: there this changes nothing
-/// (it costs one read per partition).
-fn tansu_recheck_offsets_for_times(
+/// Checks each offsets-for-times answer by reading (read committed) from the offset it
+/// points at. On every broker: where nothing a consumer would get lies between it and the
+/// end (the answer is an aborted record or a transaction marker: Kafka's time index knows
+/// nothing of transactions), the answer becomes the end. With
+/// [`Quirks::offsets_for_times_zero_for_none`](crate::broker::Quirks) (tansu 0.6 answers 0
+/// instead of "none" when every record is older than `time`, which would reset a whole
+/// partition), an answer whose record is older than `time` becomes the end too; on Apache
+/// Kafka that answer is exact and kept.
+fn check_offsets_for_times(
     kafka: &KafkaArgs,
     mut out: Offsets,
     to_check: &[lag::Position],
@@ -381,12 +380,14 @@ fn tansu_recheck_offsets_for_times(
             (p.clone(), lag::Bounds { stable: end, end })
         })
         .collect();
-    let found = lag::oldest_unconsumed(kafka, &wanted, 64, CHECK_TIMEOUT)?;
+    let quirks = kafka.quirks();
+    let found = lag::oldest_unconsumed(kafka, &wanted, 64, quirks.check_timeout())?;
     let mut unread = 0;
     for ((topic, partition, _), oldest) in found {
         match oldest {
-            lag::Oldest::Record(ts) if ts >= target => {}
-            // Older than `time`, or nothing but markers and aborted records up to the end.
+            lag::Oldest::Record(ts) if ts >= target || !quirks.offsets_for_times_zero_for_none => {}
+            // Older than `time` (tansu's 0), or nothing but markers and aborted records up to
+            // the end.
             lag::Oldest::Record(_)
             | lag::Oldest::NothingToConsume
             | lag::Oldest::OpenTransaction(_) => {
@@ -460,7 +461,8 @@ pub fn plan(kafka: &KafkaArgs, request: &Request) -> Result<Plan, Error> {
     // The ranges only bound the reading; each record's own timestamp decides whether it is
     // copied. So the broker's offsets-for-times answers are taken unchecked: where a broker
     // answers 0 for "no record that late" (tansu 0.6), the replay reads more, never less
-    // (see tansu_widened_until).
+    // (see tansu_widened_until, only with that quirk).
+    let zero_for_none = kafka.quirks().offsets_for_times_zero_for_none;
     let ends = ends_of(&consumer, &parts)?;
     let (starts, _) = offsets_answered(&consumer, &parts, request.from, &ends)?;
     let untils = match request.until {
@@ -471,7 +473,12 @@ pub fn plan(kafka: &KafkaArgs, request: &Request) -> Result<Plan, Error> {
                 .map(|(key, o)| {
                     let end = ends.get(&key).copied().unwrap_or(o);
                     let start = starts.get(&key).copied().unwrap_or(0);
-                    (key, tansu_widened_until(o, start, end))
+                    let until = if zero_for_none {
+                        tansu_widened_until(o, start, end)
+                    } else {
+                        o
+                    };
+                    (key, until)
                 })
                 .collect()
         }
@@ -502,10 +509,11 @@ pub fn plan(kafka: &KafkaArgs, request: &Request) -> Result<Plan, Error> {
     })
 }
 
-/// Broker quirk (tansu 0.6 answers 0 for "no record that late"): `until`'s offset bounds a
-/// replay's range only where it is past the start; else the range runs to the end (the
-/// records' own timestamps still decide what is copied). On Apache Kafka an answer at the
-/// start means an empty range, and this reads more than needed.
+/// Broker quirk (tansu 0.6 answers 0 for "no record that late"; only with
+/// [`Quirks::offsets_for_times_zero_for_none`](crate::broker::Quirks)): `until`'s offset
+/// bounds a replay's range only where it is past the start; else the range runs to the end
+/// (the records' own timestamps still decide what is copied). On Apache Kafka an answer at
+/// the start means an empty range, and `until`'s answer is taken as it is.
 fn tansu_widened_until(until: i64, start: i64, end: i64) -> i64 {
     if until > start { until } else { end }
 }
@@ -938,14 +946,18 @@ pub fn plan_reset(
     Ok(lines)
 }
 
-/// Commits the planned offsets for `group`, only when it has no active members. Brokers that
-/// cannot describe groups leave that unknown: then it acts only with `assume_inactive`.
+/// Commits the planned offsets for `group`, only when it has no active members. A broker
+/// with [`Quirks::no_describe_groups`](crate::broker::Quirks) (tansu 0.6) leaves that
+/// unknown: there it acts only with `assume_inactive`, the operator vouching that the group's
+/// consumers are stopped. Apache Kafka describes the group: a failure to is an error to retry,
+/// whatever `assume_inactive` says.
 pub fn execute_reset(
     kafka: &KafkaArgs,
     group: &str,
     lines: &[ResetLine],
     assume_inactive: bool,
 ) -> Result<(), Error> {
+    let may_vouch = kafka.quirks().no_describe_groups;
     match groups::describe(kafka, Some(group), Duration::from_secs(5)) {
         Ok(described) => {
             let found = described.iter().find(|g| g.name == group);
@@ -963,6 +975,12 @@ pub fn execute_reset(
                     "group {group} is {state}, not empty; stop its consumers first (offsets unchanged)"
                 )));
             }
+        }
+        Err(why) if !may_vouch => {
+            return Err(Error::GroupActive(format!(
+                "cannot tell whether group {group} has active members: the broker did not \
+                 describe it ({why}); try again (offsets unchanged)"
+            )));
         }
         Err(why) if !assume_inactive => {
             return Err(Error::GroupActive(format!(
@@ -1203,6 +1221,7 @@ mod tests {
         let kafka = KafkaArgs {
             brokers: "x".into(),
             topic_prefix: "t1-".into(),
+            broker_quirks: Default::default(),
         };
         let mut r = request();
         r.event_types = vec![

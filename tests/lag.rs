@@ -31,6 +31,7 @@ async fn history(app: &TestApp) -> (String, [Vec<i64>; 2]) {
     let kafka = KafkaArgs {
         brokers: app.brokers.clone(),
         topic_prefix: app.prefix.clone(),
+        broker_quirks: broker_quirks(),
     };
     topics::ensure(
         &kafka,
@@ -461,6 +462,7 @@ async fn own_topic(app: &TestApp, name: &str, partitions: i32) -> String {
         &KafkaArgs {
             brokers: app.brokers.clone(),
             topic_prefix: app.prefix.clone(),
+            broker_quirks: broker_quirks(),
         },
         &[TopicSpec {
             name: topic.clone(),

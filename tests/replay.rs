@@ -46,6 +46,7 @@ fn kafka(app: &TestApp) -> KafkaArgs {
     KafkaArgs {
         brokers: app.brokers.clone(),
         topic_prefix: app.prefix.clone(),
+        broker_quirks: broker_quirks(),
     }
 }
 
@@ -480,6 +481,7 @@ async fn reset_offsets_plans_refuses_an_active_group_and_moves_an_idle_one() {
             &KafkaArgs {
                 brokers: b,
                 topic_prefix: String::new(),
+                broker_quirks: broker_quirks(),
             },
             Some(&g),
             Duration::from_secs(5),
