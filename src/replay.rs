@@ -384,17 +384,13 @@ fn check_offsets_for_times(
     let found = lag::oldest_unconsumed(kafka, &wanted, 64, quirks.check_timeout())?;
     let mut unread = 0;
     for ((topic, partition, _), oldest) in found {
-        match oldest {
-            lag::Oldest::Record(ts) if ts >= target || !quirks.offsets_for_times_zero_for_none => {}
-            // Older than `time` (tansu's 0), or nothing but markers and aborted records up to
-            // the end.
-            lag::Oldest::Record(_)
-            | lag::Oldest::NothingToConsume
-            | lag::Oldest::OpenTransaction(_) => {
+        match checked(&oldest, target, quirks) {
+            Checked::Kept => {}
+            Checked::End => {
                 let end = end_of(&topic, partition);
                 out.insert((topic, partition), end);
             }
-            lag::Oldest::Unread { .. } => unread += 1,
+            Checked::Unread => unread += 1,
         }
     }
     if unread > 0 {
@@ -403,6 +399,43 @@ fn check_offsets_for_times(
         )));
     }
     Ok(out)
+}
+
+/// What becomes of one offsets-for-times answer once checked.
+#[derive(Debug, PartialEq, Eq)]
+enum Checked {
+    /// The answer stands.
+    Kept,
+    /// The partition's end instead.
+    End,
+    /// The record there could not be read.
+    Unread,
+}
+
+/// The check of [`check_offsets_for_times`] for one answer, whose first consumable record
+/// was found to be `oldest`, `target` the time asked (ms).
+fn checked(oldest: &lag::Oldest, target: i64, quirks: crate::broker::Quirks) -> Checked {
+    match oldest {
+        lag::Oldest::Record(ts) if *ts >= target || !quirks.offsets_for_times_zero_for_none => {
+            Checked::Kept
+        }
+        // Older than `time` (tansu's 0), or nothing but markers and aborted records up to the
+        // end.
+        lag::Oldest::Record(_)
+        | lag::Oldest::NothingToConsume
+        | lag::Oldest::OpenTransaction(_) => Checked::End,
+        lag::Oldest::Unread { .. } => Checked::Unread,
+    }
+}
+
+/// A replay's `until` offset of one partition from the broker's answer `until` (see
+/// [`tansu_widened_until`], only with that quirk).
+fn until_offset(quirks: crate::broker::Quirks, until: i64, start: i64, end: i64) -> i64 {
+    if quirks.offsets_for_times_zero_for_none {
+        tansu_widened_until(until, start, end)
+    } else {
+        until
+    }
 }
 
 /// The broker's answer to offsets-for-times: offsets per (topic, partition) (the end where it
@@ -462,7 +495,7 @@ pub fn plan(kafka: &KafkaArgs, request: &Request) -> Result<Plan, Error> {
     // copied. So the broker's offsets-for-times answers are taken unchecked: where a broker
     // answers 0 for "no record that late" (tansu 0.6), the replay reads more, never less
     // (see tansu_widened_until, only with that quirk).
-    let zero_for_none = kafka.quirks().offsets_for_times_zero_for_none;
+    let quirks = kafka.quirks();
     let ends = ends_of(&consumer, &parts)?;
     let (starts, _) = offsets_answered(&consumer, &parts, request.from, &ends)?;
     let untils = match request.until {
@@ -473,12 +506,7 @@ pub fn plan(kafka: &KafkaArgs, request: &Request) -> Result<Plan, Error> {
                 .map(|(key, o)| {
                     let end = ends.get(&key).copied().unwrap_or(o);
                     let start = starts.get(&key).copied().unwrap_or(0);
-                    let until = if zero_for_none {
-                        tansu_widened_until(o, start, end)
-                    } else {
-                        o
-                    };
-                    (key, until)
+                    (key, until_offset(quirks, o, start, end))
                 })
                 .collect()
         }
@@ -1214,6 +1242,71 @@ mod tests {
         assert!(!r.matches(Some(from + 600_000), Some("agent.task.requested")));
         assert!(!r.matches(Some(from), Some("agent.created")));
         assert!(!r.matches(None, Some("agent.task.requested")));
+    }
+
+    #[test]
+    fn an_answer_older_than_the_time_becomes_the_end_only_on_tansu() {
+        use crate::broker::Quirks;
+        let target = 1_000;
+        for quirks in [Quirks::NONE, Quirks::TANSU] {
+            // A record at or after the time: the answer stands on every broker.
+            assert_eq!(
+                checked(&lag::Oldest::Record(target), target, quirks),
+                Checked::Kept
+            );
+            // Only aborted records and markers up to the end: Kafka's time index points at
+            // them too, and a consumer gets nothing there.
+            assert_eq!(
+                checked(&lag::Oldest::NothingToConsume, target, quirks),
+                Checked::End
+            );
+        }
+        // tansu's 0 for "none" points at an older record: the end. On Kafka an answer is
+        // exact (an older record past it is a producer's own timestamp): kept.
+        let older = lag::Oldest::Record(target - 1);
+        assert_eq!(checked(&older, target, Quirks::TANSU), Checked::End);
+        assert_eq!(checked(&older, target, Quirks::NONE), Checked::Kept);
+    }
+
+    #[test]
+    fn an_until_answered_at_the_start_reads_to_the_end_only_on_tansu() {
+        use crate::broker::Quirks;
+        // `until` answered at the start (5): on Kafka an empty range, on tansu to the end.
+        assert_eq!(until_offset(Quirks::NONE, 5, 5, 9), 5);
+        assert_eq!(until_offset(Quirks::TANSU, 5, 5, 9), 9);
+        // Past the start: the answer bounds the range on both.
+        assert_eq!(until_offset(Quirks::NONE, 7, 5, 9), 7);
+        assert_eq!(until_offset(Quirks::TANSU, 7, 5, 9), 7);
+    }
+
+    #[test]
+    fn on_kafka_a_reset_whose_group_is_not_described_is_refused_even_when_vouched_for() {
+        let kafka = KafkaArgs {
+            brokers: "127.0.0.1:1".into(),
+            topic_prefix: String::new(),
+            broker_quirks: crate::broker::BrokerQuirks::None,
+        };
+        let lines = [ResetLine {
+            topic: "t".into(),
+            partition: 0,
+            current: None,
+            new: 0,
+        }];
+        let e = execute_reset(&kafka, "g", &lines, true).unwrap_err();
+        assert!(
+            matches!(&e, Error::GroupActive(why) if why.contains("try again")),
+            "{e}"
+        );
+        // On tansu the refusal asks for the operator's word instead.
+        let tansu = KafkaArgs {
+            broker_quirks: crate::broker::BrokerQuirks::Tansu,
+            ..kafka
+        };
+        let e = execute_reset(&tansu, "g", &lines, false).unwrap_err();
+        assert!(
+            matches!(&e, Error::GroupActive(why) if why.contains("--assume-inactive")),
+            "{e}"
+        );
     }
 
     #[test]

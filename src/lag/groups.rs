@@ -255,6 +255,29 @@ mod tests {
     }
 
     #[test]
+    fn only_with_the_tansu_quirk_does_a_failed_describe_fall_back_to_a_bare_list() {
+        let kafka = |quirks| KafkaArgs {
+            brokers: "127.0.0.1:1".into(),
+            topic_prefix: String::new(),
+            broker_quirks: quirks,
+        };
+        let timeout = Duration::from_millis(300);
+        let failed = || Err("BrokerTransportFailure".to_string());
+        let on_kafka = list(&kafka(crate::broker::BrokerQuirks::None), timeout, failed());
+        assert_eq!(
+            on_kafka.unwrap_err(),
+            "the broker did not describe groups (BrokerTransportFailure)"
+        );
+        let on_tansu = list(
+            &kafka(crate::broker::BrokerQuirks::Tansu),
+            timeout,
+            failed(),
+        );
+        let why = on_tansu.unwrap_err();
+        assert!(why.contains("listing them failed too"), "{why}");
+    }
+
+    #[test]
     fn a_short_or_failed_answer_is_an_error_not_a_panic() {
         assert!(parse_list_groups_v0(&[0, 0, 0, 1, 0]).is_err());
         let mut failed = 1i32.to_be_bytes().to_vec();
