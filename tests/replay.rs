@@ -54,6 +54,7 @@ fn agentbus(app: &TestApp, args: &[&str]) -> std::process::Output {
     Command::new(agentbus_bin())
         .args(args)
         .args(["--brokers", &app.brokers, "--topic-prefix", &app.prefix])
+        .env("AGENTBUS_BROKER_QUIRKS", broker_quirks_setting())
         .output()
         .unwrap()
 }

@@ -75,6 +75,15 @@ pub fn broker_quirks() -> agentbus::broker::BrokerQuirks {
     }
 }
 
+/// [`broker_quirks`] as the value of `AGENTBUS_BROKER_QUIRKS`, for `agentbus` processes a
+/// test starts.
+pub fn broker_quirks_setting() -> &'static str {
+    match broker_quirks() {
+        agentbus::broker::BrokerQuirks::Tansu => "tansu",
+        agentbus::broker::BrokerQuirks::None => "none",
+    }
+}
+
 /// A unique topic prefix for one test.
 pub fn unique_prefix() -> String {
     format!("t{}.", uuid::Uuid::new_v4().simple())
