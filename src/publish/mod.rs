@@ -24,6 +24,7 @@ use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 
 use crate::{
+    broker::Quirks,
     config::KafkaArgs,
     envelope::{Envelope, format_time},
     schema::{self, Registry, SchemaVersion, Violation},
@@ -112,7 +113,7 @@ pub struct Publisher {
 }
 
 /// The publisher's producer, and whether it must be replaced (a delivery on it failed
-/// fatally, or timed out on a broker with [`Quirks::renew_producer_after_timeout`](crate::broker::Quirks::renew_producer_after_timeout)).
+/// fatally, or timed out on a broker with [`Quirks::renew_producer_after_timeout`]).
 #[derive(Clone)]
 pub struct CurrentProducer {
     /// Send with this one.
@@ -209,7 +210,7 @@ impl Publisher {
     /// Replaces the producer by a new one (a new idempotent producer id) if it is spoiled, at
     /// most once per [`RENEW_AT_MOST_EVERY`]. On every broker, a delivery that failed with a
     /// fatal error spoils it: an idempotent librdkafka producer that raised a fatal error
-    /// fails every later send. With [`Quirks::renew_producer_after_timeout`](crate::broker::Quirks::renew_producer_after_timeout) (tansu 0.6), a
+    /// fails every later send. With [`Quirks::renew_producer_after_timeout`] (tansu 0.6), a
     /// timed-out delivery spoils it too: librdkafka then bumps the producer's epoch, which
     /// tansu panics on, failing every request until restarted. A new producer starts clean.
     /// The old one's queued deliveries fail (503: not acknowledged). A producer that is not
@@ -238,11 +239,15 @@ impl Publisher {
     }
 
     /// Notes that a delivery on `producer` timed out. Only with
-    /// [`Quirks::renew_producer_after_timeout`](crate::broker::Quirks::renew_producer_after_timeout) is the producer renewed for it (see
+    /// [`Quirks::renew_producer_after_timeout`] is the producer renewed for it (see
     /// [`Publisher::renew_producer`]); on Apache Kafka librdkafka's own epoch bump recovers
     /// the producer, which is kept.
     pub fn delivery_timed_out(&self, producer: &CurrentProducer, why: &str) {
-        if self.kafka.quirks().renew_producer_after_timeout {
+        let Quirks {
+            renew_producer_after_timeout,
+            ..
+        } = self.kafka.quirks();
+        if renew_producer_after_timeout {
             self.delivery_failed_fatally(producer, why);
         }
     }
@@ -720,7 +725,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// under load showed it first, but a busy Apache Kafka (a saturated network or request
 /// thread, a long GC pause between two answers) can answer a metadata probe late too, and an
 /// acknowledged delivery is proof of reachability whatever the broker. Turning publishes away
-/// (and, with [`Quirks::renew_producer_after_timeout`](crate::broker::Quirks::renew_producer_after_timeout), renewing the producer) under it would
+/// (and, with [`Quirks::renew_producer_after_timeout`], renewing the producer) under it would
 /// fail writes the broker takes.
 pub async fn watch_broker(
     publisher: Arc<Publisher>,
@@ -740,10 +745,10 @@ pub async fn watch_broker(
         failures = if answered { 0 } else { failures + 1 };
         let reachable = answered || (up.load(Ordering::Relaxed) && failures < PROBES_TO_FAIL);
         // While the broker is away, and before it counts as back, a spoiled producer (a
-        // delivery failed for good, or timed out on tansu) is replaced, so that it is gone before it can reach
-        // the broker again; each tick, since a renewal may have been held back by
-        // RENEW_AT_MOST_EVERY. (librdkafka reconnects by itself, so a producer still dirty when
-        // the broker answers may meet it before this: that is the remaining window.)
+        // delivery failed for good, or timed out on tansu) is replaced, so that it is gone
+        // before it can reach the broker again; each tick, since a renewal may have been held
+        // back by RENEW_AT_MOST_EVERY. (librdkafka reconnects by itself, so a producer still
+        // dirty when the broker answers may meet it before this: that is the remaining window.)
         if !reachable || !up.load(Ordering::Relaxed) {
             publisher.renew_producer("deliveries failed while the broker was unreachable");
         }
