@@ -16,6 +16,12 @@ pub struct KafkaArgs {
     /// several tenants or test runs can share one cluster.
     #[arg(long, env = "AGENTBUS_TOPIC_PREFIX", default_value = "")]
     pub topic_prefix: String,
+
+    /// Which broker's quirks to work around: `none` (Apache Kafka) or `tansu` (tansu 0.6:
+    /// no DescribeGroups, offsets-for-times answering 0 for "none", a panic on an idempotent
+    /// producer's epoch bump, slow fetches). See [`crate::broker`].
+    #[arg(long, env = "AGENTBUS_BROKER_QUIRKS", value_enum, default_value_t = crate::broker::BrokerQuirks::None)]
+    pub broker_quirks: crate::broker::BrokerQuirks,
 }
 
 impl KafkaArgs {
@@ -45,6 +51,11 @@ impl KafkaArgs {
     /// The topic that carries every event type of `domain`.
     pub fn events_topic(&self, domain: &str) -> String {
         format!("{}{domain}.events", self.topic_prefix)
+    }
+
+    /// The broker quirks worked around (all off on Apache Kafka).
+    pub fn quirks(&self) -> crate::broker::Quirks {
+        self.broker_quirks.quirks()
     }
 }
 

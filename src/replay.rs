@@ -289,10 +289,6 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// An offset per (topic, partition).
 type Offsets = HashMap<(String, i32), i64>;
 
-/// How long checking the broker's offsets-for-times answers may take (some brokers serve a
-/// first fetch slowly).
-const CHECK_TIMEOUT: Duration = Duration::from_secs(60);
-
 fn reader(kafka: &KafkaArgs) -> Result<BaseConsumer, Error> {
     Ok(kafka
         .client_config_with(&[
@@ -352,15 +348,18 @@ fn offsets_at(
     ends: &HashMap<(String, i32), i64>,
 ) -> Result<HashMap<(String, i32), i64>, Error> {
     let (out, to_check) = offsets_answered(consumer, parts, time, ends)?;
-    tansu_recheck_offsets_for_times(kafka, out, &to_check, time, ends)
+    check_offsets_for_times(kafka, out, &to_check, time, ends)
 }
 
-/// Broker quirk (tansu 0.6): it answers offsets-for-times with offset 0 instead of "none"
-/// when every record is older than `time`, which would reset a whole partition. So every
-/// answer is checked against the timestamp of the record it points at, and one older than
-/// `time` becomes the end. Apache Kafka's answers are exact: there this changes nothing
-/// (it costs one read per partition).
-fn tansu_recheck_offsets_for_times(
+/// Checks each offsets-for-times answer by reading (read committed) from the offset it
+/// points at. On every broker: where nothing a consumer would get lies between it and the
+/// end (the answer is an aborted record or a transaction marker: Kafka's time index knows
+/// nothing of transactions), the answer becomes the end. With
+/// [`Quirks::offsets_for_times_zero_for_none`](crate::broker::Quirks) (tansu 0.6 answers 0
+/// instead of "none" when every record is older than `time`, which would reset a whole
+/// partition), an answer whose record is older than `time` becomes the end too; on Apache
+/// Kafka that answer is exact and kept.
+fn check_offsets_for_times(
     kafka: &KafkaArgs,
     mut out: Offsets,
     to_check: &[lag::Position],
@@ -381,19 +380,17 @@ fn tansu_recheck_offsets_for_times(
             (p.clone(), lag::Bounds { stable: end, end })
         })
         .collect();
-    let found = lag::oldest_unconsumed(kafka, &wanted, 64, CHECK_TIMEOUT)?;
+    let quirks = kafka.quirks();
+    let found = lag::oldest_unconsumed(kafka, &wanted, 64, quirks.check_timeout())?;
     let mut unread = 0;
     for ((topic, partition, _), oldest) in found {
-        match oldest {
-            lag::Oldest::Record(ts) if ts >= target => {}
-            // Older than `time`, or nothing but markers and aborted records up to the end.
-            lag::Oldest::Record(_)
-            | lag::Oldest::NothingToConsume
-            | lag::Oldest::OpenTransaction(_) => {
+        match checked(&oldest, target, quirks) {
+            Checked::Kept => {}
+            Checked::End => {
                 let end = end_of(&topic, partition);
                 out.insert((topic, partition), end);
             }
-            lag::Oldest::Unread { .. } => unread += 1,
+            Checked::Unread => unread += 1,
         }
     }
     if unread > 0 {
@@ -402,6 +399,43 @@ fn tansu_recheck_offsets_for_times(
         )));
     }
     Ok(out)
+}
+
+/// What becomes of one offsets-for-times answer once checked.
+#[derive(Debug, PartialEq, Eq)]
+enum Checked {
+    /// The answer stands.
+    Kept,
+    /// The partition's end instead.
+    End,
+    /// The record there could not be read.
+    Unread,
+}
+
+/// The check of [`check_offsets_for_times`] for one answer, whose first consumable record
+/// was found to be `oldest`, `target` the time asked (ms).
+fn checked(oldest: &lag::Oldest, target: i64, quirks: crate::broker::Quirks) -> Checked {
+    match oldest {
+        lag::Oldest::Record(ts) if *ts >= target || !quirks.offsets_for_times_zero_for_none => {
+            Checked::Kept
+        }
+        // Older than `time` (tansu's 0), or nothing but markers and aborted records up to the
+        // end.
+        lag::Oldest::Record(_)
+        | lag::Oldest::NothingToConsume
+        | lag::Oldest::OpenTransaction(_) => Checked::End,
+        lag::Oldest::Unread { .. } => Checked::Unread,
+    }
+}
+
+/// A replay's `until` offset of one partition from the broker's answer `until` (see
+/// [`tansu_widened_until`], only with that quirk).
+fn until_offset(quirks: crate::broker::Quirks, until: i64, start: i64, end: i64) -> i64 {
+    if quirks.offsets_for_times_zero_for_none {
+        tansu_widened_until(until, start, end)
+    } else {
+        until
+    }
 }
 
 /// The broker's answer to offsets-for-times: offsets per (topic, partition) (the end where it
@@ -460,7 +494,8 @@ pub fn plan(kafka: &KafkaArgs, request: &Request) -> Result<Plan, Error> {
     // The ranges only bound the reading; each record's own timestamp decides whether it is
     // copied. So the broker's offsets-for-times answers are taken unchecked: where a broker
     // answers 0 for "no record that late" (tansu 0.6), the replay reads more, never less
-    // (see tansu_widened_until).
+    // (see tansu_widened_until, only with that quirk).
+    let quirks = kafka.quirks();
     let ends = ends_of(&consumer, &parts)?;
     let (starts, _) = offsets_answered(&consumer, &parts, request.from, &ends)?;
     let untils = match request.until {
@@ -471,7 +506,7 @@ pub fn plan(kafka: &KafkaArgs, request: &Request) -> Result<Plan, Error> {
                 .map(|(key, o)| {
                     let end = ends.get(&key).copied().unwrap_or(o);
                     let start = starts.get(&key).copied().unwrap_or(0);
-                    (key, tansu_widened_until(o, start, end))
+                    (key, until_offset(quirks, o, start, end))
                 })
                 .collect()
         }
@@ -502,10 +537,11 @@ pub fn plan(kafka: &KafkaArgs, request: &Request) -> Result<Plan, Error> {
     })
 }
 
-/// Broker quirk (tansu 0.6 answers 0 for "no record that late"): `until`'s offset bounds a
-/// replay's range only where it is past the start; else the range runs to the end (the
-/// records' own timestamps still decide what is copied). On Apache Kafka an answer at the
-/// start means an empty range, and this reads more than needed.
+/// Broker quirk (tansu 0.6 answers 0 for "no record that late"; only with
+/// [`Quirks::offsets_for_times_zero_for_none`](crate::broker::Quirks)): `until`'s offset
+/// bounds a replay's range only where it is past the start; else the range runs to the end
+/// (the records' own timestamps still decide what is copied). On Apache Kafka an answer at
+/// the start means an empty range, and `until`'s answer is taken as it is.
 fn tansu_widened_until(until: i64, start: i64, end: i64) -> i64 {
     if until > start { until } else { end }
 }
@@ -938,14 +974,18 @@ pub fn plan_reset(
     Ok(lines)
 }
 
-/// Commits the planned offsets for `group`, only when it has no active members. Brokers that
-/// cannot describe groups leave that unknown: then it acts only with `assume_inactive`.
+/// Commits the planned offsets for `group`, only when it has no active members. A broker
+/// with [`Quirks::no_describe_groups`](crate::broker::Quirks) (tansu 0.6) leaves that
+/// unknown: there it acts only with `assume_inactive`, the operator vouching that the group's
+/// consumers are stopped. Apache Kafka describes the group: a failure to is an error to retry,
+/// whatever `assume_inactive` says.
 pub fn execute_reset(
     kafka: &KafkaArgs,
     group: &str,
     lines: &[ResetLine],
     assume_inactive: bool,
 ) -> Result<(), Error> {
+    let may_vouch = kafka.quirks().no_describe_groups;
     match groups::describe(kafka, Some(group), Duration::from_secs(5)) {
         Ok(described) => {
             let found = described.iter().find(|g| g.name == group);
@@ -963,6 +1003,12 @@ pub fn execute_reset(
                     "group {group} is {state}, not empty; stop its consumers first (offsets unchanged)"
                 )));
             }
+        }
+        Err(why) if !may_vouch => {
+            return Err(Error::GroupActive(format!(
+                "cannot tell whether group {group} has active members: the broker did not \
+                 describe it ({why}); try again (offsets unchanged)"
+            )));
         }
         Err(why) if !assume_inactive => {
             return Err(Error::GroupActive(format!(
@@ -1199,10 +1245,76 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_older_than_the_time_becomes_the_end_only_on_tansu() {
+        use crate::broker::Quirks;
+        let target = 1_000;
+        for quirks in [Quirks::NONE, Quirks::TANSU] {
+            // A record at or after the time: the answer stands on every broker.
+            assert_eq!(
+                checked(&lag::Oldest::Record(target), target, quirks),
+                Checked::Kept
+            );
+            // Only aborted records and markers up to the end: Kafka's time index points at
+            // them too, and a consumer gets nothing there.
+            assert_eq!(
+                checked(&lag::Oldest::NothingToConsume, target, quirks),
+                Checked::End
+            );
+        }
+        // tansu's 0 for "none" points at an older record: the end. On Kafka an answer is
+        // exact (an older record past it is a producer's own timestamp): kept.
+        let older = lag::Oldest::Record(target - 1);
+        assert_eq!(checked(&older, target, Quirks::TANSU), Checked::End);
+        assert_eq!(checked(&older, target, Quirks::NONE), Checked::Kept);
+    }
+
+    #[test]
+    fn an_until_answered_at_the_start_reads_to_the_end_only_on_tansu() {
+        use crate::broker::Quirks;
+        // `until` answered at the start (5): on Kafka an empty range, on tansu to the end.
+        assert_eq!(until_offset(Quirks::NONE, 5, 5, 9), 5);
+        assert_eq!(until_offset(Quirks::TANSU, 5, 5, 9), 9);
+        // Past the start: the answer bounds the range on both.
+        assert_eq!(until_offset(Quirks::NONE, 7, 5, 9), 7);
+        assert_eq!(until_offset(Quirks::TANSU, 7, 5, 9), 7);
+    }
+
+    #[test]
+    fn on_kafka_a_reset_whose_group_is_not_described_is_refused_even_when_vouched_for() {
+        let kafka = KafkaArgs {
+            brokers: "127.0.0.1:1".into(),
+            topic_prefix: String::new(),
+            broker_quirks: crate::broker::BrokerQuirks::None,
+        };
+        let lines = [ResetLine {
+            topic: "t".into(),
+            partition: 0,
+            current: None,
+            new: 0,
+        }];
+        let e = execute_reset(&kafka, "g", &lines, true).unwrap_err();
+        assert!(
+            matches!(&e, Error::GroupActive(why) if why.contains("try again")),
+            "{e}"
+        );
+        // On tansu the refusal asks for the operator's word instead.
+        let tansu = KafkaArgs {
+            broker_quirks: crate::broker::BrokerQuirks::Tansu,
+            ..kafka
+        };
+        let e = execute_reset(&tansu, "g", &lines, false).unwrap_err();
+        assert!(
+            matches!(&e, Error::GroupActive(why) if why.contains("--assume-inactive")),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn event_types_read_their_domain_topics() {
         let kafka = KafkaArgs {
             brokers: "x".into(),
             topic_prefix: "t1-".into(),
+            broker_quirks: Default::default(),
         };
         let mut r = request();
         r.event_types = vec![

@@ -1,5 +1,8 @@
-//! Creating the topics agentbus writes to. Some brokers (tansu among them) do not create
-//! topics on first use, and retention must be set anyway, so agentbus creates them.
+//! Creating the topics agentbus writes to. Not a broker quirk: a production Apache Kafka
+//! runs with `auto.create.topics.enable=false` (and so does ops/broker.sh), some
+//! Kafka-compatible brokers (tansu among them) never create topics on first use, and an
+//! auto-created topic would get the broker's default partitions and retention instead of
+//! agentbus's. So agentbus creates them, on every broker.
 
 use std::time::Duration;
 

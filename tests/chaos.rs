@@ -460,7 +460,8 @@ fn agentbus(brokers: &str, prefix: &str, data: &Path, consumers: &Path) -> Comma
         .env("AGENTBUS_AGENT_SESSION_TIMEOUT", "6s")
         .env("AGENTBUS_LAG_INTERVAL", "0s")
         .env("AGENTBUS_LOG", "info")
-        .env("AGENTBUS_LOG_JSON", "true");
+        .env("AGENTBUS_LOG_JSON", "true")
+        .env("AGENTBUS_BROKER_QUIRKS", broker_quirks_setting());
     cmd
 }
 

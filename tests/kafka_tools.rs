@@ -90,6 +90,7 @@ async fn history(app: &TestApp) -> String {
         &KafkaArgs {
             brokers: app.brokers.clone(),
             topic_prefix: app.prefix.clone(),
+            broker_quirks: broker_quirks(),
         },
         &[TopicSpec {
             name: topic.clone(),

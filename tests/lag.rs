@@ -31,6 +31,7 @@ async fn history(app: &TestApp) -> (String, [Vec<i64>; 2]) {
     let kafka = KafkaArgs {
         brokers: app.brokers.clone(),
         topic_prefix: app.prefix.clone(),
+        broker_quirks: broker_quirks(),
     };
     topics::ensure(
         &kafka,
@@ -206,6 +207,7 @@ async fn lag_per_partition_and_lag_seconds_from_the_first_unconsumed_record() {
     // The table.
     let out = Command::new(agentbus_bin())
         .args(["lag", "--group", &behind, "--brokers", &app.brokers])
+        .env("AGENTBUS_BROKER_QUIRKS", broker_quirks_setting())
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
@@ -404,6 +406,7 @@ async fn the_lag_exporter_alone_serves_the_lag_metrics() {
     commit(&app.brokers, &group, &topic, [4, 0]).await;
     let port = free_port();
     let mut exporter = Command::new(agentbus_bin())
+        .env("AGENTBUS_BROKER_QUIRKS", broker_quirks_setting())
         .args([
             "lag-exporter",
             "--brokers",
@@ -461,6 +464,7 @@ async fn own_topic(app: &TestApp, name: &str, partitions: i32) -> String {
         &KafkaArgs {
             brokers: app.brokers.clone(),
             topic_prefix: app.prefix.clone(),
+            broker_quirks: broker_quirks(),
         },
         &[TopicSpec {
             name: topic.clone(),

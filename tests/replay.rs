@@ -46,6 +46,7 @@ fn kafka(app: &TestApp) -> KafkaArgs {
     KafkaArgs {
         brokers: app.brokers.clone(),
         topic_prefix: app.prefix.clone(),
+        broker_quirks: broker_quirks(),
     }
 }
 
@@ -53,6 +54,7 @@ fn agentbus(app: &TestApp, args: &[&str]) -> std::process::Output {
     Command::new(agentbus_bin())
         .args(args)
         .args(["--brokers", &app.brokers, "--topic-prefix", &app.prefix])
+        .env("AGENTBUS_BROKER_QUIRKS", broker_quirks_setting())
         .output()
         .unwrap()
 }
@@ -480,6 +482,7 @@ async fn reset_offsets_plans_refuses_an_active_group_and_moves_an_idle_one() {
             &KafkaArgs {
                 brokers: b,
                 topic_prefix: String::new(),
+                broker_quirks: broker_quirks(),
             },
             Some(&g),
             Duration::from_secs(5),

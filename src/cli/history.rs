@@ -55,8 +55,10 @@ pub struct ReplayArgs {
     /// Carry out the offset reset.
     #[arg(long, requires = "reset_offsets")]
     pub execute: bool,
-    /// Reset even when the broker cannot tell whether the group has active members (some
-    /// brokers fail DescribeGroups); you vouch that its consumers are stopped.
+    /// Reset even when the broker cannot tell whether the group has active members; you vouch
+    /// that its consumers are stopped. Only needed with `--broker-quirks tansu` (tansu 0.6
+    /// cannot describe groups); Apache Kafka describes the group and agentbus refuses an
+    /// active one by itself, so there this flag changes nothing.
     #[arg(long, requires = "execute")]
     pub assume_inactive: bool,
     #[command(flatten)]

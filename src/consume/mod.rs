@@ -818,8 +818,9 @@ async fn forward(
             continue;
         }
         let record = copy_of(message, topic, headers.clone());
-        // The publisher's producer: renewed after deliveries on it timed out (see
-        // `Publisher::renew_producer`), so forwarding recovers with publishing.
+        // The publisher's producer: renewed after a delivery on it failed for good, or timed
+        // out on tansu (see `Publisher::renew_producer`), so forwarding recovers with
+        // publishing.
         let current = shared.publisher.current_producer();
         match current.producer.send(record, Duration::from_secs(10)).await {
             Ok(_) => {
@@ -828,13 +829,14 @@ async fn forward(
             }
             Err((e, _)) => {
                 tracing::warn!(topic, error = %e, "could not write the record; retrying");
-                if matches!(
-                    e.rdkafka_error_code(),
-                    Some(RDKafkaErrorCode::MessageTimedOut | RDKafkaErrorCode::Fatal)
-                ) {
-                    shared
+                match e.rdkafka_error_code() {
+                    Some(RDKafkaErrorCode::Fatal) => shared
                         .publisher
-                        .delivery_timed_out(&current, "a forwarded record timed out");
+                        .delivery_failed_fatally(&current, "a forwarded record failed for good"),
+                    Some(RDKafkaErrorCode::MessageTimedOut) => shared
+                        .publisher
+                        .delivery_timed_out(&current, "a forwarded record timed out"),
+                    _ => {}
                 }
             }
         }

@@ -1,10 +1,12 @@
 //! Which consumer groups a cluster has, and who is in them.
 //!
 //! librdkafka lists groups only together with DescribeGroups (`rd_kafka_list_groups` sends
-//! both), and some Kafka-compatible brokers fail DescribeGroups (tansu 0.6 drops the
-//! connection). So listing has two ways: librdkafka's, which also names the members, and a
-//! plain `ListGroups` v0 request written here by hand (the rdkafka crate has no admin call for
-//! it) for brokers reached without TLS or SASL. Membership is then unknown, and said so.
+//! both): on Apache Kafka that is the one way, and it names the members. Some
+//! Kafka-compatible brokers fail DescribeGroups (tansu 0.6 drops the connection): with
+//! [`Quirks::no_describe_groups`](crate::broker::Quirks), and only then, a failed describe
+//! falls back to a plain `ListGroups` v0 request written here by hand (the rdkafka crate has
+//! no admin call for it) for brokers reached without TLS or SASL. Membership is then unknown,
+//! and said so.
 
 use std::{
     io::{Read, Write},
@@ -40,8 +42,9 @@ pub struct Group {
 }
 
 /// Every consumer group of the cluster: `described` (the answer of [`describe`] for every
-/// group) when the broker could, else listed with a bare `ListGroups` (no state, no
-/// members). The second value says why the members are unknown, when they are.
+/// group) when the broker could. Else, with [`Quirks::no_describe_groups`](crate::broker::Quirks),
+/// listed with a bare `ListGroups` (no state, no members), the second value saying why the
+/// members are unknown; on Apache Kafka the failure is the answer (try again).
 pub fn list(
     kafka: &KafkaArgs,
     timeout: Duration,
@@ -49,6 +52,9 @@ pub fn list(
 ) -> Result<(Vec<Group>, Option<String>), String> {
     match described {
         Ok(groups) => Ok((groups, None)),
+        Err(why) if !kafka.quirks().no_describe_groups => {
+            Err(format!("the broker did not describe groups ({why})"))
+        }
         Err(why) => {
             let why = format!("the broker did not describe groups ({why})");
             list_bare(kafka, timeout)
@@ -58,17 +64,34 @@ pub fn list(
     }
 }
 
-/// Describes `group` (or every group) through librdkafka, on a client of its own: a broker
-/// that fails the request drops that client's connection and no other.
+/// Describes `group` (or every group) through librdkafka, on a client of its own: with
+/// [`Quirks::no_describe_groups`](crate::broker::Quirks), a broker that fails the request
+/// drops that client's connection and no other (its errors are not logged: they are
+/// expected). For repeated calls on Apache Kafka, [`describe_with`] reuses a client.
 pub fn describe(
     kafka: &KafkaArgs,
     group: Option<&str>,
     timeout: Duration,
 ) -> Result<Vec<Group>, String> {
+    let quiet = [("log_level", "3".to_string())];
+    let defaults: &[(&str, String)] = if kafka.quirks().no_describe_groups {
+        &quiet
+    } else {
+        &[]
+    };
     let client: BaseConsumer = kafka
-        .client_config_with(&[("log_level", "3".into())])
+        .client_config_with(defaults)
         .create()
         .map_err(|e| e.to_string())?;
+    describe_with(&client, group, timeout)
+}
+
+/// Describes `group` (or every group) through librdkafka's group list on `client`.
+pub fn describe_with<C: rdkafka::consumer::ConsumerContext>(
+    client: &BaseConsumer<C>,
+    group: Option<&str>,
+    timeout: Duration,
+) -> Result<Vec<Group>, String> {
     let list = client
         .fetch_group_list(group, timeout)
         .map_err(|e| e.to_string())?;
@@ -229,6 +252,29 @@ mod tests {
         body.extend(string("connect-cluster"));
         body.extend(string("connect"));
         assert_eq!(parse_list_groups_v0(&body).unwrap(), vec!["planner"]);
+    }
+
+    #[test]
+    fn only_with_the_tansu_quirk_does_a_failed_describe_fall_back_to_a_bare_list() {
+        let kafka = |quirks| KafkaArgs {
+            brokers: "127.0.0.1:1".into(),
+            topic_prefix: String::new(),
+            broker_quirks: quirks,
+        };
+        let timeout = Duration::from_millis(300);
+        let failed = || Err("BrokerTransportFailure".to_string());
+        let on_kafka = list(&kafka(crate::broker::BrokerQuirks::None), timeout, failed());
+        assert_eq!(
+            on_kafka.unwrap_err(),
+            "the broker did not describe groups (BrokerTransportFailure)"
+        );
+        let on_tansu = list(
+            &kafka(crate::broker::BrokerQuirks::Tansu),
+            timeout,
+            failed(),
+        );
+        let why = on_tansu.unwrap_err();
+        assert!(why.contains("listing them failed too"), "{why}");
     }
 
     #[test]

@@ -244,7 +244,9 @@ pub struct LagMonitor {
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long a failed DescribeGroups is not tried again.
+/// How long a failed DescribeGroups is not tried again, with
+/// [`Quirks::no_describe_groups`](crate::broker::Quirks) (tansu drops the connection each
+/// time); on Apache Kafka every collection asks.
 const DESCRIBE_RETRY: Duration = Duration::from_secs(600);
 
 /// Groups whose committed offsets are fetched at once.
@@ -335,7 +337,9 @@ impl LagMonitor {
     fn collect_blocking(&self, only: Option<Vec<String>>) -> Result<Snapshot, Error> {
         let started = Instant::now();
         let collected_at = Utc::now();
-        // Which groups.
+        let mut cache = self.cache.lock().expect("lag cache lock");
+        // Which groups. Members are unknown when the broker did not describe them: always on
+        // tansu, on Kafka when a describe failed (it is asked again next time).
         let mut members_unknown = None;
         let mut described: BTreeMap<String, groups::Group> = BTreeMap::new();
         let wanted: Option<Vec<String>> = only
@@ -345,7 +349,7 @@ impl LagMonitor {
                 for name in names {
                     described.insert(name.clone(), bare(name));
                 }
-                match self.describe_all(Duration::from_secs(5)) {
+                match self.describe_all(&mut cache, Duration::from_secs(5)) {
                     Ok(all) => {
                         for g in all {
                             if let Some(slot) = described.get_mut(&g.name) {
@@ -360,8 +364,9 @@ impl LagMonitor {
                 }
             }
             None => {
-                let (all, why) = groups::list(&self.kafka, TIMEOUT, self.describe_all(TIMEOUT))
-                    .map_err(Error::Groups)?;
+                let described_all = self.describe_all(&mut cache, TIMEOUT);
+                let (all, why) =
+                    groups::list(&self.kafka, TIMEOUT, described_all).map_err(Error::Groups)?;
                 members_unknown = why;
                 for g in all {
                     described.insert(g.name.clone(), g);
@@ -372,7 +377,6 @@ impl LagMonitor {
             }
         }
         // Which partitions.
-        let mut cache = self.cache.lock().expect("lag cache lock");
         let metadata_client = self.client(&mut cache, "agentbus-lag")?;
         let metadata = metadata_client.fetch_metadata(None, TIMEOUT)?;
         let mut all = TopicPartitionList::new();
@@ -637,9 +641,21 @@ impl LagMonitor {
         })
     }
 
-    /// Every group, described by the broker; not asked again within [`DESCRIBE_RETRY`] of a
-    /// failure (a broker that fails it drops the connection), the failure's reason instead.
-    fn describe_all(&self, timeout: Duration) -> Result<Vec<groups::Group>, String> {
+    /// Every group, described by the broker: on Apache Kafka through the metadata client,
+    /// every time. With [`Quirks::no_describe_groups`](crate::broker::Quirks), on a client of
+    /// its own (the broker drops the connection) and not asked again within
+    /// [`DESCRIBE_RETRY`] of a failure, the failure's reason instead.
+    fn describe_all(
+        &self,
+        cache: &mut Cache,
+        timeout: Duration,
+    ) -> Result<Vec<groups::Group>, String> {
+        if !self.kafka.quirks().no_describe_groups {
+            let client = self
+                .client(cache, "agentbus-lag")
+                .map_err(|e| e.to_string())?;
+            return groups::describe_with(client, None, timeout);
+        }
         let mut failure = self.describe_failure.lock().expect("describe failure lock");
         if let Some((at, why)) = failure.as_ref()
             && at.elapsed() < DESCRIBE_RETRY

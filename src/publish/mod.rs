@@ -24,6 +24,7 @@ use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 
 use crate::{
+    broker::Quirks,
     config::KafkaArgs,
     envelope::{Envelope, format_time},
     schema::{self, Registry, SchemaVersion, Violation},
@@ -111,24 +112,25 @@ pub struct Publisher {
     created: Instant,
 }
 
-/// The publisher's producer, and whether a delivery on it timed out.
+/// The publisher's producer, and whether it must be replaced (a delivery on it failed
+/// fatally, or timed out on a broker with [`Quirks::renew_producer_after_timeout`]).
 #[derive(Clone)]
 pub struct CurrentProducer {
     /// Send with this one.
     pub producer: FutureProducer,
-    timed_out: Arc<AtomicBool>,
+    spoiled: Arc<AtomicBool>,
 }
 
 impl CurrentProducer {
     fn new(producer: FutureProducer) -> Self {
         CurrentProducer {
             producer,
-            timed_out: Arc::new(AtomicBool::new(false)),
+            spoiled: Arc::new(AtomicBool::new(false)),
         }
     }
 
-    fn has_timed_out(&self) -> bool {
-        self.timed_out.load(Ordering::Relaxed)
+    fn is_spoiled(&self) -> bool {
+        self.spoiled.load(Ordering::Relaxed)
     }
 }
 
@@ -205,16 +207,18 @@ impl Publisher {
         self.producer.read().expect("producer lock").clone()
     }
 
-    /// Replaces the producer by a new one (a new idempotent producer id) if a delivery on it
-    /// timed out, at most once per [`RENEW_AT_MOST_EVERY`]. After deliveries timed out,
-    /// librdkafka bumps the producer's epoch; a broker that mishandles that (tansu 0.6 panics
-    /// on it and then fails every request until restarted) would never take this producer's
-    /// writes again. A new producer starts clean. The old one's queued deliveries fail (503:
-    /// not acknowledged). A producer none of whose deliveries timed out is kept: replacing it
-    /// under a slow broker would fail its writes in flight for nothing.
+    /// Replaces the producer by a new one (a new idempotent producer id) if it is spoiled, at
+    /// most once per [`RENEW_AT_MOST_EVERY`]. On every broker, a delivery that failed with a
+    /// fatal error spoils it: an idempotent librdkafka producer that raised a fatal error
+    /// fails every later send. With [`Quirks::renew_producer_after_timeout`] (tansu 0.6), a
+    /// timed-out delivery spoils it too: librdkafka then bumps the producer's epoch, which
+    /// tansu panics on, failing every request until restarted. A new producer starts clean.
+    /// The old one's queued deliveries fail (503: not acknowledged). A producer that is not
+    /// spoiled is kept: replacing it under a slow broker would fail its writes in flight for
+    /// nothing.
     pub fn renew_producer(&self, why: &str) {
         let mut renewed = self.renewed.lock().expect("renew lock");
-        if !self.current_producer().has_timed_out()
+        if !self.current_producer().is_spoiled()
             || renewed.is_some_and(|at| at.elapsed() < RENEW_AT_MOST_EVERY)
         {
             return;
@@ -234,10 +238,24 @@ impl Publisher {
         }
     }
 
-    /// Notes that a delivery on `producer` timed out, and renews it (see
-    /// [`Publisher::renew_producer`]).
+    /// Notes that a delivery on `producer` timed out. Only with
+    /// [`Quirks::renew_producer_after_timeout`] is the producer renewed for it (see
+    /// [`Publisher::renew_producer`]); on Apache Kafka librdkafka's own epoch bump recovers
+    /// the producer, which is kept.
     pub fn delivery_timed_out(&self, producer: &CurrentProducer, why: &str) {
-        producer.timed_out.store(true, Ordering::Relaxed);
+        let Quirks {
+            renew_producer_after_timeout,
+            ..
+        } = self.kafka.quirks();
+        if renew_producer_after_timeout {
+            self.delivery_failed_fatally(producer, why);
+        }
+    }
+
+    /// Notes that a delivery on `producer` failed with a fatal (idempotence) error, and renews
+    /// it, on every broker (see [`Publisher::renew_producer`]).
+    pub fn delivery_failed_fatally(&self, producer: &CurrentProducer, why: &str) {
+        producer.spoiled.store(true, Ordering::Relaxed);
         self.renew_producer(why);
     }
 
@@ -549,9 +567,9 @@ impl Publisher {
                 .headers(headers);
             pending.push(producer.send_result(record).map_err(|(e, _)| e));
         }
-        let timed_out = AtomicBool::new(false);
+        let (timed_out, fatal) = (AtomicBool::new(false), AtomicBool::new(false));
         let waits = pending.into_iter().map(|sent| {
-            let timed_out = &timed_out;
+            let (timed_out, fatal) = (&timed_out, &fatal);
             async move {
                 let future = sent.map_err(describe)?;
                 let late = || {
@@ -571,7 +589,7 @@ impl Publisher {
                     Ok(Ok(Err((e, _)))) => {
                         // An idempotence fatal error fails every later send too: renew.
                         if e.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
-                            timed_out.store(true, Ordering::Relaxed);
+                            fatal.store(true, Ordering::Relaxed);
                         }
                         Err(describe(e))
                     }
@@ -583,8 +601,10 @@ impl Publisher {
             }
         });
         let results = join_all(waits).await;
-        if timed_out.load(Ordering::Relaxed) {
-            self.delivery_timed_out(&current, "deliveries timed out or failed for good");
+        if fatal.load(Ordering::Relaxed) {
+            self.delivery_failed_fatally(&current, "a delivery failed for good");
+        } else if timed_out.load(Ordering::Relaxed) {
+            self.delivery_timed_out(&current, "deliveries timed out");
         }
         results
     }
@@ -700,9 +720,13 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Watches the broker with a metadata request every `interval`, so that publishes fail
 /// fast while it is away and `/readyz` tells the truth. It counts as reachable from the first
 /// answer, and as unreachable after [`PROBES_TO_FAIL`] probes in a row got none while no
-/// delivery was acknowledged either: a broker busy enough to answer a probe late (tansu under
-/// load) is still there as long as it acknowledges writes, and renewing the producer under
-/// it would fail the writes in flight.
+/// delivery was acknowledged either: a broker busy enough to answer a probe late is still
+/// there as long as it acknowledges writes. That holds on every broker, not as a quirk: tansu
+/// under load showed it first, but a busy Apache Kafka (a saturated network or request
+/// thread, a long GC pause between two answers) can answer a metadata probe late too, and an
+/// acknowledged delivery is proof of reachability whatever the broker. Turning publishes away
+/// (and, with [`Quirks::renew_producer_after_timeout`], renewing the producer) under it would
+/// fail writes the broker takes.
 pub async fn watch_broker(
     publisher: Arc<Publisher>,
     up: Arc<AtomicBool>,
@@ -720,11 +744,11 @@ pub async fn watch_broker(
             || publisher.acknowledged_within(interval);
         failures = if answered { 0 } else { failures + 1 };
         let reachable = answered || (up.load(Ordering::Relaxed) && failures < PROBES_TO_FAIL);
-        // While the broker is away, and before it counts as back, a producer whose deliveries
-        // timed out (or failed for good) is replaced, so that it is gone before it can reach
-        // the broker again; each tick, since a renewal may have been held back by
-        // RENEW_AT_MOST_EVERY. (librdkafka reconnects by itself, so a producer still dirty when
-        // the broker answers may meet it before this: that is the remaining window.)
+        // While the broker is away, and before it counts as back, a spoiled producer (a
+        // delivery failed for good, or timed out on tansu) is replaced, so that it is gone
+        // before it can reach the broker again; each tick, since a renewal may have been held
+        // back by RENEW_AT_MOST_EVERY. (librdkafka reconnects by itself, so a producer still
+        // dirty when the broker answers may meet it before this: that is the remaining window.)
         if !reachable || !up.load(Ordering::Relaxed) {
             publisher.renew_producer("deliveries failed while the broker was unreachable");
         }
@@ -749,9 +773,15 @@ mod tests {
 
     /// A publisher whose broker is nowhere: producers are created, nothing is sent.
     fn publisher(dir: &std::path::Path) -> Publisher {
+        publisher_for(dir, crate::broker::BrokerQuirks::None)
+    }
+
+    /// [`publisher`] working around `quirks`.
+    fn publisher_for(dir: &std::path::Path, quirks: crate::broker::BrokerQuirks) -> Publisher {
         let kafka = KafkaArgs {
             brokers: "127.0.0.1:1".into(),
             topic_prefix: String::new(),
+            broker_quirks: quirks,
         };
         let schemas = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
         Publisher::new(
@@ -771,10 +801,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_producer_is_renewed_only_after_a_delivery_on_it_timed_out_and_not_twice_in_a_row()
-    {
+    async fn on_tansu_the_producer_is_renewed_only_after_a_delivery_on_it_timed_out_and_not_twice_in_a_row()
+     {
         let dir = tempfile::tempdir().unwrap();
-        let p = publisher(dir.path());
+        let p = publisher_for(dir.path(), crate::broker::BrokerQuirks::Tansu);
         let first = id(&p);
         // The broker watch flips (either way): a producer without timed-out deliveries stays.
         p.renew_producer("the broker became unreachable");
@@ -798,6 +828,25 @@ mod tests {
         *p.renewed.lock().unwrap() = Some(Instant::now() - RENEW_AT_MOST_EVERY);
         p.renew_producer("the broker is back");
         assert_ne!(id(&p), second);
+    }
+
+    #[tokio::test]
+    async fn on_kafka_a_timed_out_delivery_keeps_the_producer_and_a_fatal_error_renews_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = publisher(dir.path());
+        let first = id(&p);
+        // librdkafka's own epoch bump recovers the producer on Kafka: kept, also when the
+        // broker watch flips afterwards.
+        p.delivery_timed_out(&p.current_producer(), "deliveries timed out");
+        p.renew_producer("the broker became unreachable");
+        assert_eq!(
+            id(&p),
+            first,
+            "a producer was renewed for a timeout on Kafka"
+        );
+        // A fatal idempotence error makes a producer unusable on any broker: renewed.
+        p.delivery_failed_fatally(&p.current_producer(), "a delivery failed for good");
+        assert_ne!(id(&p), first, "a producer that failed fatally was kept");
     }
 
     #[test]

@@ -65,6 +65,25 @@ pub fn brokers() -> String {
         .clone()
 }
 
+/// The broker quirks of the test broker: tansu's when the suite runs on it
+/// (`AGENTBUS_LOCAL_BROKER=tansu`), none on Apache Kafka.
+pub fn broker_quirks() -> agentbus::broker::BrokerQuirks {
+    if std::env::var("AGENTBUS_LOCAL_BROKER").is_ok_and(|b| b == "tansu") {
+        agentbus::broker::BrokerQuirks::Tansu
+    } else {
+        agentbus::broker::BrokerQuirks::None
+    }
+}
+
+/// [`broker_quirks`] as the value of `AGENTBUS_BROKER_QUIRKS`, for `agentbus` processes a
+/// test starts.
+pub fn broker_quirks_setting() -> &'static str {
+    match broker_quirks() {
+        agentbus::broker::BrokerQuirks::Tansu => "tansu",
+        agentbus::broker::BrokerQuirks::None => "none",
+    }
+}
+
 /// A unique topic prefix for one test.
 pub fn unique_prefix() -> String {
     format!("t{}.", uuid::Uuid::new_v4().simple())
@@ -180,6 +199,11 @@ pub async fn spawn(options: Options) -> TestApp {
     // The lag monitor collects on demand only, unless a test asks for an interval.
     if !options.extra.iter().any(|a| a == "--lag-interval") {
         args.extend(["--lag-interval".to_string(), "0s".to_string()]);
+    }
+    if broker_quirks() == agentbus::broker::BrokerQuirks::Tansu
+        && !options.extra.iter().any(|a| a == "--broker-quirks")
+    {
+        args.extend(["--broker-quirks".to_string(), "tansu".to_string()]);
     }
     args.extend(options.extra);
     let settings = Wrapper::try_parse_from(args).unwrap().serve;
