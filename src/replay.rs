@@ -987,6 +987,7 @@ mod tests {
         let kafka = KafkaArgs {
             brokers: "x".into(),
             topic_prefix: "t1-".into(),
+            ..KafkaArgs::default()
         };
         let mut r = request();
         r.event_types = vec![

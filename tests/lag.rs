@@ -31,6 +31,7 @@ async fn history(app: &TestApp) -> (String, [Vec<i64>; 2]) {
     let kafka = KafkaArgs {
         brokers: app.brokers.clone(),
         topic_prefix: app.prefix.clone(),
+        ..KafkaArgs::default()
     };
     topics::ensure(
         &kafka,

@@ -37,6 +37,7 @@ fn kafka(app: &TestApp) -> KafkaArgs {
     KafkaArgs {
         brokers: app.brokers.clone(),
         topic_prefix: app.prefix.clone(),
+        ..KafkaArgs::default()
     }
 }
 
@@ -447,6 +448,7 @@ async fn reset_offsets_plans_refuses_an_active_group_and_moves_an_idle_one() {
             &KafkaArgs {
                 brokers: b,
                 topic_prefix: String::new(),
+                ..KafkaArgs::default()
             },
             Some(&g),
             Duration::from_secs(5),

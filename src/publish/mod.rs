@@ -661,6 +661,7 @@ mod tests {
         let kafka = KafkaArgs {
             brokers: "127.0.0.1:1".into(),
             topic_prefix: String::new(),
+            ..KafkaArgs::default()
         };
         let schemas = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
         Publisher::new(
