@@ -360,3 +360,122 @@ pub fn free_port() -> u16 {
 pub fn agentbus_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_agentbus"))
 }
+
+/// A broker of one test's own, started through `ops/broker.sh` (Apache Kafka, or tansu with
+/// `AGENTBUS_LOCAL_BROKER=tansu`) on free ports (its listener and its controller's) and a
+/// temporary data directory, so that a test may stop and restart it; stopped when dropped,
+/// whatever happened. `AGENTBUS_BROKERS` (the shared broker) does not apply to it.
+pub struct OwnBroker {
+    /// The bootstrap address of its PLAINTEXT listener.
+    pub addr: String,
+    pub port: u16,
+    pub controller_port: u16,
+    pub dir: tempfile::TempDir,
+    extra_config: Option<PathBuf>,
+    format_args: Option<String>,
+}
+
+/// What an [`OwnBroker`] is started with besides its own ports and directory.
+#[derive(Default)]
+pub struct OwnBrokerOptions {
+    /// `server.properties` lines added to the generated ones (more listeners, TLS, SASL);
+    /// `{dir}` stands for the broker's data directory.
+    pub extra_config: String,
+    /// Arguments of the storage format (`--add-scram ...`), used by the first start only.
+    pub format_args: String,
+}
+
+impl OwnBroker {
+    /// Starts one on a plain listener. `None` (and a line saying so) when
+    /// `AGENTBUS_NO_OWN_BROKER` is set: a machine that runs the suite against an external
+    /// Kafka only, without Java for a broker of its own.
+    pub async fn start() -> Option<OwnBroker> {
+        Self::start_with(OwnBrokerOptions::default()).await
+    }
+
+    /// Like [`OwnBroker::start`], with more listeners or format arguments.
+    pub async fn start_with(options: OwnBrokerOptions) -> Option<OwnBroker> {
+        if std::env::var_os("AGENTBUS_NO_OWN_BROKER").is_some() {
+            eprintln!("skipped: AGENTBUS_NO_OWN_BROKER is set, and this test needs its own broker");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let controller_port = loop {
+            let p = free_port();
+            if p != port {
+                break p;
+            }
+        };
+        let extra_config = (!options.extra_config.is_empty()).then(|| {
+            let path = dir.path().join("extra.properties");
+            let text = options
+                .extra_config
+                .replace("{dir}", dir.path().to_str().unwrap());
+            std::fs::write(&path, text).unwrap();
+            path
+        });
+        let mut broker = OwnBroker {
+            addr: String::new(),
+            port,
+            controller_port,
+            dir,
+            extra_config,
+            format_args: (!options.format_args.is_empty()).then_some(options.format_args),
+        };
+        broker.addr = broker.run("start").await;
+        Some(broker)
+    }
+
+    /// `ops/broker.sh ACTION` for this broker.
+    pub fn command(&self, action: &str) -> Command {
+        let mut cmd = Command::new(root().join("ops/broker.sh"));
+        cmd.arg(action)
+            .env("AGENTBUS_DATA_DIR", self.dir.path())
+            .env("AGENTBUS_BROKER_PORT", self.port.to_string())
+            .env(
+                "AGENTBUS_BROKER_CONTROLLER_PORT",
+                self.controller_port.to_string(),
+            )
+            .env_remove("AGENTBUS_BROKERS")
+            .env_remove("AGENTBUS_BROKER_EXTRA_CONFIG")
+            .env_remove("AGENTBUS_BROKER_FORMAT_ARGS");
+        if let Some(path) = &self.extra_config {
+            cmd.env("AGENTBUS_BROKER_EXTRA_CONFIG", path);
+        }
+        if let Some(args) = &self.format_args {
+            cmd.env("AGENTBUS_BROKER_FORMAT_ARGS", args);
+        }
+        cmd
+    }
+
+    /// Runs `ops/broker.sh ACTION` (start, stop, status) and returns what it printed;
+    /// fails the test when it fails.
+    pub async fn run(&self, action: &str) -> String {
+        let mut cmd = self.command(action);
+        let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ops/broker.sh {action}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// What the broker logged (its process output and, for Kafka, its server log).
+    pub fn log(&self) -> String {
+        ["kafka/broker.log", "kafka/server.log", "tansu/broker.log"]
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(self.dir.path().join(f)).ok())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        let _ = self.command("stop").output();
+    }
+}
