@@ -373,11 +373,14 @@ pub struct OwnBroker {
     pub dir: tempfile::TempDir,
     extra_config: Option<PathBuf>,
     format_args: Option<String>,
+    listeners: Option<String>,
 }
 
 /// What an [`OwnBroker`] is started with besides its own ports and directory.
 #[derive(Default)]
 pub struct OwnBrokerOptions {
+    /// Listeners beside PLAINTEXT, `NAME://127.0.0.1:PORT,...` (`AGENTBUS_BROKER_LISTENERS`).
+    pub listeners: String,
     /// `server.properties` lines added to the generated ones (more listeners, TLS, SASL);
     /// `{dir}` stands for the broker's data directory.
     pub extra_config: String,
@@ -422,6 +425,7 @@ impl OwnBroker {
             dir,
             extra_config,
             format_args: (!options.format_args.is_empty()).then_some(options.format_args),
+            listeners: (!options.listeners.is_empty()).then_some(options.listeners),
         };
         broker.addr = broker.run("start").await;
         Some(broker)
@@ -439,7 +443,11 @@ impl OwnBroker {
             )
             .env_remove("AGENTBUS_BROKERS")
             .env_remove("AGENTBUS_BROKER_EXTRA_CONFIG")
-            .env_remove("AGENTBUS_BROKER_FORMAT_ARGS");
+            .env_remove("AGENTBUS_BROKER_FORMAT_ARGS")
+            .env_remove("AGENTBUS_BROKER_LISTENERS");
+        if let Some(listeners) = &self.listeners {
+            cmd.env("AGENTBUS_BROKER_LISTENERS", listeners);
+        }
         if let Some(path) = &self.extra_config {
             cmd.env("AGENTBUS_BROKER_EXTRA_CONFIG", path);
         }
