@@ -17,11 +17,11 @@ export AGENTBUS_DATA_DIR=${AGENTBUS_DATA_DIR:-$PWD/data}
 export AGENTBUS_SCHEMAS_DIR=${AGENTBUS_SCHEMAS_DIR:-$PWD/schemas}
 export AGENTBUS_CONSUMERS_DIR=${AGENTBUS_CONSUMERS_DIR:-$PWD/consumers}
 
-# librdkafka is built with TLS (OpenSSL's headers) and zstd (zstd-sys wants libclang).
+# librdkafka is built with TLS (OpenSSL's headers); aws-lc-sys (rustls) with cmake.
 packages=()
 pkg-config --exists openssl 2>/dev/null || packages+=(libssl-dev pkg-config)
 command -v cc >/dev/null || packages+=(build-essential)
-ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/*/libclang*.so* >/dev/null 2>&1 || packages+=(libclang-dev)
+command -v cmake >/dev/null || packages+=(cmake)
 if [ ${#packages[@]} -gt 0 ]; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     echo "==> installing from Debian: ${packages[*]}"

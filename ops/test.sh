@@ -6,9 +6,9 @@
 #   ops/test.sh --test codecs ...    anything else goes to `cargo test` (a subset)
 #
 # On a machine with nothing but the Rust toolchain it installs, from Debian, what the build
-# and the tests need (a C toolchain, perl, OpenSSL's headers, libclang for zstd-sys,
-# Prometheus, and Docker Compose where a docker client is installed), and through
-# ops/broker.sh a JRE, Maven and Apache Kafka's jars. It starts the tests' own broker on its
+# and the tests need (a C toolchain, cmake, perl, OpenSSL's headers, Prometheus, and Docker
+# Compose where a docker client is installed), and through ops/broker.sh a JRE, Maven and
+# Apache Kafka's jars. It starts the tests' own broker on its
 # own port and data directory (AGENTBUS_TEST_BROKER_PORT, default 19092; stopped again at the
 # end if this script started it) unless AGENTBUS_BROKERS points at another Kafka, runs the
 # whole cargo test suite (unit, property and integration tests against the real broker) and
@@ -56,10 +56,11 @@ apt_install() {
 }
 
 # librdkafka is built from source by rdkafka-sys: a C toolchain, make and perl; its TLS needs
-# OpenSSL's headers and pkg-config; zstd-sys (librdkafka's zstd) generates its bindings with
-# libclang. The scripts need curl, flock and setsid.
+# OpenSSL's headers and pkg-config (zstd-sys, lz4 and snappy need only the C compiler: no
+# bindgen, so no libclang). aws-lc-sys (rustls's crypto for reqwest) is built with cmake.
+# The scripts need curl, flock and setsid.
 packages=()
-for tool in cc c++ make perl curl flock setsid pkg-config; do
+for tool in cc c++ make cmake perl curl flock setsid pkg-config; do
   if ! command -v "$tool" >/dev/null; then
     case $tool in
       cc | c++ | make) packages+=(build-essential) ;;
@@ -69,9 +70,6 @@ for tool in cc c++ make perl curl flock setsid pkg-config; do
   fi
 done
 pkg-config --exists openssl 2>/dev/null || packages+=(libssl-dev)
-if ! ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/*/libclang*.so* >/dev/null 2>&1; then
-  packages+=(libclang-dev)
-fi
 # promtool checks the alert rules; a real Prometheus server scrapes agentbus in one test.
 install_prometheus=
 if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
