@@ -39,7 +39,9 @@ fn test_broker_port() -> String {
     std::env::var("AGENTBUS_TEST_BROKER_PORT").unwrap_or_else(|_| "19092".into())
 }
 
-/// Bootstrap servers of the test broker; starts the local one once per test binary.
+/// Bootstrap servers of the test broker: `AGENTBUS_BROKERS`, or the local one (Apache Kafka,
+/// or tansu with `AGENTBUS_LOCAL_BROKER=tansu`) on `AGENTBUS_TEST_BROKER_PORT` (default 19092)
+/// that `ops/broker.sh` starts once and every test binary after the first reuses.
 pub fn brokers() -> String {
     static BROKERS: OnceLock<String> = OnceLock::new();
     BROKERS
@@ -53,6 +55,10 @@ pub fn brokers() -> String {
                 .arg("start")
                 .env("AGENTBUS_DATA_DIR", test_broker_dir())
                 .env("AGENTBUS_BROKER_PORT", test_broker_port())
+                .envs(
+                    std::env::var("AGENTBUS_TEST_BROKER_CONTROLLER_PORT")
+                        .map(|p| ("AGENTBUS_BROKER_CONTROLLER_PORT", p)),
+                )
                 .output()
                 .expect("running ops/broker.sh");
             assert!(
