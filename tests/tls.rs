@@ -350,7 +350,10 @@ async fn publishes_runs_an_agent_and_reads_lag_through_kafkas_own_tls_and_scram_
     // A certificate signed by a CA agentbus does not trust: the same.
     let untrusted = [
         ("AGENTBUS_KAFKA_SECURITY_PROTOCOL", "ssl".to_string()),
-        ("AGENTBUS_KAFKA_SSL_CA_LOCATION", broker.cert("other-ca.pem")),
+        (
+            "AGENTBUS_KAFKA_SSL_CA_LOCATION",
+            broker.cert("other-ca.pem"),
+        ),
     ];
     let service = Service::start(&broker.ssl, None, &untrusted);
     let (status, body) = service.ready_within(Duration::from_secs(10)).await;
