@@ -479,6 +479,19 @@ mod tests {
     }
 
     #[test]
+    fn librdkafka_is_built_with_every_codec_tls_and_scram() {
+        let features = ClientConfig::new()
+            .create_native_config()
+            .unwrap()
+            .get("builtin.features")
+            .unwrap();
+        let features: Vec<&str> = features.split(',').collect();
+        for wanted in ["gzip", "snappy", "lz4", "zstd", "ssl", "sasl_scram"] {
+            assert!(features.contains(&wanted), "{wanted} not in {features:?}");
+        }
+    }
+
+    #[test]
     fn every_codec_is_built_into_librdkafka() {
         // librdkafka refuses a codec it was built without at client creation.
         for codec in ["gzip", "snappy", "lz4", "zstd"] {
