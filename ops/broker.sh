@@ -251,7 +251,9 @@ start() {
       echo "$addr"
       return
     fi
-    if ! running; then
+    # Alive, not running(): just after the start the pid may still be the subshell that is
+    # about to exec java, whose command line is not the broker's yet.
+    if ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
       echo "the broker exited; last lines of $log and $dir/server.log:" >&2
       tail -20 "$log" >&2
       tail -20 "$dir/server.log" >&2 2>/dev/null || true

@@ -1,5 +1,5 @@
 //! `ops/broker.sh`, the local broker of the tests and the quick start: many starters at once
-//! share one broker, a stop is clean, and a restart keeps the data.
+//! share one broker, a stop is clean, and a restart keeps the data, also after a crash.
 
 mod common;
 
@@ -104,5 +104,30 @@ async fn parallel_starts_share_one_broker_and_a_restart_keeps_its_topics() {
     assert!(
         listed.contains(&name),
         "{name} lost at the restart: {listed:?}"
+    );
+
+    // Killed (a crash, an OOM kill): the next start starts it again on the same data.
+    let crashed = pid(&broker);
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &crashed])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{crashed}")).exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "kill -9 did not end {crashed}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(broker.run("start").await, broker.addr);
+    let addr = broker.addr.clone();
+    let listed = tokio::task::spawn_blocking(move || topics(&addr))
+        .await
+        .unwrap();
+    assert!(
+        listed.contains(&name),
+        "{name} lost after a crash: {listed:?}"
     );
 }
