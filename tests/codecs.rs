@@ -23,7 +23,16 @@ use rdkafka::{
 };
 use serde_json::{Value, json};
 
-const CODECS: [&str; 4] = ["gzip", "snappy", "lz4", "zstd"];
+/// The codecs of the test; tansu 0.6 cannot read snappy batches (its fetch fails with
+/// `UnexpectedType("Snappy")` and the partition is stuck), so on tansu snappy is left out.
+fn codecs() -> Vec<&'static str> {
+    let all = vec!["gzip", "snappy", "lz4", "zstd"];
+    if on_tansu() {
+        eprintln!("tansu 0.6 serves no snappy batches: gzip, lz4 and zstd only");
+        return all.into_iter().filter(|c| *c != "snappy").collect();
+    }
+    all
+}
 
 /// One `agent.task.requested` as a foreign producer writes it: the Confluent wire format and
 /// the CloudEvents binary-mode headers of CONTRACT.md §3, at `at` (ms since the epoch).
@@ -172,7 +181,8 @@ async fn records_compressed_with_every_codec_are_handled_lagged_and_replayed() {
     .await;
     let topic = app.topic("agent");
     let now = chrono::Utc::now().timestamp_millis();
-    let producers: Vec<(&str, FutureProducer)> = CODECS
+    let codecs = codecs();
+    let producers: Vec<(&str, FutureProducer)> = codecs
         .iter()
         .map(|c| (*c, producer(&broker.addr, c)))
         .collect();
@@ -195,10 +205,10 @@ async fn records_compressed_with_every_codec_are_handled_lagged_and_replayed() {
     ))
     .await;
     let got = receiver
-        .wait_for(CODECS.len(), Duration::from_secs(60))
+        .wait_for(codecs.len(), Duration::from_secs(60))
         .await;
     let handled: BTreeSet<String> = receiver.descriptions().into_iter().collect();
-    let expected: BTreeSet<String> = CODECS.iter().map(|c| format!("first-{c}")).collect();
+    let expected: BTreeSet<String> = codecs.iter().map(|c| format!("first-{c}")).collect();
     assert_eq!(handled, expected, "{got:?}");
     assert!(
         got.iter().all(|r| r.event["source"] == "foreign-producer"),
@@ -220,7 +230,7 @@ async fn records_compressed_with_every_codec_are_handled_lagged_and_replayed() {
         )
         .await;
     }
-    let view = wait_lag(&app, &agent, CODECS.len() as i64).await;
+    let view = wait_lag(&app, &agent, codecs.len() as i64).await;
     let seconds = view["max_lag_seconds"].as_f64().unwrap();
     assert!(
         (299.0..400.0).contains(&seconds),
@@ -255,10 +265,10 @@ async fn records_compressed_with_every_codec_are_handled_lagged_and_replayed() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(done["status"], "succeeded", "{done}");
-    assert_eq!(done["copied"], 2 * CODECS.len(), "{done}");
+    assert_eq!(done["copied"], 2 * codecs.len(), "{done}");
     let replay_topic = format!("{}{agent}.replay", app.prefix);
     let copies = {
-        let (b, t, n) = (broker.addr.clone(), replay_topic.clone(), 2 * CODECS.len());
+        let (b, t, n) = (broker.addr.clone(), replay_topic.clone(), 2 * codecs.len());
         tokio::task::spawn_blocking(move || read_records(&b, &t, n))
             .await
             .unwrap()
@@ -273,7 +283,7 @@ async fn records_compressed_with_every_codec_are_handled_lagged_and_replayed() {
         })
         .collect();
     replayed.sort();
-    for codec in CODECS {
+    for codec in &codecs {
         for when in ["first", "later"] {
             assert!(
                 replayed
@@ -287,9 +297,9 @@ async fn records_compressed_with_every_codec_are_handled_lagged_and_replayed() {
     // The log files hold each codec, as written.
     if !on_tansu() {
         let stored = stored_codecs(&broker, &topic);
-        for codec in CODECS {
+        for codec in &codecs {
             assert!(
-                stored.contains(codec),
+                stored.contains(*codec),
                 "no {codec} batch in {topic}: {stored:?}"
             );
         }
