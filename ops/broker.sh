@@ -21,12 +21,18 @@
 #                               (or /tansu)
 #   AGENTBUS_BROKER_PORT        the PLAINTEXT listener, default 9092; the controller listens on
 #                               AGENTBUS_BROKER_CONTROLLER_PORT (default the port + 1)
+#   AGENTBUS_BROKER_LISTENERS   more listeners beside PLAINTEXT, each NAME://127.0.0.1:PORT,
+#                               comma-separated (NAME: SSL, SASL_SSL or SASL_PLAINTEXT, or any
+#                               name mapped in the extra config); also advertised
 #   AGENTBUS_BROKER_EXTRA_CONFIG a file of server.properties lines appended to the generated ones
-#                               (more listeners, TLS, SASL); it must keep the PLAINTEXT listener
-#   AGENTBUS_BROKER_FORMAT_ARGS extra arguments to the storage format (e.g. --add-scram ...),
-#                               used only when the storage is formatted
+#                               (TLS keystores, SASL mechanisms; a later line wins)
+#   AGENTBUS_BROKER_FORMAT_ARGS extra arguments to the storage format, split on blanks, never
+#                               globbed (e.g. --add-scram SCRAM-SHA-512=[name=alice,password=x]);
+#                               used only when the storage is formatted (the first start)
 #   AGENTBUS_BROKER_HEAP        the JVM heap, default 512m
-#   AGENTBUS_KAFKA_CACHE        where the jars go, default ~/.cache/agentbus
+#   AGENTBUS_BROKER_CACHE       where the jars go, default ~/.cache/agentbus (a variable named
+#                               AGENTBUS_KAFKA_* would be a librdkafka setting to agentbus)
+#   AGENTBUS_BROKER_START_TIMEOUT seconds to wait for the first answer, default 120
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -36,10 +42,11 @@ port=${AGENTBUS_BROKER_PORT:-9092}
 cport=${AGENTBUS_BROKER_CONTROLLER_PORT:-$((port + 1))}
 kind=${AGENTBUS_LOCAL_BROKER:-kafka}
 addr=127.0.0.1:$port
+extra_listeners=${AGENTBUS_BROKER_LISTENERS:-}
 
 # The one place the Kafka version is pinned is ops/kafka/pom.xml.
 kafka_version=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$root/ops/kafka/pom.xml")
-cache=${AGENTBUS_KAFKA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/agentbus}
+cache=${AGENTBUS_BROKER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/agentbus}
 kafka_home=$cache/kafka-$kafka_version
 libs=$kafka_home/libs
 tansu_version=0.6.0
@@ -53,7 +60,17 @@ pidfile=$dir/broker.pid
 log=$dir/broker.log
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; }
-running() { [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
+# Our broker runs: the pid in the pid file is alive and is the broker of this directory (not
+# a process that reused the pid after a reboot).
+running() {
+  [ -f "$pidfile" ] || return 1
+  local pid
+  pid=$(cat "$pidfile")
+  kill -0 "$pid" 2>/dev/null || return 1
+  local mine=$dir/server.properties
+  [ "$kind" = tansu ] && mine=tcp://$addr
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$mine"
+}
 
 as_root_apt() {
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
@@ -130,9 +147,9 @@ process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$cport
 controller.listener.names=CONTROLLER
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport${extra_listeners:+,$extra_listeners}
 # Never 0.0.0.0 or empty: that would advertise the host name.
-advertised.listeners=PLAINTEXT://127.0.0.1:$port
+advertised.listeners=PLAINTEXT://127.0.0.1:$port${extra_listeners:+,$extra_listeners}
 inter.broker.listener.name=PLAINTEXT
 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL,SASL_PLAINTEXT:SASL_PLAINTEXT
 log.dirs=$dir/logs
@@ -166,11 +183,15 @@ start_kafka() {
   install_kafka
   write_config
   if [ ! -f "$dir/logs/meta.properties" ]; then
-    local id
-    id=$(tool kafka.tools.StorageTool random-uuid)
-    # shellcheck disable=SC2086
+    local id format_args=()
+    # A cluster id as kafka-storage random-uuid makes it (16 random bytes, URL-safe base64
+    # without padding), without a JVM start for it.
+    id=$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')
+    # Split on blanks without globbing: SCRAM credentials are written [name=...,password=...].
+    read -r -a format_args <<<"${AGENTBUS_BROKER_FORMAT_ARGS:-}"
+    # The format's own output names the SCRAM users, never their passwords; it goes to the log.
     tool kafka.tools.StorageTool format -t "$id" -c "$dir/server.properties" \
-      ${AGENTBUS_BROKER_FORMAT_ARGS:-} >>"$log" 2>&1 || {
+      "${format_args[@]}" >>"$log" 2>&1 || {
       echo "formatting the storage failed; last lines of $log:" >&2
       tail -20 "$log" >&2
       exit 1
@@ -224,13 +245,15 @@ start() {
       tansu) start_tansu ;;
     esac
   fi
-  local started=$SECONDS
-  while [ $((SECONDS - started)) -lt 90 ]; do
+  local started=$SECONDS limit=${AGENTBUS_BROKER_START_TIMEOUT:-120}
+  while [ $((SECONDS - started)) -lt "$limit" ]; do
     if answers; then
       echo "$addr"
       return
     fi
-    if ! running; then
+    # Alive, not running(): just after the start the pid may still be the subshell that is
+    # about to exec java, whose command line is not the broker's yet.
+    if ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
       echo "the broker exited; last lines of $log and $dir/server.log:" >&2
       tail -20 "$log" >&2
       tail -20 "$dir/server.log" >&2 2>/dev/null || true
@@ -238,12 +261,16 @@ start() {
     fi
     sleep 0.5
   done
-  echo "the broker did not answer on $addr within 90 s; see $log" >&2
+  echo "the broker did not answer on $addr within $limit s; see $log and $dir/server.log" >&2
   exit 1
 }
 
 stop() {
   [ -n "${AGENTBUS_BROKERS:-}" ] && return
+  [ -d "$dir" ] || return 0
+  # Not while another call starts it.
+  exec 9>"$dir/.lock"
+  flock 9
   if running; then
     pid=$(cat "$pidfile")
     kill "$pid"

@@ -6,8 +6,10 @@
 #   ops/chaos.sh broker       only those whose test name matches (cargo test filter):
 #                             broker, sigkilled, dedup_store, did_not_write
 #
-# Scenarios: the broker stopped and restarted under a steady publish load (a broker of its own
-# on a free port and a temporary data directory, never the shared test broker); the service
+# Scenarios: the broker stopped and restarted under a steady publish load (an Apache Kafka of
+# its own, started by ops/broker.sh on free ports and a temporary data directory, never the
+# shared test broker, also when AGENTBUS_BROKERS names one; tansu with
+# AGENTBUS_LOCAL_BROKER=tansu); the service
 # SIGKILLed under load, restarted, and every event retried; an agent whose dedup store becomes
 # unwritable (needs root: chattr +i); records agentbus did not write on a subscribed topic.
 #
@@ -42,7 +44,15 @@ export CHAOS_AGENT_EVENTS=${CHAOS_AGENT_EVENTS:-200}
 # The shared test broker (the scenarios that do not stop a broker use it), as ops/test.sh.
 export AGENTBUS_TEST_BROKER_PORT=${AGENTBUS_TEST_BROKER_PORT:-19092}
 export AGENTBUS_TEST_DATA_DIR=${AGENTBUS_TEST_DATA_DIR:-$PWD/target/test-data}
-broker() { AGENTBUS_BROKER_PORT=$AGENTBUS_TEST_BROKER_PORT AGENTBUS_DATA_DIR=$AGENTBUS_TEST_DATA_DIR ops/broker.sh "$@"; }
+broker() {
+  AGENTBUS_BROKER_PORT=$AGENTBUS_TEST_BROKER_PORT \
+    AGENTBUS_BROKER_CONTROLLER_PORT=${AGENTBUS_TEST_BROKER_CONTROLLER_PORT:-$((AGENTBUS_TEST_BROKER_PORT + 1))} \
+    AGENTBUS_DATA_DIR=$AGENTBUS_TEST_DATA_DIR ops/broker.sh "$@"
+}
+# Kafka's jars for the scenarios' own brokers, also when the shared one is external.
+if [ "${AGENTBUS_LOCAL_BROKER:-kafka}" = kafka ]; then
+  (unset AGENTBUS_BROKERS; ops/broker.sh install)
+fi
 started_broker=
 if [ -z "${AGENTBUS_BROKERS:-}" ] && ! broker status >/dev/null 2>&1; then
   started_broker=1

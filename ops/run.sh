@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: build agentbus, start the local broker (tansu, installed on
-# first use) unless AGENTBUS_BROKERS is set, run `agentbus serve` with the sample schemas,
-# show the loop working (a publish with curl and one with `agentbus publish`, read back),
-# print where the API and metrics are, and keep serving until Ctrl-C.
+# The quick start on a fresh machine: build agentbus, start the local Apache Kafka (one KRaft
+# node; a JRE, Maven and Kafka's jars installed on first use by ops/broker.sh; tansu instead
+# with AGENTBUS_LOCAL_BROKER=tansu) unless AGENTBUS_BROKERS is set, run `agentbus serve` with
+# the sample schemas and agents, show the loop working (a publish with curl and one with
+# `agentbus publish`, an agent taking the task, its lag as agentbus and as Kafka's own
+# kafka-consumer-groups see it), print where the API and metrics are, and keep serving until
+# Ctrl-C.
+#
+#   AGENTBUS_RUN_DEBUG=1   a debug build (much faster to build, slower to run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH=$HOME/.cargo/bin:$PATH
@@ -12,13 +17,29 @@ export AGENTBUS_DATA_DIR=${AGENTBUS_DATA_DIR:-$PWD/data}
 export AGENTBUS_SCHEMAS_DIR=${AGENTBUS_SCHEMAS_DIR:-$PWD/schemas}
 export AGENTBUS_CONSUMERS_DIR=${AGENTBUS_CONSUMERS_DIR:-$PWD/consumers}
 
-if ! pkg-config --exists openssl 2>/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  echo "==> installing OpenSSL headers (librdkafka is built with TLS)"
-  apt-get install -y -qq libssl-dev pkg-config >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq libssl-dev pkg-config >/dev/null; }
+# librdkafka is built with TLS (OpenSSL's headers); aws-lc-sys (rustls) with cmake.
+packages=()
+pkg-config --exists openssl 2>/dev/null || packages+=(libssl-dev pkg-config)
+command -v cc >/dev/null || packages+=(build-essential)
+command -v cmake >/dev/null || packages+=(cmake)
+if [ ${#packages[@]} -gt 0 ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "==> installing from Debian: ${packages[*]}"
+    apt-get update -qq && apt-get install -y -qq "${packages[@]}" >/dev/null
+  else
+    echo "missing: ${packages[*]} (Debian package names)" >&2
+    exit 1
+  fi
 fi
-echo "==> building agentbus (release)"
-cargo build --release --quiet --bin agentbus
-bin=target/release/agentbus
+if [ -n "${AGENTBUS_RUN_DEBUG:-}" ]; then
+  echo "==> building agentbus (debug)"
+  cargo build --quiet --bin agentbus
+  bin=target/debug/agentbus
+else
+  echo "==> building agentbus (release)"
+  cargo build --release --quiet --bin agentbus
+  bin=target/release/agentbus
+fi
 
 echo "==> broker"
 AGENTBUS_BROKERS=$(ops/broker.sh start)
@@ -67,8 +88,13 @@ for _ in $(seq 1 100); do
   sleep 0.2
 done
 curl -sS "$url/metrics" | grep -E '^agentbus_events_(published|consumed)_total' || true
-echo "==> consumer lag of the agent (agentbus lag --group nutrition-planner)"
+echo "==> the agent's group: state, members and lag (agentbus lag --group nutrition-planner)"
 $bin lag --group nutrition-planner || true
+if [ "${AGENTBUS_LOCAL_BROKER:-kafka}" = kafka ]; then
+  echo "==> the same group as Kafka's own tool sees it (kafka-consumer-groups --describe)"
+  ops/broker.sh tool org.apache.kafka.tools.consumer.group.ConsumerGroupCommand \
+    --bootstrap-server "$AGENTBUS_BROKERS" --describe --group nutrition-planner 2>&1 || true
+fi
 echo "==> what replaying the last hour of tasks to it would copy (agentbus replay --dry-run)"
 $bin replay --from 1h --event-type 'agent.task.*' --to-agent nutrition-planner --dry-run | tail -1 || true
 

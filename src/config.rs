@@ -22,26 +22,282 @@ pub struct KafkaArgs {
     /// producer's epoch bump, slow fetches). See [`crate::broker`].
     #[arg(long, env = "AGENTBUS_BROKER_QUIRKS", value_enum, default_value_t = crate::broker::BrokerQuirks::None)]
     pub broker_quirks: crate::broker::BrokerQuirks,
+
+    /// How every Kafka client of agentbus connects (TLS, SASL) and how its producers compress.
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
+impl Default for KafkaArgs {
+    /// The defaults of the flags: a local broker, no prefix, plaintext, lz4.
+    fn default() -> Self {
+        KafkaArgs {
+            brokers: "127.0.0.1:9092".into(),
+            topic_prefix: String::new(),
+            broker_quirks: crate::broker::BrokerQuirks::None,
+            client: ClientArgs::default(),
+        }
+    }
+}
+
+/// The security protocol of the connections to the brokers (librdkafka's `security.protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum SecurityProtocol {
+    /// No TLS, no authentication.
+    Plaintext,
+    /// TLS; the broker's certificate is verified against the CA (`--kafka-ssl-ca-location`,
+    /// or the system's trust store).
+    Ssl,
+    /// SASL authentication without TLS: the credentials of PLAIN cross the network in clear.
+    SaslPlaintext,
+    /// SASL authentication over TLS.
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    fn as_str(self) -> &'static str {
+        match self {
+            SecurityProtocol::Plaintext => "plaintext",
+            SecurityProtocol::Ssl => "ssl",
+            SecurityProtocol::SaslPlaintext => "sasl_plaintext",
+            SecurityProtocol::SaslSsl => "sasl_ssl",
+        }
+    }
+}
+
+/// The SASL mechanism (librdkafka's `sasl.mechanism`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SaslMechanism {
+    /// User name and password sent as they are (use it over TLS only).
+    #[value(name = "PLAIN", alias = "plain")]
+    Plain,
+    /// Salted challenge-response; the password never crosses the network.
+    #[value(name = "SCRAM-SHA-256", alias = "scram-sha-256")]
+    ScramSha256,
+    /// As SCRAM-SHA-256 with SHA-512.
+    #[value(name = "SCRAM-SHA-512", alias = "scram-sha-512")]
+    ScramSha512,
+    /// OAuth bearer tokens (librdkafka's `sasl.oauthbearer.*` settings through
+    /// `AGENTBUS_KAFKA_SASL_OAUTHBEARER_*`).
+    #[value(name = "OAUTHBEARER", alias = "oauthbearer")]
+    OauthBearer,
+    /// Kerberos (librdkafka's `sasl.kerberos.*` settings through
+    /// `AGENTBUS_KAFKA_SASL_KERBEROS_*`).
+    #[value(name = "GSSAPI", alias = "gssapi")]
+    Gssapi,
+}
+
+impl SaslMechanism {
+    fn as_str(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+            SaslMechanism::OauthBearer => "OAUTHBEARER",
+            SaslMechanism::Gssapi => "GSSAPI",
+        }
+    }
+}
+
+/// The codec agentbus's producers compress record batches with (librdkafka's
+/// `compression.type`). Consumers read every codec whatever this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[value(rename_all = "lowercase")]
+pub enum Compression {
+    /// Uncompressed batches.
+    None,
+    /// The most widely readable codec; the slowest of these.
+    Gzip,
+    /// Fast, a lower ratio than lz4 on typical Avro payloads.
+    Snappy,
+    /// The default: the least CPU per byte saved, which on the publish path (acks=all, a few
+    /// ms of linger) matters more than the last percent of ratio.
+    #[default]
+    Lz4,
+    /// The best ratio at more CPU; needs brokers ≥ 2.1.
+    Zstd,
+}
+
+impl Compression {
+    /// librdkafka's name of the codec.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Snappy => "snappy",
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
+/// A setting that must never be printed: its `Debug` says `<redacted>`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that hands it to librdkafka.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Secret(s.to_string())
+    }
+}
+
+/// How the Kafka clients connect and compress. Each is also reachable as the librdkafka
+/// setting it names; anything not here passes through as `AGENTBUS_KAFKA_<NAME>`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ClientArgs {
+    /// `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl` (librdkafka's default: plaintext).
+    #[arg(
+        long,
+        env = "AGENTBUS_KAFKA_SECURITY_PROTOCOL",
+        value_enum,
+        ignore_case = true
+    )]
+    pub kafka_security_protocol: Option<SecurityProtocol>,
+
+    /// `PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512`, `OAUTHBEARER` or `GSSAPI` (with a SASL protocol).
+    #[arg(
+        long,
+        env = "AGENTBUS_KAFKA_SASL_MECHANISM",
+        value_enum,
+        ignore_case = true
+    )]
+    pub kafka_sasl_mechanism: Option<SaslMechanism>,
+
+    /// The SASL user name.
+    #[arg(long, env = "AGENTBUS_KAFKA_SASL_USERNAME")]
+    pub kafka_sasl_username: Option<String>,
+
+    /// The SASL password. Prefer the environment variable to the flag (a flag shows in
+    /// `ps`); it is never logged.
+    #[arg(long, env = "AGENTBUS_KAFKA_SASL_PASSWORD", hide_env_values = true)]
+    pub kafka_sasl_password: Option<Secret>,
+
+    /// PEM file of the CA certificates that sign the brokers' certificates (default: the
+    /// system's trust store).
+    #[arg(long, env = "AGENTBUS_KAFKA_SSL_CA_LOCATION")]
+    pub kafka_ssl_ca_location: Option<PathBuf>,
+
+    /// PEM file of agentbus's own certificate, for brokers that authenticate clients by TLS.
+    #[arg(long, env = "AGENTBUS_KAFKA_SSL_CERTIFICATE_LOCATION")]
+    pub kafka_ssl_certificate_location: Option<PathBuf>,
+
+    /// PEM file of the key of that certificate.
+    #[arg(long, env = "AGENTBUS_KAFKA_SSL_KEY_LOCATION")]
+    pub kafka_ssl_key_location: Option<PathBuf>,
+
+    /// The password of that key, if it is encrypted; never logged.
+    #[arg(long, env = "AGENTBUS_KAFKA_SSL_KEY_PASSWORD", hide_env_values = true)]
+    pub kafka_ssl_key_password: Option<Secret>,
+
+    /// The codec of agentbus's producers: `none`, `gzip`, `snappy`, `lz4` or `zstd`.
+    #[arg(
+        long,
+        env = "AGENTBUS_COMPRESSION",
+        value_enum,
+        ignore_case = true,
+        default_value_t
+    )]
+    pub compression: Compression,
+}
+
+impl ClientArgs {
+    /// The librdkafka settings these stand for, secrets included.
+    fn settings(&self) -> Vec<(&'static str, String)> {
+        let path = |p: &PathBuf| p.display().to_string();
+        let mut out = Vec::new();
+        if let Some(p) = self.kafka_security_protocol {
+            out.push(("security.protocol", p.as_str().to_string()));
+        }
+        if let Some(m) = self.kafka_sasl_mechanism {
+            out.push(("sasl.mechanism", m.as_str().to_string()));
+        }
+        if let Some(u) = &self.kafka_sasl_username {
+            out.push(("sasl.username", u.clone()));
+        }
+        if let Some(p) = &self.kafka_sasl_password {
+            out.push(("sasl.password", p.expose().to_string()));
+        }
+        if let Some(p) = &self.kafka_ssl_ca_location {
+            out.push(("ssl.ca.location", path(p)));
+        }
+        if let Some(p) = &self.kafka_ssl_certificate_location {
+            out.push(("ssl.certificate.location", path(p)));
+        }
+        if let Some(p) = &self.kafka_ssl_key_location {
+            out.push(("ssl.key.location", path(p)));
+        }
+        if let Some(p) = &self.kafka_ssl_key_password {
+            out.push(("ssl.key.password", p.expose().to_string()));
+        }
+        out
+    }
+}
+
+/// `AGENTBUS_KAFKA_*` variables that are not librdkafka settings: the typed settings above
+/// (clap reads them), and the local broker script's own.
+const NOT_PASSED_THROUGH: &[&str] = &[
+    "SECURITY_PROTOCOL",
+    "SASL_MECHANISM",
+    "SASL_USERNAME",
+    "SASL_PASSWORD",
+    "SSL_CA_LOCATION",
+    "SSL_CERTIFICATE_LOCATION",
+    "SSL_KEY_LOCATION",
+    "SSL_KEY_PASSWORD",
+    "CACHE",
+];
+
 impl KafkaArgs {
-    /// A librdkafka configuration with the bootstrap servers and every extra setting given
-    /// as `AGENTBUS_KAFKA_<NAME>` (upper case, `_` for `.`): `AGENTBUS_KAFKA_SECURITY_PROTOCOL=ssl`
-    /// sets `security.protocol=ssl`. That is how TLS and SASL settings pass through.
+    /// A librdkafka configuration with the bootstrap servers, the security settings of
+    /// [`ClientArgs`] and every extra setting given as `AGENTBUS_KAFKA_<NAME>` (upper case,
+    /// `_` for `.`): `AGENTBUS_KAFKA_SSL_ENDPOINT_IDENTIFICATION_ALGORITHM=none` sets
+    /// `ssl.endpoint.identification.algorithm=none`.
     pub fn client_config(&self) -> ClientConfig {
         self.client_config_with(&[])
     }
 
     /// Like [`KafkaArgs::client_config`], with `defaults` set first so that an
-    /// `AGENTBUS_KAFKA_*` variable can still override each of them.
+    /// `AGENTBUS_KAFKA_*` variable can still override each of them. A producer's defaults
+    /// (those that set `acks`) also get `compression.type` from `--compression`; consumers
+    /// and admin clients do not, since librdkafka warns about a producer setting on them.
     pub fn client_config_with(&self, defaults: &[(&str, String)]) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.brokers);
+        if defaults.iter().any(|(name, _)| *name == "acks") {
+            config.set("compression.type", self.client.compression.as_str());
+        }
         for (name, value) in defaults {
             config.set(*name, value);
         }
+        for (name, value) in self.client.settings() {
+            config.set(name, value);
+        }
         for (name, value) in std::env::vars() {
-            if let Some(setting) = name.strip_prefix("AGENTBUS_KAFKA_") {
+            if let Some(setting) = name.strip_prefix("AGENTBUS_KAFKA_")
+                && !NOT_PASSED_THROUGH.contains(&setting)
+            {
                 config.set(setting.to_ascii_lowercase().replace('_', "."), value);
             }
         }
@@ -286,6 +542,95 @@ mod tests {
                 Ok(chrono::DateTime::UNIX_EPOCH),
                 "{early}"
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod kafka_args_tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+    }
+
+    fn parse(args: &[&str]) -> KafkaArgs {
+        Cli::try_parse_from(std::iter::once("agentbus").chain(args.iter().copied()))
+            .unwrap()
+            .kafka
+    }
+
+    #[test]
+    fn security_flags_become_librdkafka_settings_and_the_secrets_stay_out_of_debug() {
+        let kafka = parse(&[
+            "--kafka-security-protocol",
+            "SASL_SSL",
+            "--kafka-sasl-mechanism",
+            "scram-sha-512",
+            "--kafka-sasl-username",
+            "alice",
+            "--kafka-sasl-password",
+            "s3cr3t-pw",
+            "--kafka-ssl-ca-location",
+            "/etc/ca.pem",
+            "--kafka-ssl-key-password",
+            "k3y-pw",
+        ]);
+        let config = kafka.client_config();
+        assert_eq!(config.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(config.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+        assert_eq!(config.get("sasl.username"), Some("alice"));
+        assert_eq!(config.get("sasl.password"), Some("s3cr3t-pw"));
+        assert_eq!(config.get("ssl.ca.location"), Some("/etc/ca.pem"));
+        assert_eq!(config.get("ssl.key.password"), Some("k3y-pw"));
+        let printed = format!("{kafka:?}");
+        assert!(!printed.contains("s3cr3t-pw"), "{printed}");
+        assert!(!printed.contains("k3y-pw"), "{printed}");
+        assert!(printed.contains("alice"), "{printed}");
+    }
+
+    #[test]
+    fn only_producers_get_the_compression_codec_and_lz4_is_the_default() {
+        let kafka = parse(&[]);
+        assert_eq!(kafka.client.compression, Compression::Lz4);
+        let producer = kafka.client_config_with(&[("acks", "all".into())]);
+        assert_eq!(producer.get("compression.type"), Some("lz4"));
+        assert_eq!(kafka.client_config().get("compression.type"), None);
+        for codec in ["none", "gzip", "snappy", "lz4", "ZSTD"] {
+            let kafka = parse(&["--compression", codec]);
+            let producer = kafka.client_config_with(&[("acks", "all".into())]);
+            assert_eq!(
+                producer.get("compression.type"),
+                Some(codec.to_ascii_lowercase().as_str())
+            );
+        }
+        assert!(Cli::try_parse_from(["agentbus", "--compression", "brotli"]).is_err());
+    }
+
+    #[test]
+    fn librdkafka_is_built_with_every_codec_tls_and_scram() {
+        let features = ClientConfig::new()
+            .create_native_config()
+            .unwrap()
+            .get("builtin.features")
+            .unwrap();
+        let features: Vec<&str> = features.split(',').collect();
+        for wanted in ["gzip", "snappy", "lz4", "zstd", "ssl", "sasl_scram"] {
+            assert!(features.contains(&wanted), "{wanted} not in {features:?}");
+        }
+    }
+
+    #[test]
+    fn every_codec_is_built_into_librdkafka() {
+        // librdkafka refuses a codec it was built without at client creation.
+        for codec in ["gzip", "snappy", "lz4", "zstd"] {
+            let kafka = parse(&["--brokers", "127.0.0.1:1", "--compression", codec]);
+            let producer: Result<rdkafka::producer::BaseProducer, _> =
+                kafka.client_config_with(&[("acks", "all".into())]).create();
+            assert!(producer.is_ok(), "{codec}: {:?}", producer.err());
         }
     }
 }

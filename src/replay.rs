@@ -1285,6 +1285,7 @@ mod tests {
             brokers: "127.0.0.1:1".into(),
             topic_prefix: String::new(),
             broker_quirks: crate::broker::BrokerQuirks::None,
+            ..KafkaArgs::default()
         };
         let lines = [ResetLine {
             topic: "t".into(),
@@ -1314,7 +1315,7 @@ mod tests {
         let kafka = KafkaArgs {
             brokers: "x".into(),
             topic_prefix: "t1-".into(),
-            broker_quirks: Default::default(),
+            ..KafkaArgs::default()
         };
         let mut r = request();
         r.event_types = vec![

@@ -91,6 +91,7 @@ async fn history(app: &TestApp) -> String {
             brokers: app.brokers.clone(),
             topic_prefix: app.prefix.clone(),
             broker_quirks: broker_quirks(),
+            ..KafkaArgs::default()
         },
         &[TopicSpec {
             name: topic.clone(),

@@ -32,6 +32,7 @@ async fn history(app: &TestApp) -> (String, [Vec<i64>; 2]) {
         brokers: app.brokers.clone(),
         topic_prefix: app.prefix.clone(),
         broker_quirks: broker_quirks(),
+        ..KafkaArgs::default()
     };
     topics::ensure(
         &kafka,
@@ -465,6 +466,7 @@ async fn own_topic(app: &TestApp, name: &str, partitions: i32) -> String {
             brokers: app.brokers.clone(),
             topic_prefix: app.prefix.clone(),
             broker_quirks: broker_quirks(),
+            ..KafkaArgs::default()
         },
         &[TopicSpec {
             name: topic.clone(),

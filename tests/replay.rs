@@ -47,6 +47,7 @@ fn kafka(app: &TestApp) -> KafkaArgs {
         brokers: app.brokers.clone(),
         topic_prefix: app.prefix.clone(),
         broker_quirks: broker_quirks(),
+        ..KafkaArgs::default()
     }
 }
 
@@ -483,6 +484,7 @@ async fn reset_offsets_plans_refuses_an_active_group_and_moves_an_idle_one() {
                 brokers: b,
                 topic_prefix: String::new(),
                 broker_quirks: broker_quirks(),
+                ..KafkaArgs::default()
             },
             Some(&g),
             Duration::from_secs(5),

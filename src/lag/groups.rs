@@ -260,6 +260,7 @@ mod tests {
             brokers: "127.0.0.1:1".into(),
             topic_prefix: String::new(),
             broker_quirks: quirks,
+            ..KafkaArgs::default()
         };
         let timeout = Duration::from_millis(300);
         let failed = || Err("BrokerTransportFailure".to_string());

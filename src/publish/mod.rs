@@ -782,6 +782,7 @@ mod tests {
             brokers: "127.0.0.1:1".into(),
             topic_prefix: String::new(),
             broker_quirks: quirks,
+            ..KafkaArgs::default()
         };
         let schemas = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
         Publisher::new(

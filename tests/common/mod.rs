@@ -39,7 +39,9 @@ fn test_broker_port() -> String {
     std::env::var("AGENTBUS_TEST_BROKER_PORT").unwrap_or_else(|_| "19092".into())
 }
 
-/// Bootstrap servers of the test broker; starts the local one once per test binary.
+/// Bootstrap servers of the test broker: `AGENTBUS_BROKERS`, or the local one (Apache Kafka,
+/// or tansu with `AGENTBUS_LOCAL_BROKER=tansu`) on `AGENTBUS_TEST_BROKER_PORT` (default 19092)
+/// that `ops/broker.sh` starts once and every test binary after the first reuses.
 pub fn brokers() -> String {
     static BROKERS: OnceLock<String> = OnceLock::new();
     BROKERS
@@ -53,6 +55,10 @@ pub fn brokers() -> String {
                 .arg("start")
                 .env("AGENTBUS_DATA_DIR", test_broker_dir())
                 .env("AGENTBUS_BROKER_PORT", test_broker_port())
+                .envs(
+                    std::env::var("AGENTBUS_TEST_BROKER_CONTROLLER_PORT")
+                        .map(|p| ("AGENTBUS_BROKER_CONTROLLER_PORT", p)),
+                )
                 .output()
                 .expect("running ops/broker.sh");
             assert!(
@@ -383,4 +389,131 @@ pub fn free_port() -> u16 {
 /// Path of the built `agentbus` binary.
 pub fn agentbus_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_agentbus"))
+}
+
+/// A broker of one test's own, started through `ops/broker.sh` (Apache Kafka, or tansu with
+/// `AGENTBUS_LOCAL_BROKER=tansu`) on free ports (its listener and its controller's) and a
+/// temporary data directory, so that a test may stop and restart it; stopped when dropped,
+/// whatever happened. `AGENTBUS_BROKERS` (the shared broker) does not apply to it.
+pub struct OwnBroker {
+    /// The bootstrap address of its PLAINTEXT listener.
+    pub addr: String,
+    pub port: u16,
+    pub controller_port: u16,
+    pub dir: tempfile::TempDir,
+    extra_config: Option<PathBuf>,
+    format_args: Option<String>,
+    listeners: Option<String>,
+}
+
+/// What an [`OwnBroker`] is started with besides its own ports and directory.
+#[derive(Default)]
+pub struct OwnBrokerOptions {
+    /// Listeners beside PLAINTEXT, `NAME://127.0.0.1:PORT,...` (`AGENTBUS_BROKER_LISTENERS`).
+    pub listeners: String,
+    /// `server.properties` lines added to the generated ones (more listeners, TLS, SASL);
+    /// `{dir}` stands for the broker's data directory.
+    pub extra_config: String,
+    /// Arguments of the storage format (`--add-scram ...`), used by the first start only.
+    pub format_args: String,
+}
+
+impl OwnBroker {
+    /// Starts one on a plain listener. `None` (and a line saying so) when
+    /// `AGENTBUS_NO_OWN_BROKER` is set: a machine that runs the suite against an external
+    /// Kafka only, without Java for a broker of its own.
+    pub async fn start() -> Option<OwnBroker> {
+        Self::start_with(OwnBrokerOptions::default()).await
+    }
+
+    /// Like [`OwnBroker::start`], with more listeners or format arguments.
+    pub async fn start_with(options: OwnBrokerOptions) -> Option<OwnBroker> {
+        if std::env::var_os("AGENTBUS_NO_OWN_BROKER").is_some() {
+            eprintln!("skipped: AGENTBUS_NO_OWN_BROKER is set, and this test needs its own broker");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let controller_port = loop {
+            let p = free_port();
+            if p != port {
+                break p;
+            }
+        };
+        let extra_config = (!options.extra_config.is_empty()).then(|| {
+            let path = dir.path().join("extra.properties");
+            let text = options
+                .extra_config
+                .replace("{dir}", dir.path().to_str().unwrap());
+            std::fs::write(&path, text).unwrap();
+            path
+        });
+        let mut broker = OwnBroker {
+            addr: String::new(),
+            port,
+            controller_port,
+            dir,
+            extra_config,
+            format_args: (!options.format_args.is_empty()).then_some(options.format_args),
+            listeners: (!options.listeners.is_empty()).then_some(options.listeners),
+        };
+        broker.addr = broker.run("start").await;
+        Some(broker)
+    }
+
+    /// `ops/broker.sh ACTION` for this broker.
+    pub fn command(&self, action: &str) -> Command {
+        let mut cmd = Command::new(root().join("ops/broker.sh"));
+        cmd.arg(action)
+            .env("AGENTBUS_DATA_DIR", self.dir.path())
+            .env("AGENTBUS_BROKER_PORT", self.port.to_string())
+            .env(
+                "AGENTBUS_BROKER_CONTROLLER_PORT",
+                self.controller_port.to_string(),
+            )
+            .env_remove("AGENTBUS_BROKERS")
+            .env_remove("AGENTBUS_BROKER_EXTRA_CONFIG")
+            .env_remove("AGENTBUS_BROKER_FORMAT_ARGS")
+            .env_remove("AGENTBUS_BROKER_LISTENERS");
+        if let Some(listeners) = &self.listeners {
+            cmd.env("AGENTBUS_BROKER_LISTENERS", listeners);
+        }
+        if let Some(path) = &self.extra_config {
+            cmd.env("AGENTBUS_BROKER_EXTRA_CONFIG", path);
+        }
+        if let Some(args) = &self.format_args {
+            cmd.env("AGENTBUS_BROKER_FORMAT_ARGS", args);
+        }
+        cmd
+    }
+
+    /// Runs `ops/broker.sh ACTION` (start, stop, status) and returns what it printed;
+    /// fails the test when it fails.
+    pub async fn run(&self, action: &str) -> String {
+        let mut cmd = self.command(action);
+        let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ops/broker.sh {action}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// What the broker logged (its process output and, for Kafka, its server log).
+    pub fn log(&self) -> String {
+        ["kafka/broker.log", "kafka/server.log", "tansu/broker.log"]
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(self.dir.path().join(f)).ok())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        let _ = self.command("stop").output();
+    }
 }
