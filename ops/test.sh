@@ -36,6 +36,13 @@ case $AGENTBUS_LOCAL_BROKER in
   kafka | tansu) ;;
   *) echo "--broker must be kafka or tansu, not '$AGENTBUS_LOCAL_BROKER'" >&2; exit 2 ;;
 esac
+# Every agentbus the tests start (in-process or as a process) works around tansu's quirks on
+# tansu only (src/broker.rs); on Kafka none is on.
+if [ "$AGENTBUS_LOCAL_BROKER" = tansu ]; then
+  export AGENTBUS_BROKER_QUIRKS=tansu
+else
+  export AGENTBUS_BROKER_QUIRKS=${AGENTBUS_BROKER_QUIRKS:-none}
+fi
 
 timings=()
 step_started=$SECONDS
