@@ -319,7 +319,8 @@ pub async fn run_agent(
                 if let Some(code) = e.rdkafka_error_code()
                     && unreadable::is_unreadable(code)
                 {
-                    unreadable.skip_stuck(&consumer, &tracker, code).await;
+                    // Bounded (one deadline for the round) and left at once on stop.
+                    unreadable.skip_stuck(&consumer, &tracker, code, &stop).await;
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
