@@ -588,3 +588,46 @@ async fn dead_letters_are_read_a_page_at_a_time_with_a_cursor_that_reaches_each_
         .unwrap();
     assert_eq!(redriven["redriven"], 25, "{redriven}");
 }
+
+// --- review of issue 10, finding 6: names that reach librdkafka ------------------------------
+
+#[tokio::test]
+async fn replay_names_kafka_cannot_have_are_a_400_never_a_503_or_a_panic() {
+    let app = spawn_app().await;
+    let topic = app.topic("agent");
+    let copy = app.topic("workflow");
+    let bad = [
+        ("topic", json!({"from": "1h", "topic": "a\u{0}b", "into_topic": copy})),
+        ("topics", json!({"from": "1h", "topics": [topic, "x\u{0}"], "into_topic": copy})),
+        ("topics", json!({"from": "1h", "topics": ["with space"], "into_topic": copy})),
+        ("into_topic", json!({"from": "1h", "topic": topic, "into_topic": "c\u{0}py"})),
+        ("into_topic", json!({"from": "1h", "topic": topic, "into_topic": "t".repeat(250)})),
+        ("to_agent", json!({"from": "1h", "topic": topic, "to_agent": "ag\u{0}ent"})),
+        ("to_agent", json!({"from": "1h", "topic": topic, "to_agent": "ag/ent"})),
+        ("replay_id", json!({"from": "1h", "topic": topic, "into_topic": copy, "replay_id": "a\tb"})),
+        ("replay_id", json!({"from": "1h", "topic": topic, "into_topic": copy, "replay_id": "r".repeat(201)})),
+    ];
+    for (field, body) in bad {
+        let response = app
+            .client
+            .post(format!("{}/v1/replays", app.url))
+            .json(&body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{body}: no answer ({e})"));
+        let (status, _, answer) = error_code(response).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        let expected_field = if field == "topic" { "topics" } else { field };
+        assert!(message.starts_with(expected_field), "{body}: {message}");
+    }
+    // Still serving, and a good name is still accepted.
+    let response = app
+        .client
+        .post(format!("{}/v1/replays", app.url))
+        .json(&json!({"from": "1h", "topic": topic, "into_topic": copy, "replay_id": "fine id"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+}

@@ -930,6 +930,33 @@ fn decode(shared: &Shared, message: &OwnedMessage) -> Result<Event, String> {
     })
 }
 
+/// The idempotency key of follow-up `i` of the event keyed `key`: `{agent}:{key}:{i}`, or
+/// `{agent}:{key}:{replay}:{i}` when handled for a replay. When that is not a valid key (over
+/// 256 characters, or a control character from the event's key or the replay id), a digest
+/// stands for the key and the replay id: `{agent}:{hex(sha256(key|replay))[..32]}:{i}`, as
+/// deterministic (the same event gives the same keys) and valid whatever the inputs, so that
+/// the follow-ups are never refused (and dead-lettered) for a key agentbus made.
+pub(crate) fn follow_up_key(agent: &str, key: &str, replay: Option<&str>, i: usize) -> String {
+    let plain = match replay {
+        Some(replay) => format!("{agent}:{key}:{replay}:{i}"),
+        None => format!("{agent}:{key}:{i}"),
+    };
+    if crate::envelope::check_idempotency_key(&plain).is_ok() {
+        return plain;
+    }
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(key.as_bytes());
+    if let Some(replay) = replay {
+        // The separator keeps ("a|b", None) and ("a", "b") apart: a key's own `|` does not
+        // matter, since with no replay nothing follows.
+        hasher.update(b"|");
+        hasher.update(replay.as_bytes());
+    }
+    let digest = hex::encode(hasher.finalize());
+    format!("{agent}:{}:{i}", &digest[..32])
+}
+
 /// Publishes a handler's follow-up events as the agent's actions: causation = the handled
 /// event, the same correlation id, and idempotency keys derived from the handled event so
 /// that handling it again never publishes them twice.
@@ -963,12 +990,12 @@ async fn publish_follow_ups(
             .or_insert_with(|| json!(shared.agent.name));
         all_derived &= !fields.contains_key("idempotency_key");
         fields.entry("idempotency_key").or_insert_with(|| {
-            let agent = &shared.agent.name;
-            let key = &event.idempotency_key;
-            json!(match replay {
-                Some(replay) => format!("{agent}:{key}:{replay}:{i}"),
-                None => format!("{agent}:{key}:{i}"),
-            })
+            json!(follow_up_key(
+                &shared.agent.name,
+                &event.idempotency_key,
+                replay,
+                i
+            ))
         });
         let metadata = fields.entry("metadata").or_insert_with(|| json!({}));
         if let Some(meta) = metadata.as_object_mut() {
@@ -1021,6 +1048,28 @@ async fn publish_follow_ups(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn follow_up_keys_are_valid_idempotency_keys_whatever_the_event_and_replay() {
+        use crate::envelope::check_idempotency_key;
+        assert_eq!(follow_up_key("a", "k", None, 0), "a:k:0");
+        assert_eq!(follow_up_key("a", "k", Some("r"), 1), "a:k:r:1");
+        let long = "k".repeat(256);
+        for (key, replay) in [
+            (long.as_str(), None),
+            ("k", Some("a\tb")),
+            ("k", Some(long.as_str())),
+            ("k\u{7f}", None),
+        ] {
+            let derived = follow_up_key("agent-x", key, replay, 3);
+            assert_eq!(check_idempotency_key(&derived), Ok(()), "{derived:?}");
+            assert!(derived.starts_with("agent-x:") && derived.ends_with(":3"));
+            // Deterministic, and apart for another replay or follow-up.
+            assert_eq!(derived, follow_up_key("agent-x", key, replay, 3));
+            assert_ne!(derived, follow_up_key("agent-x", key, replay, 4));
+            assert_ne!(derived, follow_up_key("agent-x", key, Some("other\t"), 3));
+        }
+    }
 
     proptest! {
         /// Whatever a peer asks for, the retry arithmetic neither panics nor waits longer
