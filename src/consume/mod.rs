@@ -976,7 +976,8 @@ async fn publish_follow_ups(
     if follow_ups.is_empty() {
         return Ok(());
     }
-    let mut all_derived = true;
+    // Per follow-up: whether its key was derived here (else the handler chose it).
+    let mut derived = Vec::with_capacity(follow_ups.len());
     let mut items = Vec::with_capacity(follow_ups.len());
     for (i, mut envelope) in follow_ups.into_iter().enumerate() {
         let Some(fields) = envelope.as_object_mut() else {
@@ -988,7 +989,7 @@ async fn publish_follow_ups(
         fields
             .entry("source")
             .or_insert_with(|| json!(shared.agent.name));
-        all_derived &= !fields.contains_key("idempotency_key");
+        derived.push(!fields.contains_key("idempotency_key"));
         fields.entry("idempotency_key").or_insert_with(|| {
             json!(follow_up_key(
                 &shared.agent.name,
@@ -1012,8 +1013,8 @@ async fn publish_follow_ups(
         }
         items.push(envelope);
     }
-    // Kept for the one-by-one path below, which only keys derived here can take.
-    let copies = all_derived.then(|| items.clone());
+    // Kept for the one-by-one path below.
+    let copies = items.clone();
     let request = |items: Vec<Json>| publish::Request {
         items,
         batch: true,
@@ -1023,18 +1024,24 @@ async fn publish_follow_ups(
     };
     let failed = |e: publish::Error| match e {
         publish::Error::BrokerUnavailable(m) => Failure::retryable("publish", m),
+        // Another request is writing the key (a concurrent handling of a copy): once it
+        // ends this is a duplicate, or a conflict to judge then.
+        publish::Error::IdempotencyInProgress(m) => Failure::retryable("publish", m),
         e => Failure::fatal("invalid_follow_up", e.to_string()),
     };
     match shared.publisher.publish(request(items)).await {
         Ok(_) => Ok(()),
-        // A key derived from this event is taken with another body: this event's own
-        // earlier handling published first. Its follow-ups stand; those it did not get to
-        // write (a batch cut short by the broker) are written now, one by one.
-        Err(publish::Error::IdempotencyConflict(why)) if let Some(copies) = copies => {
-            tracing::debug!(agent = %shared.agent.name, event = %event.id, %why, "handled before: its first follow-ups stand");
-            for item in copies {
+        // A key is taken with another body. For a key derived from this event that means this
+        // event's own earlier handling published first: its follow-ups stand. Which key it
+        // was the error does not say, so the follow-ups go one by one: those not written yet
+        // (a batch cut short by the broker) are written, a conflict on a derived key is
+        // passed over, and only one on a key the handler chose itself is a failure.
+        Err(publish::Error::IdempotencyConflict(why)) => {
+            tracing::debug!(agent = %shared.agent.name, event = %event.id, %why, "a follow-up key is taken: one by one");
+            for (item, derived) in copies.into_iter().zip(derived) {
                 match shared.publisher.publish(request(vec![item])).await {
-                    Ok(_) | Err(publish::Error::IdempotencyConflict(_)) => {}
+                    Ok(_) => {}
+                    Err(publish::Error::IdempotencyConflict(_)) if derived => {}
                     Err(e) => return Err(failed(e)),
                 }
             }

@@ -66,9 +66,13 @@ pub enum Error {
         /// Each event over the limit, with its size and the limit.
         details: Vec<Violation>,
     },
-    /// The idempotency key was used with a different request, or is being written now.
+    /// The idempotency key was used with a different request.
     #[error("{0}")]
     IdempotencyConflict(String),
+    /// The idempotency key is being written now by another request: answered like a
+    /// conflict (409), but it may well succeed (as a duplicate) once that request ends.
+    #[error("{0}")]
+    IdempotencyInProgress(String),
     /// The broker did not acknowledge (down, slow, queue full). Events of the request that
     /// were acknowledged are recorded, so a retry with the same keys writes only the rest.
     #[error("{0}")]
@@ -273,7 +277,10 @@ impl Publisher {
                     return Err(conflict(&p.key, "already used with a different request"));
                 }
                 Lookup::InProgress => {
-                    return Err(conflict(&p.key, "in use by a request still in progress"));
+                    return Err(Error::IdempotencyInProgress(format!(
+                        "idempotency key {:?} in use by a request still in progress",
+                        p.key
+                    )));
                 }
             }
         }
