@@ -390,6 +390,43 @@ async fn an_event_larger_than_its_topic_takes_is_a_413_naming_the_topic_limit() 
     assert_eq!(app.post(&big_task(10_000)).await.status(), 200);
 }
 
+/// Review of issue 10, finding 4: the broker refuses a record *batch* larger than the topic's
+/// max.message.bytes; events that each fit are not "too large" (413, never retried) but a 503.
+#[tokio::test]
+async fn a_batch_of_events_that_each_fit_but_not_together_is_a_503_not_a_413() {
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}agent.events");
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let results = admin
+        .create_topics(
+            // One partition: the events share a record batch.
+            &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))
+                .set("max.message.bytes", "20000")],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    results[0].as_ref().unwrap();
+    let app = spawn(Options {
+        prefix,
+        ..Options::default()
+    })
+    .await;
+    // Each about 9 kB (under the 20 000), 45 kB together.
+    let batch: Vec<Value> = (0..5).map(|_| big_task(9_000)).collect();
+    let (status, code, body) = error_code(app.post(&json!(batch)).await).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (503, "broker_unavailable"),
+        "{body}"
+    );
+    // Alone, each is written.
+    assert_eq!(app.post(&big_task(9_000)).await.status(), 200);
+}
+
 // --- 8: dead letters a page at a time ------------------------------------------------------
 
 /// Writes `n` dead letters to `topic` over its partitions: the first `old` with an old

@@ -21,7 +21,13 @@ use rdkafka::{
 };
 
 /// librdkafka's default `message.max.bytes`.
-const LIBRDKAFKA_DEFAULT_MAX: usize = 1_000_000;
+pub const LIBRDKAFKA_DEFAULT_MAX: usize = 1_000_000;
+
+/// librdkafka's default `batch.size`.
+pub const LIBRDKAFKA_DEFAULT_BATCH: usize = 1_000_000;
+
+/// Kafka's default `max.message.bytes` of a topic (the broker's `message.max.bytes`).
+pub const KAFKA_DEFAULT_TOPIC_MAX: usize = 1_048_588;
 
 /// The most a record adds to its key, value and headers (librdkafka's
 /// `RD_KAFKAP_MESSAGE_V2_MAX_OVERHEAD`: length, attributes, timestamp and offset deltas, key and
@@ -137,6 +143,11 @@ impl SizeLimits {
             producer_max: self.producer_max,
             topic_max,
         }
+    }
+
+    /// Drops what is known of `topic`'s limit: the next [`SizeLimits::of`] asks the broker.
+    pub fn forget(&self, topic: &str) {
+        self.topics.lock().expect("size cache lock").remove(topic);
     }
 
     async fn topic_max(&self, topic: &str) -> Option<usize> {
