@@ -435,6 +435,18 @@ fn task_failure(ended: Result<(), tokio::task::JoinError>) -> String {
     }
 }
 
+/// Why the task that records a handled event ended badly (a panic), if it did.
+fn recording_failure(ended: Result<(), tokio::task::JoinError>) -> Option<String> {
+    match ended {
+        Ok(()) => None,
+        Err(e) if e.is_panic() => Some(format!(
+            "recording a handled event panicked: {}",
+            panic_message(e.into_panic())
+        )),
+        Err(e) => Some(format!("recording a handled event was cancelled: {e}")),
+    }
+}
+
 /// The text of a panic's payload (`panic!` gives a `&str` or a `String`).
 pub fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     match payload.downcast::<String>() {
@@ -521,8 +533,12 @@ async fn run_lane(shared: Arc<Shared>, mut work: mpsc::Receiver<Work>, cancel: C
     // of a lane were handled without a record (they come again after a restart).
     let mut previous: Option<tokio::task::JoinHandle<()>> = None;
     while let Some(w) = work.recv().await {
-        if let Some(recording) = previous.take() {
-            let _ = recording.await;
+        if let Some(recording) = previous.take()
+            && let Some(why) = recording_failure(recording.await)
+        {
+            // The event's offset is never stored: the agent fails, as for a lane's panic.
+            shared.fail(why);
+            break;
         }
         // Stopping (SIGTERM, or the dedup store failed): what is queued is given back, not
         // handled; its next delivery handles it.
@@ -1055,6 +1071,14 @@ async fn publish_follow_ups(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[tokio::test]
+    async fn a_recording_task_that_panics_is_a_failure_of_the_agent() {
+        let ended = tokio::spawn(async { panic!("disk on fire") }).await;
+        let why = recording_failure(ended).expect("a failure");
+        assert!(why.contains("disk on fire"), "{why}");
+        assert_eq!(recording_failure(tokio::spawn(async {}).await), None);
+    }
 
     #[test]
     fn follow_up_keys_are_valid_idempotency_keys_whatever_the_event_and_replay() {
