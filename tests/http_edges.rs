@@ -315,6 +315,40 @@ except Exception as e:
     assert!(answer.contains("payload_too_large"), "{answer}");
 }
 
+/// Review of issue 10, finding 13: the access check answers before the body limit; its 401 to a
+/// client that writes a 20 MiB body before reading must reach the client too.
+#[tokio::test]
+async fn a_client_without_a_key_that_writes_a_20_mib_body_before_reading_gets_the_401() {
+    let out = std::process::Command::new(agentbus_bin())
+        .args(["keys", "new", "--name", "someone", "--scope", "publish"])
+        .output()
+        .unwrap();
+    let text = succeeded(&out);
+    let (_, entry) = text.split_once('\n').unwrap();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), entry).unwrap();
+    let app = spawn(Options {
+        extra: vec!["--api-keys".into(), file.path().display().to_string()],
+        ..Options::default()
+    })
+    .await;
+    let size = 20 * 1024 * 1024;
+    let head = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Connection: close\r\nContent-Length: {size}\r\n\r\n"
+    );
+    let answer = raw_request(&app.url, &head, move |stream| {
+        let chunk = vec![b' '; 1024 * 1024];
+        for _ in 0..20 {
+            stream.write_all(&chunk)?;
+        }
+        Ok(())
+    })
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(answer.contains("unauthorized"), "{answer}");
+}
+
 // --- 5: events larger than the broker takes ----------------------------------------------
 
 fn big_task(description_chars: usize) -> Value {
