@@ -377,7 +377,7 @@ impl Publisher {
             return failure;
         };
         self.sizes.forget(&p.topic);
-        let limit = self.sizes.of(&p.topic).await;
+        let limit = self.sizes.of(&p.topic, self.broker_up()).await;
         let bytes = record_bytes(p);
         if bytes > limit.max_record {
             return Failure::TooLarge(why);
@@ -397,7 +397,7 @@ impl Publisher {
         let mut first = None;
         for (i, p) in prepared.iter().enumerate() {
             let bytes = record_bytes(p);
-            let limit = self.sizes.of(&p.topic).await;
+            let limit = self.sizes.of(&p.topic, self.broker_up()).await;
             if bytes > limit.max_record {
                 let why = format!(
                     "the event is {bytes} bytes as a Kafka record (key, Avro value, headers); {}",
