@@ -765,7 +765,10 @@ async fn an_event_handled_twice_with_a_handler_keyed_follow_up_is_not_dead_lette
     .await;
     let topic = app.topic("agent");
     let dlq = format!("{}{name}.dlq", app.prefix);
-    assert_eq!(app.post(&task("k", "follow-varying-keyed")).await.status(), 200);
+    assert_eq!(
+        app.post(&task("k", "follow-varying-keyed")).await.status(),
+        200
+    );
     receiver.wait_for(1, Duration::from_secs(60)).await;
     // The request and its two follow-ups.
     let first = records(&app, &topic, 3).await;

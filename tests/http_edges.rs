@@ -668,15 +668,42 @@ async fn replay_names_kafka_cannot_have_are_a_400_never_a_503_or_a_panic() {
     let topic = app.topic("agent");
     let copy = app.topic("workflow");
     let bad = [
-        ("topic", json!({"from": "1h", "topic": "a\u{0}b", "into_topic": copy})),
-        ("topics", json!({"from": "1h", "topics": [topic, "x\u{0}"], "into_topic": copy})),
-        ("topics", json!({"from": "1h", "topics": ["with space"], "into_topic": copy})),
-        ("into_topic", json!({"from": "1h", "topic": topic, "into_topic": "c\u{0}py"})),
-        ("into_topic", json!({"from": "1h", "topic": topic, "into_topic": "t".repeat(250)})),
-        ("to_agent", json!({"from": "1h", "topic": topic, "to_agent": "ag\u{0}ent"})),
-        ("to_agent", json!({"from": "1h", "topic": topic, "to_agent": "ag/ent"})),
-        ("replay_id", json!({"from": "1h", "topic": topic, "into_topic": copy, "replay_id": "a\tb"})),
-        ("replay_id", json!({"from": "1h", "topic": topic, "into_topic": copy, "replay_id": "r".repeat(201)})),
+        (
+            "topic",
+            json!({"from": "1h", "topic": "a\u{0}b", "into_topic": copy}),
+        ),
+        (
+            "topics",
+            json!({"from": "1h", "topics": [topic, "x\u{0}"], "into_topic": copy}),
+        ),
+        (
+            "topics",
+            json!({"from": "1h", "topics": ["with space"], "into_topic": copy}),
+        ),
+        (
+            "into_topic",
+            json!({"from": "1h", "topic": topic, "into_topic": "c\u{0}py"}),
+        ),
+        (
+            "into_topic",
+            json!({"from": "1h", "topic": topic, "into_topic": "t".repeat(250)}),
+        ),
+        (
+            "to_agent",
+            json!({"from": "1h", "topic": topic, "to_agent": "ag\u{0}ent"}),
+        ),
+        (
+            "to_agent",
+            json!({"from": "1h", "topic": topic, "to_agent": "ag/ent"}),
+        ),
+        (
+            "replay_id",
+            json!({"from": "1h", "topic": topic, "into_topic": copy, "replay_id": "a\tb"}),
+        ),
+        (
+            "replay_id",
+            json!({"from": "1h", "topic": topic, "into_topic": copy, "replay_id": "r".repeat(201)}),
+        ),
     ];
     for (field, body) in bad {
         let response = app

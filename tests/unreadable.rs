@@ -280,7 +280,10 @@ async fn good_records_between_two_bad_batches_are_all_handled() {
         let writer = &writer;
         async move {
             for i in 0..n {
-                let status = writer.post(&task(key, &format!("{key}-{i}"))).await.status();
+                let status = writer
+                    .post(&task(key, &format!("{key}-{i}")))
+                    .await
+                    .status();
                 assert_eq!(status, 200);
             }
         }

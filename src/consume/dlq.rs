@@ -399,8 +399,8 @@ pub async fn redrive(
             Instant::now() + REDRIVE_OPEN_DEADLINE,
         )
     })
-        .await
-        .expect("the reader does not panic")?;
+    .await
+    .expect("the reader does not panic")?;
     let reader = std::sync::Arc::new(std::sync::Mutex::new(reader));
     let producer: FutureProducer =
         publish::producer_config(kafka, Duration::from_secs(30)).create()?;

@@ -320,7 +320,9 @@ pub async fn run_agent(
                     && unreadable::is_unreadable(code)
                 {
                     // Bounded (one deadline for the round) and left at once on stop.
-                    unreadable.skip_stuck(&consumer, &tracker, code, &stop).await;
+                    unreadable
+                        .skip_stuck(&consumer, &tracker, code, &stop)
+                        .await;
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;

@@ -324,9 +324,12 @@ mod tests {
         let limits = SizeLimits::new(&config);
         seed(&limits, "t", Some(3000), KNOWN_FOR + Duration::from_secs(1));
         let started = Instant::now();
-        let answers =
-            futures::future::join_all((0..20).map(|_| limits.of("t", true))).await;
-        assert!(started.elapsed() < Duration::from_millis(500), "{:?}", started.elapsed());
+        let answers = futures::future::join_all((0..20).map(|_| limits.of("t", true))).await;
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            started.elapsed()
+        );
         assert!(answers.iter().all(|l| l.topic_max == Some(3000)));
         assert!(limits.shared.topics.lock().unwrap()["t"].refreshing);
         // Broker down: an unknown topic is not asked about.
