@@ -741,3 +741,67 @@ async fn a_retry_record_claiming_u32_max_attempts_gets_its_last_attempt_and_is_d
     assert!(attempts.contains(&Some("4".into())), "{attempts:?}");
     assert_eq!(app.get("/readyz").await.status(), 200);
 }
+
+/// A handler that sets a key of its own on one follow-up: handled again, the conflict on the
+/// other (derived) key still means "handled before", not a dead letter.
+#[tokio::test]
+async fn an_event_handled_twice_with_a_handler_keyed_follow_up_is_not_dead_lettered() {
+    let (receiver, url) = Receiver::start().await;
+    let name = format!("keyed-{}", uuid::Uuid::new_v4().simple());
+    let consumers = tempfile::tempdir().unwrap();
+    std::fs::write(
+        consumers.path().join("keyed.toml"),
+        format!(
+            "name = \"{name}\"\nsubscribe = [\"agent.task.requested\"]\n\
+             [handler]\nkind = \"webhook\"\nurl = \"{url}\"\n"
+        ),
+    )
+    .unwrap();
+    let app = spawn(Options {
+        consumers_dir: Some(consumers.path().to_path_buf()),
+        extra: vec!["--dedup-ttl".into(), "1s".into()],
+        ..Options::default()
+    })
+    .await;
+    let topic = app.topic("agent");
+    let dlq = format!("{}{name}.dlq", app.prefix);
+    assert_eq!(
+        app.post(&task("k", "follow-varying-keyed")).await.status(),
+        200
+    );
+    receiver.wait_for(1, Duration::from_secs(60)).await;
+    // The request and its two follow-ups.
+    let first = records(&app, &topic, 3).await;
+    let original = first
+        .iter()
+        .find(|r| header(r, "ce_type").as_deref() == Some("agent.task.requested"))
+        .unwrap()
+        .clone();
+    // Past the dedup time-to-live the copy below is handled again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &app.brokers)
+        .create()
+        .unwrap();
+    let headers = agentbus::consume::copied_headers(&original, &[], &[]);
+    let record =
+        agentbus::consume::copy_of(&original, &topic, headers).partition(original.partition());
+    producer
+        .send(record, Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    assert_eq!(app.post(&task("k", "marker")).await.status(), 200);
+    receiver.wait_for(3, Duration::from_secs(60)).await;
+    let (brokers, t) = (app.brokers.clone(), topic.clone());
+    let count = tokio::task::spawn_blocking(move || record_count(&brokers, &t))
+        .await
+        .unwrap();
+    // The request, its two follow-ups, the copy and the marker.
+    assert_eq!(count, 5, "a follow-up was written again");
+    let (brokers, d) = (app.brokers.clone(), dlq.clone());
+    let dead = tokio::task::spawn_blocking(move || record_count(&brokers, &d))
+        .await
+        .unwrap();
+    assert_eq!(dead, 0, "the repeat was dead-lettered");
+}

@@ -315,6 +315,40 @@ except Exception as e:
     assert!(answer.contains("payload_too_large"), "{answer}");
 }
 
+/// Review of issue 10, finding 13: the access check answers before the body limit; its 401 to a
+/// client that writes a 20 MiB body before reading must reach the client too.
+#[tokio::test]
+async fn a_client_without_a_key_that_writes_a_20_mib_body_before_reading_gets_the_401() {
+    let out = std::process::Command::new(agentbus_bin())
+        .args(["keys", "new", "--name", "someone", "--scope", "publish"])
+        .output()
+        .unwrap();
+    let text = succeeded(&out);
+    let (_, entry) = text.split_once('\n').unwrap();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), entry).unwrap();
+    let app = spawn(Options {
+        extra: vec!["--api-keys".into(), file.path().display().to_string()],
+        ..Options::default()
+    })
+    .await;
+    let size = 20 * 1024 * 1024;
+    let head = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Connection: close\r\nContent-Length: {size}\r\n\r\n"
+    );
+    let answer = raw_request(&app.url, &head, move |stream| {
+        let chunk = vec![b' '; 1024 * 1024];
+        for _ in 0..20 {
+            stream.write_all(&chunk)?;
+        }
+        Ok(())
+    })
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(answer.contains("unauthorized"), "{answer}");
+}
+
 // --- 5: events larger than the broker takes ----------------------------------------------
 
 fn big_task(description_chars: usize) -> Value {
@@ -388,6 +422,43 @@ async fn an_event_larger_than_its_topic_takes_is_a_413_naming_the_topic_limit() 
     );
     // Under it: written.
     assert_eq!(app.post(&big_task(10_000)).await.status(), 200);
+}
+
+/// Review of issue 10, finding 4: the broker refuses a record *batch* larger than the topic's
+/// max.message.bytes; events that each fit are not "too large" (413, never retried) but a 503.
+#[tokio::test]
+async fn a_batch_of_events_that_each_fit_but_not_together_is_a_503_not_a_413() {
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}agent.events");
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let results = admin
+        .create_topics(
+            // One partition: the events share a record batch.
+            &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))
+                .set("max.message.bytes", "20000")],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    results[0].as_ref().unwrap();
+    let app = spawn(Options {
+        prefix,
+        ..Options::default()
+    })
+    .await;
+    // Each about 9 kB (under the 20 000), 45 kB together.
+    let batch: Vec<Value> = (0..5).map(|_| big_task(9_000)).collect();
+    let (status, code, body) = error_code(app.post(&json!(batch)).await).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (503, "broker_unavailable"),
+        "{body}"
+    );
+    // Alone, each is written.
+    assert_eq!(app.post(&big_task(9_000)).await.status(), 200);
 }
 
 // --- 8: dead letters a page at a time ------------------------------------------------------
@@ -587,4 +658,74 @@ async fn dead_letters_are_read_a_page_at_a_time_with_a_cursor_that_reaches_each_
         .await
         .unwrap();
     assert_eq!(redriven["redriven"], 25, "{redriven}");
+}
+
+// --- review of issue 10, finding 6: names that reach librdkafka ------------------------------
+
+#[tokio::test]
+async fn replay_names_kafka_cannot_have_are_a_400_never_a_503_or_a_panic() {
+    let app = spawn_app().await;
+    let topic = app.topic("agent");
+    let copy = app.topic("workflow");
+    let bad = [
+        (
+            "topic",
+            json!({"from": "1h", "topic": "a\u{0}b", "into_topic": copy}),
+        ),
+        (
+            "topics",
+            json!({"from": "1h", "topics": [topic, "x\u{0}"], "into_topic": copy}),
+        ),
+        (
+            "topics",
+            json!({"from": "1h", "topics": ["with space"], "into_topic": copy}),
+        ),
+        (
+            "into_topic",
+            json!({"from": "1h", "topic": topic, "into_topic": "c\u{0}py"}),
+        ),
+        (
+            "into_topic",
+            json!({"from": "1h", "topic": topic, "into_topic": "t".repeat(250)}),
+        ),
+        (
+            "to_agent",
+            json!({"from": "1h", "topic": topic, "to_agent": "ag\u{0}ent"}),
+        ),
+        (
+            "to_agent",
+            json!({"from": "1h", "topic": topic, "to_agent": "ag/ent"}),
+        ),
+        (
+            "replay_id",
+            json!({"from": "1h", "topic": topic, "into_topic": copy, "replay_id": "a\tb"}),
+        ),
+        (
+            "replay_id",
+            json!({"from": "1h", "topic": topic, "into_topic": copy, "replay_id": "r".repeat(201)}),
+        ),
+    ];
+    for (field, body) in bad {
+        let response = app
+            .client
+            .post(format!("{}/v1/replays", app.url))
+            .json(&body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{body}: no answer ({e})"));
+        let (status, _, answer) = error_code(response).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        let expected_field = if field == "topic" { "topics" } else { field };
+        assert!(message.starts_with(expected_field), "{body}: {message}");
+    }
+    // Still serving, and a good name is still accepted.
+    let response = app
+        .client
+        .post(format!("{}/v1/replays", app.url))
+        .json(&json!({"from": "1h", "topic": topic, "into_topic": copy, "replay_id": "fine id"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
 }

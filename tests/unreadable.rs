@@ -53,6 +53,37 @@ fn partition_dir(brokers: &str, topic: &str, partition: i32) -> Option<PathBuf> 
     None
 }
 
+/// Why this test cannot damage the broker's files, when that is expected: tansu keeps no
+/// Kafka segment files, and a remote broker's disk is not here. `None`: it must be able to.
+fn cannot_reach_segments(brokers: &str) -> Option<String> {
+    if std::env::var("AGENTBUS_LOCAL_BROKER").is_ok_and(|b| b == "tansu") {
+        return Some("the broker is tansu, which keeps no Kafka segment files".into());
+    }
+    let local = brokers.split(',').all(|b| {
+        let host = b.trim().rsplit_once(':').map_or(b.trim(), |(h, _)| h);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        matches!(host, "127.0.0.1" | "localhost" | "::1")
+    });
+    (!local).then(|| format!("AGENTBUS_BROKERS={brokers} is not on this machine"))
+}
+
+/// The partition's directory; fails the test when a local Apache Kafka's cannot be found.
+async fn local_partition_dir(brokers: &str, topic: &str, partition: i32) -> Option<PathBuf> {
+    if let Some(why) = cannot_reach_segments(brokers) {
+        println!("SKIPPED: {why}; the damaged-batch test needs the broker's log directory");
+        return None;
+    }
+    let (b, t) = (brokers.to_string(), topic.to_string());
+    let dir = tokio::task::spawn_blocking(move || partition_dir(&b, &t, partition))
+        .await
+        .unwrap();
+    assert!(
+        dir.is_some(),
+        "the log directory of {topic}-{partition} is not found on this machine, although the broker {brokers} is local"
+    );
+    dir
+}
+
 /// Damages the compressed payload of every compressed batch in the segment: the first
 /// bytes of the codec's frame (gzip's magic number) become zeros, as a bad disk would.
 /// Returns how many batches it damaged.
@@ -141,12 +172,7 @@ async fn a_batch_the_consumer_cannot_decompress_is_skipped_counted_and_the_parti
     }
     let mut damaged = 0;
     for partition in 0..2 {
-        let (b, t) = (brokers.clone(), topic.clone());
-        let Some(dir) = tokio::task::spawn_blocking(move || partition_dir(&b, &t, partition))
-            .await
-            .unwrap()
-        else {
-            eprintln!("skipped: the broker's log directory is not on this machine");
+        let Some(dir) = local_partition_dir(&brokers, &topic, partition).await else {
             return;
         };
         damaged += damage_compressed_batches(&dir);
@@ -206,6 +232,108 @@ async fn a_batch_the_consumer_cannot_decompress_is_skipped_counted_and_the_parti
         assert!(
             Instant::now() < deadline && skipped < 10.0,
             "{skipped} records counted as skipped, 10 expected"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Produces `count` records to `topic`/`partition` in one gzip batch (enqueued together).
+async fn gzip_batch(brokers: &str, topic: &str, partition: i32, count: usize) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("compression.type", "gzip")
+        .set("linger.ms", "200")
+        .create()
+        .unwrap();
+    let values: Vec<String> = (0..count).map(|i| format!("bad record {i}")).collect();
+    let deliveries: Vec<_> = values
+        .iter()
+        .map(|value| {
+            let record = FutureRecord::to(topic)
+                .partition(partition)
+                .key("bad")
+                .payload(value);
+            producer.send_result(record).map_err(|(e, _)| e).unwrap()
+        })
+        .collect();
+    for delivery in deliveries {
+        delivery.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+}
+
+/// `[bad batch][good records][bad batch][good records]` in one partition: every good
+/// record is handled. Finding the end of the first bad stretch by halving landed in the
+/// second bad batch and skipped the good records between, unhandled and committed.
+#[tokio::test(flavor = "multi_thread")]
+async fn good_records_between_two_bad_batches_are_all_handled() {
+    let prefix = unique_prefix();
+    let brokers = brokers();
+    let topic = format!("{prefix}agent.events");
+    create_topic(&brokers, &topic, 1).await;
+    // Written by an agentbus with no agent (uncompressed: the damage leaves them alone).
+    let writer = spawn(Options {
+        prefix: prefix.clone(),
+        ..Options::default()
+    })
+    .await;
+    let post = |key: &'static str, n: usize| {
+        let writer = &writer;
+        async move {
+            for i in 0..n {
+                let status = writer
+                    .post(&task(key, &format!("{key}-{i}")))
+                    .await
+                    .status();
+                assert_eq!(status, 200);
+            }
+        }
+    };
+    // Offsets: bad 0..=2, good 3..=5, bad 6..=25, good 26..=27. Halving over 1..28 probed
+    // 14, 21 and 25 (all bad) and ended at 26, skipping 3..=5.
+    gzip_batch(&brokers, &topic, 0, 3).await;
+    post("first", 3).await;
+    gzip_batch(&brokers, &topic, 0, 20).await;
+    post("second", 2).await;
+    writer.stop().await;
+    let Some(dir) = local_partition_dir(&brokers, &topic, 0).await else {
+        return;
+    };
+    assert_eq!(damage_compressed_batches(&dir), 2, "two compressed batches");
+
+    let (receiver, url) = Receiver::start().await;
+    let name = format!("between-{}", uuid::Uuid::new_v4().simple());
+    let consumers = tempfile::tempdir().unwrap();
+    agent_file(consumers.path(), &name, &url, "");
+    let app = spawn(Options {
+        prefix,
+        consumers_dir: Some(consumers.path().to_path_buf()),
+        ..Options::default()
+    })
+    .await;
+    receiver.wait_for(5, Duration::from_secs(120)).await;
+    let mut got = receiver.descriptions();
+    got.sort();
+    let mut expected: Vec<String> = (0..3)
+        .map(|i| format!("first-{i}"))
+        .chain((0..2).map(|i| format!("second-{i}")))
+        .collect();
+    expected.sort();
+    assert_eq!(got, expected);
+    // Exactly the 23 bad records were skipped.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = app.get("/metrics").await.text().await.unwrap();
+        let skipped: f64 = metrics
+            .lines()
+            .filter(|l| l.starts_with("agentbus_records_skipped_total{") && l.contains(&name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if skipped == 23.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline && skipped < 23.0,
+            "{skipped} records counted as skipped, 23 expected"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use super::parse_time;
 use crate::{
     config::KafkaArgs,
+    http::params,
     lag::{LagMonitor, LagSettings, Snapshot},
     replay::{self, Progress, Request, Target},
 };
@@ -69,6 +70,31 @@ pub struct ReplayArgs {
 
 /// Runs `agentbus replay`.
 pub async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
+    // Names reach librdkafka as C strings (a NUL panics there): refused before.
+    let problems = args
+        .topics
+        .iter()
+        .map(|t| (format!("--topic {t:?}"), params::topic_problem(t)))
+        .chain(
+            args.to_agent
+                .iter()
+                .map(|a| (format!("--to-agent {a:?}"), params::agent_problem(a))),
+        )
+        .chain(
+            args.into_topic
+                .iter()
+                .map(|t| (format!("--into-topic {t:?}"), params::topic_problem(t))),
+        )
+        .chain(
+            args.replay_id
+                .iter()
+                .map(|r| (format!("--replay-id {r:?}"), params::replay_id_problem(r))),
+        );
+    for (what, problem) in problems {
+        if let Some(why) = problem {
+            anyhow::bail!("{what}: {why}");
+        }
+    }
     let target = match (&args.to_agent, &args.into_topic) {
         (Some(agent), _) => Target::Agent(agent.clone()),
         (None, Some(topic)) => Target::Topic(topic.clone()),

@@ -87,6 +87,9 @@ pub const DEFAULT_PAGE: usize = 100;
 /// with a cursor to go on from.
 pub const PAGE_DEADLINE: Duration = Duration::from_secs(10);
 
+/// Longest the opening of a redrive's reader may take (metadata and watermarks).
+const REDRIVE_OPEN_DEADLINE: Duration = Duration::from_secs(30);
+
 /// Dead letters sent back per read of a redrive (a bound on the records it holds).
 const REDRIVE_BATCH: usize = 100;
 
@@ -172,9 +175,28 @@ struct Reader {
     positions: BTreeMap<i32, (i64, i64)>,
 }
 
+/// `o` moved into `next..=end`; `end` wins when `next > end` (where `clamp` panics).
+fn within(o: i64, next: i64, end: i64) -> i64 {
+    o.max(next).min(end)
+}
+
 impl Reader {
-    /// Opens `topic` at `start` (blocking).
-    fn open(kafka: &KafkaArgs, topic: &str, start: &Start) -> Result<Reader, Error> {
+    /// Opens `topic` at `start` (blocking), its broker calls within `deadline` (a page's
+    /// one deadline covers the opening too: metadata, watermarks per partition and the
+    /// offsets for a time each took up to 10 s of their own).
+    fn open(
+        kafka: &KafkaArgs,
+        topic: &str,
+        start: &Start,
+        deadline: Instant,
+    ) -> Result<Reader, Error> {
+        let left = || {
+            deadline
+                .checked_duration_since(Instant::now())
+                .filter(|d| !d.is_zero())
+                .map(|d| d.min(Duration::from_secs(10)))
+                .ok_or_else(|| Error::Timeout(topic.to_string()))
+        };
         let consumer: BaseConsumer = kafka
             .client_config_with(&[
                 // Never joins the group (it assigns partitions itself) and never commits.
@@ -188,13 +210,20 @@ impl Reader {
                 ("enable.partition.eof", "true".into()),
             ])
             .create()?;
-        let partitions = crate::topics::partitions_of(&consumer, topic)?;
+        // As `topics::partitions_of`, within the deadline.
+        let metadata = consumer.fetch_metadata(Some(topic), left()?)?;
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .first()
+            .filter(|t| t.error().is_none())
+            .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+            .unwrap_or_default();
         if partitions.is_empty() {
             return Err(Error::NoTopic(topic.to_string()));
         }
         let mut positions = BTreeMap::new();
         for &p in &partitions {
-            let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+            let (low, high) = consumer.fetch_watermarks(topic, p, left()?)?;
             let from = match start {
                 Start::Beginning => low,
                 Start::After(cursor) => cursor.0.get(&p).copied().unwrap_or(low).max(low),
@@ -210,11 +239,12 @@ impl Reader {
                 let ms = t.timestamp_millis().max(0);
                 query.add_partition_offset(topic, p, Offset::Offset(ms))?;
             }
-            let found = consumer.offsets_for_times(query, Duration::from_secs(10))?;
+            let found = consumer.offsets_for_times(query, left()?)?;
             for e in found.elements() {
                 if let Some((next, end)) = positions.get_mut(&e.partition()) {
                     *next = match e.offset() {
-                        Offset::Offset(o) => o.clamp(*next, *end),
+                        // Not `clamp`, which panics when next > end (a cursor past the end).
+                        Offset::Offset(o) => within(o, *next, *end),
                         // No record at or after the time.
                         _ => *end,
                     };
@@ -310,7 +340,7 @@ pub async fn page(
     let limit = limit.clamp(1, MAX_PAGE);
     tokio::task::spawn_blocking(move || {
         let deadline = Instant::now() + PAGE_DEADLINE;
-        let mut reader = Reader::open(&kafka, &topic, &start)?;
+        let mut reader = Reader::open(&kafka, &topic, &start, deadline)?;
         let dead_letters = reader.read(limit, deadline, |m: &BorrowedMessage<'_>| {
             DeadLetter::from_message(m)
         })?;
@@ -361,9 +391,16 @@ pub async fn redrive(
     // Read in batches (a bounded number of records held at a time), up to the end the topic
     // had when the redrive started.
     let (k, topic) = (kafka.clone(), dlq_topic.to_string());
-    let reader = tokio::task::spawn_blocking(move || Reader::open(&k, &topic, &Start::Beginning))
-        .await
-        .expect("the reader does not panic")?;
+    let reader = tokio::task::spawn_blocking(move || {
+        Reader::open(
+            &k,
+            &topic,
+            &Start::Beginning,
+            Instant::now() + REDRIVE_OPEN_DEADLINE,
+        )
+    })
+    .await
+    .expect("the reader does not panic")?;
     let reader = std::sync::Arc::new(std::sync::Mutex::new(reader));
     let producer: FutureProducer =
         publish::producer_config(kafka, Duration::from_secs(30)).create()?;
@@ -414,6 +451,36 @@ pub async fn redrive(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_offset_for_a_time_past_a_cursor_beyond_the_end_does_not_panic() {
+        assert_eq!(within(5, 10, 3), 3);
+        assert_eq!(within(5, 1, 9), 5);
+        assert_eq!(within(0, 1, 9), 1);
+        assert_eq!(within(20, 1, 9), 9);
+    }
+
+    #[test]
+    fn opening_a_reader_keeps_to_the_page_deadline() {
+        // Nobody listens there: every broker call would wait its own 10 s.
+        let kafka = KafkaArgs {
+            brokers: "127.0.0.1:1".into(),
+            topic_prefix: String::new(),
+        };
+        let started = Instant::now();
+        let opened = Reader::open(
+            &kafka,
+            "t.agent.dlq",
+            &Start::Beginning,
+            started + Duration::from_millis(500),
+        );
+        assert!(opened.is_err());
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
 
     #[test]
     fn a_cursor_reads_back_what_it_writes_and_refuses_anything_else() {

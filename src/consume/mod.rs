@@ -319,7 +319,10 @@ pub async fn run_agent(
                 if let Some(code) = e.rdkafka_error_code()
                     && unreadable::is_unreadable(code)
                 {
-                    unreadable.skip_stuck(&consumer, &tracker, code).await;
+                    // Bounded (one deadline for the round) and left at once on stop.
+                    unreadable
+                        .skip_stuck(&consumer, &tracker, code, &stop)
+                        .await;
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
@@ -434,6 +437,18 @@ fn task_failure(ended: Result<(), tokio::task::JoinError>) -> String {
     }
 }
 
+/// Why the task that records a handled event ended badly (a panic), if it did.
+fn recording_failure(ended: Result<(), tokio::task::JoinError>) -> Option<String> {
+    match ended {
+        Ok(()) => None,
+        Err(e) if e.is_panic() => Some(format!(
+            "recording a handled event panicked: {}",
+            panic_message(e.into_panic())
+        )),
+        Err(e) => Some(format!("recording a handled event was cancelled: {e}")),
+    }
+}
+
 /// The text of a panic's payload (`panic!` gives a `&str` or a `String`).
 pub fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     match payload.downcast::<String>() {
@@ -520,8 +535,12 @@ async fn run_lane(shared: Arc<Shared>, mut work: mpsc::Receiver<Work>, cancel: C
     // of a lane were handled without a record (they come again after a restart).
     let mut previous: Option<tokio::task::JoinHandle<()>> = None;
     while let Some(w) = work.recv().await {
-        if let Some(recording) = previous.take() {
-            let _ = recording.await;
+        if let Some(recording) = previous.take()
+            && let Some(why) = recording_failure(recording.await)
+        {
+            // The event's offset is never stored: the agent fails, as for a lane's panic.
+            shared.fail(why);
+            break;
         }
         // Stopping (SIGTERM, or the dedup store failed): what is queued is given back, not
         // handled; its next delivery handles it.
@@ -931,6 +950,33 @@ fn decode(shared: &Shared, message: &OwnedMessage) -> Result<Event, String> {
     })
 }
 
+/// The idempotency key of follow-up `i` of the event keyed `key`: `{agent}:{key}:{i}`, or
+/// `{agent}:{key}:{replay}:{i}` when handled for a replay. When that is not a valid key (over
+/// 256 characters, or a control character from the event's key or the replay id), a digest
+/// stands for the key and the replay id: `{agent}:{hex(sha256(key|replay))[..32]}:{i}`, as
+/// deterministic (the same event gives the same keys) and valid whatever the inputs, so that
+/// the follow-ups are never refused (and dead-lettered) for a key agentbus made.
+pub(crate) fn follow_up_key(agent: &str, key: &str, replay: Option<&str>, i: usize) -> String {
+    let plain = match replay {
+        Some(replay) => format!("{agent}:{key}:{replay}:{i}"),
+        None => format!("{agent}:{key}:{i}"),
+    };
+    if crate::envelope::check_idempotency_key(&plain).is_ok() {
+        return plain;
+    }
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(key.as_bytes());
+    if let Some(replay) = replay {
+        // The separator keeps ("a|b", None) and ("a", "b") apart: a key's own `|` does not
+        // matter, since with no replay nothing follows.
+        hasher.update(b"|");
+        hasher.update(replay.as_bytes());
+    }
+    let digest = hex::encode(hasher.finalize());
+    format!("{agent}:{}:{i}", &digest[..32])
+}
+
 /// Publishes a handler's follow-up events as the agent's actions: causation = the handled
 /// event, the same correlation id, and idempotency keys derived from the handled event so
 /// that handling it again never publishes them twice.
@@ -950,7 +996,8 @@ async fn publish_follow_ups(
     if follow_ups.is_empty() {
         return Ok(());
     }
-    let mut all_derived = true;
+    // Per follow-up: whether its key was derived here (else the handler chose it).
+    let mut derived = Vec::with_capacity(follow_ups.len());
     let mut items = Vec::with_capacity(follow_ups.len());
     for (i, mut envelope) in follow_ups.into_iter().enumerate() {
         let Some(fields) = envelope.as_object_mut() else {
@@ -962,14 +1009,14 @@ async fn publish_follow_ups(
         fields
             .entry("source")
             .or_insert_with(|| json!(shared.agent.name));
-        all_derived &= !fields.contains_key("idempotency_key");
+        derived.push(!fields.contains_key("idempotency_key"));
         fields.entry("idempotency_key").or_insert_with(|| {
-            let agent = &shared.agent.name;
-            let key = &event.idempotency_key;
-            json!(match replay {
-                Some(replay) => format!("{agent}:{key}:{replay}:{i}"),
-                None => format!("{agent}:{key}:{i}"),
-            })
+            json!(follow_up_key(
+                &shared.agent.name,
+                &event.idempotency_key,
+                replay,
+                i
+            ))
         });
         let metadata = fields.entry("metadata").or_insert_with(|| json!({}));
         if let Some(meta) = metadata.as_object_mut() {
@@ -986,8 +1033,8 @@ async fn publish_follow_ups(
         }
         items.push(envelope);
     }
-    // Kept for the one-by-one path below, which only keys derived here can take.
-    let copies = all_derived.then(|| items.clone());
+    // Kept for the one-by-one path below.
+    let copies = items.clone();
     let request = |items: Vec<Json>| publish::Request {
         items,
         batch: true,
@@ -997,18 +1044,24 @@ async fn publish_follow_ups(
     };
     let failed = |e: publish::Error| match e {
         publish::Error::BrokerUnavailable(m) => Failure::retryable("publish", m),
+        // Another request is writing the key (a concurrent handling of a copy): once it
+        // ends this is a duplicate, or a conflict to judge then.
+        publish::Error::IdempotencyInProgress(m) => Failure::retryable("publish", m),
         e => Failure::fatal("invalid_follow_up", e.to_string()),
     };
     match shared.publisher.publish(request(items)).await {
         Ok(_) => Ok(()),
-        // A key derived from this event is taken with another body: this event's own
-        // earlier handling published first. Its follow-ups stand; those it did not get to
-        // write (a batch cut short by the broker) are written now, one by one.
-        Err(publish::Error::IdempotencyConflict(why)) if let Some(copies) = copies => {
-            tracing::debug!(agent = %shared.agent.name, event = %event.id, %why, "handled before: its first follow-ups stand");
-            for item in copies {
+        // A key is taken with another body. For a key derived from this event that means this
+        // event's own earlier handling published first: its follow-ups stand. Which key it
+        // was the error does not say, so the follow-ups go one by one: those not written yet
+        // (a batch cut short by the broker) are written, a conflict on a derived key is
+        // passed over, and only one on a key the handler chose itself is a failure.
+        Err(publish::Error::IdempotencyConflict(why)) => {
+            tracing::debug!(agent = %shared.agent.name, event = %event.id, %why, "a follow-up key is taken: one by one");
+            for (item, derived) in copies.into_iter().zip(derived) {
                 match shared.publisher.publish(request(vec![item])).await {
-                    Ok(_) | Err(publish::Error::IdempotencyConflict(_)) => {}
+                    Ok(_) => {}
+                    Err(publish::Error::IdempotencyConflict(_)) if derived => {}
                     Err(e) => return Err(failed(e)),
                 }
             }
@@ -1022,6 +1075,36 @@ async fn publish_follow_ups(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[tokio::test]
+    async fn a_recording_task_that_panics_is_a_failure_of_the_agent() {
+        let ended = tokio::spawn(async { panic!("disk on fire") }).await;
+        let why = recording_failure(ended).expect("a failure");
+        assert!(why.contains("disk on fire"), "{why}");
+        assert_eq!(recording_failure(tokio::spawn(async {}).await), None);
+    }
+
+    #[test]
+    fn follow_up_keys_are_valid_idempotency_keys_whatever_the_event_and_replay() {
+        use crate::envelope::check_idempotency_key;
+        assert_eq!(follow_up_key("a", "k", None, 0), "a:k:0");
+        assert_eq!(follow_up_key("a", "k", Some("r"), 1), "a:k:r:1");
+        let long = "k".repeat(256);
+        for (key, replay) in [
+            (long.as_str(), None),
+            ("k", Some("a\tb")),
+            ("k", Some(long.as_str())),
+            ("k\u{7f}", None),
+        ] {
+            let derived = follow_up_key("agent-x", key, replay, 3);
+            assert_eq!(check_idempotency_key(&derived), Ok(()), "{derived:?}");
+            assert!(derived.starts_with("agent-x:") && derived.ends_with(":3"));
+            // Deterministic, and apart for another replay or follow-up.
+            assert_eq!(derived, follow_up_key("agent-x", key, replay, 3));
+            assert_ne!(derived, follow_up_key("agent-x", key, replay, 4));
+            assert_ne!(derived, follow_up_key("agent-x", key, Some("other\t"), 3));
+        }
+    }
 
     proptest! {
         /// Whatever a peer asks for, the retry arithmetic neither panics nor waits longer

@@ -155,14 +155,26 @@ fn read_ca_file(file: &Path) -> std::io::Result<Vec<u8>> {
     Ok(pem)
 }
 
+/// The Mozilla root certificates of the `webpki-root-certs` crate, built in: parsed once.
+fn webpki_roots() -> &'static [reqwest::Certificate] {
+    static ROOTS: std::sync::OnceLock<Vec<reqwest::Certificate>> = std::sync::OnceLock::new();
+    ROOTS.get_or_init(|| {
+        webpki_root_certs::TLS_SERVER_ROOT_CERTS
+            .iter()
+            .filter_map(|der| reqwest::Certificate::from_der(der.as_ref()).ok())
+            .collect()
+    })
+}
+
 /// The HTTP client of a webhook or an integration service: rustls with the machine's trust
-/// store, plus the certificates of `ca_file` (PEM, one or more) when given, for services
-/// behind a private CA.
+/// store and the built-in Mozilla roots (so that a host without a CA store, a slim container,
+/// still reaches public HTTPS), plus the certificates of `ca_file` (PEM, one or more) when
+/// given, for services behind a private CA.
 pub fn http_client(
     timeout: Option<Duration>,
     ca_file: Option<&Path>,
 ) -> Result<reqwest::Client, String> {
-    let mut builder = reqwest::Client::builder();
+    let mut builder = reqwest::Client::builder().tls_certs_merge(webpki_roots().iter().cloned());
     if let Some(timeout) = timeout {
         builder = builder.timeout(timeout);
     }
@@ -460,6 +472,42 @@ mod tests {
             assert_eq!(p(garbage), None, "{garbage:?}");
         }
         assert_eq!(parse_retry_after(&[0xff, 0x31], now), None);
+    }
+
+    /// Run by the next test in a child process whose trust store is empty.
+    #[test]
+    #[ignore = "run by a_host_without_a_ca_store_still_gets_a_client"]
+    fn child_builds_a_client_without_a_ca_store() {
+        assert!(std::env::var_os("AGENTBUS_TEST_CHILD").is_some());
+        http_client(None, None).expect("a client from the built-in roots");
+    }
+
+    /// The platform verifier finds no CA certificate on a host without a store (here: the
+    /// store pointed at an empty file); the built-in roots still make a client.
+    #[test]
+    fn a_host_without_a_ca_store_still_gets_a_client() {
+        assert!(!webpki_roots().is_empty());
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "handlers::tests::child_builds_a_client_without_a_ca_store",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("AGENTBUS_TEST_CHILD", "1")
+            .env("SSL_CERT_FILE", &empty)
+            .env("SSL_CERT_DIR", dir.path().join("none"))
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success() && text.contains("1 passed"), "{text}");
     }
 
     #[test]

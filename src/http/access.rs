@@ -32,18 +32,35 @@ pub fn scope_of(method: &Method, path: &str) -> Scope {
     }
 }
 
-/// The access checks, as an axum middleware.
+/// The access checks, as an axum middleware. A refusal drains the body as the body limit's
+/// does (this check runs first): a client that writes its whole body before it reads the
+/// answer would otherwise meet a broken pipe instead of the 401.
 pub async fn check(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    if let Some(refusal) = refusal(&state, &mut request) {
+        return super::body::refuse_unread(request, refusal.into_response());
+    }
+    let limit = state.limits.request_timeout;
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::broker_unavailable(format!(
+            "the request took longer than {}",
+            humantime::format_duration(Duration::from_millis(limit.as_millis() as u64))
+        ))
+        .into_response(),
+    }
+}
+
+/// Why `request` is refused before its handler, if it is; else its key is in its extensions.
+fn refusal(state: &AppState, request: &mut Request) -> Option<ApiError> {
     let header_bytes: usize = request
         .headers()
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len())
         .sum();
     if header_bytes > MAX_HEADER_BYTES {
-        return ApiError::headers_too_large(format!(
+        return Some(ApiError::headers_too_large(format!(
             "the request headers are larger than {MAX_HEADER_BYTES} bytes"
-        ))
-        .into_response();
+        )));
     }
     let path = request.uri().path().to_string();
     if !open(&path) && !state.keys.is_empty() {
@@ -55,42 +72,33 @@ pub async fn check(State(state): State<AppState>, mut request: Request, next: Ne
         let key = match state.keys.authenticate(presented) {
             Ok(key) => key,
             Err(Denied::Missing) => {
-                return ApiError::unauthorized("send an API key: Authorization: Bearer <key>")
-                    .into_response();
+                return Some(ApiError::unauthorized(
+                    "send an API key: Authorization: Bearer <key>",
+                ));
             }
             Err(Denied::Invalid) => {
-                return ApiError::unauthorized("the API key is not valid").into_response();
+                return Some(ApiError::unauthorized("the API key is not valid"));
             }
         };
         if !key.allows(scope) {
-            return ApiError::forbidden(
+            return Some(ApiError::forbidden(
                 format!(
                     "key {:?} lacks the {} scope this request needs",
                     key.name,
                     scope.as_str()
                 ),
                 Vec::new(),
-            )
-            .into_response();
+            ));
         }
         if let Err(wait) = key.take() {
-            return ApiError::rate_limited(
+            return Some(ApiError::rate_limited(
                 format!("key {:?} is over its request rate", key.name),
                 wait,
-            )
-            .into_response();
+            ));
         }
         request.extensions_mut().insert(key);
     }
-    let limit = state.limits.request_timeout;
-    match tokio::time::timeout(limit, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => ApiError::broker_unavailable(format!(
-            "the request took longer than {}",
-            humantime::format_duration(Duration::from_millis(limit.as_millis() as u64))
-        ))
-        .into_response(),
-    }
+    None
 }
 
 #[cfg(test)]

@@ -85,6 +85,20 @@ pub async fn limit(State(state): State<AppState>, request: Request, next: Next) 
         .await
 }
 
+/// Sends `response` (a refusal given before the body was read) and drains the request's
+/// body as a 413 does, so that a client still writing its body gets to read the answer.
+pub fn refuse_unread(request: Request, mut response: Response) -> Response {
+    let (parts, body) = request.into_parts();
+    if content_length(&parts.headers).is_some_and(|n| n > DRAIN_BYTES) {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    } else if !expects_continue(&parts.headers) {
+        tokio::spawn(drain(body.into_data_stream()));
+    }
+    response
+}
+
 /// Reads and discards what is left of a refused body, within [`DRAIN_BYTES`] and
 /// [`DRAIN_TIME`]. Dropping the stream after that makes hyper close the connection.
 async fn drain(mut rest: axum::body::BodyDataStream) {

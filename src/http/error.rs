@@ -173,7 +173,9 @@ impl From<publish::Error> for ApiError {
             publish::Error::TooLarge { message, details } => {
                 ApiError::payload_too_large(message).with_details(details)
             }
-            publish::Error::IdempotencyConflict(message) => {
+            // In progress: the contract knows one answer for both, 409.
+            publish::Error::IdempotencyConflict(message)
+            | publish::Error::IdempotencyInProgress(message) => {
                 ApiError::new(StatusCode::CONFLICT, "idempotency_conflict", message)
             }
             publish::Error::BrokerUnavailable(message) => {

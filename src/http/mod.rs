@@ -8,7 +8,7 @@ mod dlq;
 pub mod error;
 mod events;
 mod openapi;
-mod params;
+pub mod params;
 mod replays;
 mod schemas;
 

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use super::{
     AppState,
     error::{ApiError, ApiPath},
+    params,
 };
 use crate::{
     config::parse_time,
@@ -62,6 +63,21 @@ pub async fn start(State(state): State<AppState>, body: Bytes) -> Result<Respons
     };
     let mut topics = body.topics;
     topics.extend(body.topic);
+    // Names reach librdkafka as C strings (a NUL panics there): checked here, a 400.
+    let field = |name: &str, why: Option<String>| match why {
+        Some(why) => Err(ApiError::invalid_request(name, why)),
+        None => Ok(()),
+    };
+    for topic in &topics {
+        field("topics", params::topic_problem(topic))?;
+    }
+    match &target {
+        Target::Agent(agent) => field("to_agent", params::agent_problem(agent))?,
+        Target::Topic(topic) => field("into_topic", params::topic_problem(topic))?,
+    }
+    if let Some(id) = &body.replay_id {
+        field("replay_id", params::replay_id_problem(id))?;
+    }
     let request = Request {
         from: time("from", &body.from)?,
         until: body
@@ -74,14 +90,6 @@ pub async fn start(State(state): State<AppState>, body: Bytes) -> Result<Respons
         target,
         replay_id: body.replay_id,
     };
-    if let Some(id) = &request.replay_id
-        && (id.is_empty() || id.len() > 200)
-    {
-        return Err(ApiError::invalid_request(
-            "replay_id",
-            "1 to 200 characters",
-        ));
-    }
     super::broker_reachable(&state)?;
     let job = state
         .replays

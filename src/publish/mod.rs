@@ -67,9 +67,13 @@ pub enum Error {
         /// Each event over the limit, with its size and the limit.
         details: Vec<Violation>,
     },
-    /// The idempotency key was used with a different request, or is being written now.
+    /// The idempotency key was used with a different request.
     #[error("{0}")]
     IdempotencyConflict(String),
+    /// The idempotency key is being written now by another request: answered like a
+    /// conflict (409), but it may well succeed (as a duplicate) once that request ends.
+    #[error("{0}")]
+    IdempotencyInProgress(String),
     /// The broker did not acknowledge (down, slow, queue full). Events of the request that
     /// were acknowledged are recorded, so a retry with the same keys writes only the rest.
     #[error("{0}")]
@@ -291,7 +295,10 @@ impl Publisher {
                     return Err(conflict(&p.key, "already used with a different request"));
                 }
                 Lookup::InProgress => {
-                    return Err(conflict(&p.key, "in use by a request still in progress"));
+                    return Err(Error::IdempotencyInProgress(format!(
+                        "idempotency key {:?} in use by a request still in progress",
+                        p.key
+                    )));
                 }
             }
         }
@@ -322,6 +329,7 @@ impl Publisher {
                     written.push(i);
                 }
                 Err(e) => {
+                    let e = self.judge_too_large(&prepared[i], e).await;
                     // A record the broker can never take wins: a retry would fail the same way.
                     if matches!(e, Failure::TooLarge(_))
                         || !matches!(failure, Some(Failure::TooLarge(_)))
@@ -377,19 +385,37 @@ impl Publisher {
             .collect())
     }
 
+    /// A delivery refused as too large is about the record only when the record itself is
+    /// over the limit: the broker also refuses a record batch larger than the topic's
+    /// `max.message.bytes` (lowered below the producer's `batch.size`), and then the event
+    /// is fine alone and a retry (in another batch) may well pass: 503, not 413. The
+    /// topic's limit is read again first, since a stale one may be why the check passed.
+    async fn judge_too_large(&self, p: &Prepared, failure: Failure) -> Failure {
+        let Failure::TooLarge(why) = failure else {
+            return failure;
+        };
+        self.sizes.forget(&p.topic);
+        let limit = self.sizes.of(&p.topic, self.broker_up()).await;
+        let bytes = record_bytes(p);
+        if bytes > limit.max_record {
+            return Failure::TooLarge(why);
+        }
+        Failure::Unavailable(format!(
+            "the broker refused a record batch as too large ({why}), but this event ({bytes} \
+             bytes as a record) fits {}: the batch it travelled in was larger than the topic \
+             takes; retry (a batch.size below the topic's max.message.bytes avoids this)",
+            limit.explain(&p.topic)
+        ))
+    }
+
     /// Refuses the request when an event is larger than its topic takes: it could never be
     /// written, so it is not retried into the broker (and not answered 503).
     async fn check_sizes(&self, prepared: &[Prepared], batch: bool) -> Result<(), Error> {
         let mut details = Vec::new();
         let mut first = None;
         for (i, p) in prepared.iter().enumerate() {
-            let headers = headers(p);
-            let bytes = size::record_size(
-                p.record_key.len(),
-                p.value.len(),
-                headers.iter().map(|h| (h.key, h.value.unwrap_or_default())),
-            );
-            let limit = self.sizes.of(&p.topic).await;
+            let bytes = record_bytes(p);
+            let limit = self.sizes.of(&p.topic, self.broker_up()).await;
             if bytes > limit.max_record {
                 let why = format!(
                     "the event is {bytes} bytes as a Kafka record (key, Avro value, headers); {}",
@@ -616,6 +642,16 @@ const TIMED_OUT: &str = "the broker did not acknowledge in time";
 /// The least time between two renewals of the producer.
 const RENEW_AT_MOST_EVERY: Duration = Duration::from_secs(5);
 
+/// The size of `p` as a Kafka record (key, value, headers and record overhead).
+fn record_bytes(p: &Prepared) -> usize {
+    let headers = headers(p);
+    size::record_size(
+        p.record_key.len(),
+        p.value.len(),
+        headers.iter().map(|h| (h.key, h.value.unwrap_or_default())),
+    )
+}
+
 fn conflict(key: &str, why: &str) -> Error {
     Error::IdempotencyConflict(format!("idempotency key {key:?} {why}"))
 }
@@ -695,7 +731,7 @@ fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
 /// The producer's settings. Each one matters for "answered 200 means durably written";
 /// any can be overridden with `AGENTBUS_KAFKA_<NAME>` (say, `AGENTBUS_KAFKA_LINGER_MS`).
 pub fn producer_config(kafka: &KafkaArgs, timeout: Duration) -> rdkafka::ClientConfig {
-    kafka.client_config_with(&[
+    let mut config = kafka.client_config_with(&[
         // No duplicates or reordering from the producer's own retries.
         ("enable.idempotence", "true".into()),
         // Acknowledged only once every in-sync replica has the event.
@@ -707,7 +743,23 @@ pub fn producer_config(kafka: &KafkaArgs, timeout: Duration) -> rdkafka::ClientC
         ("linger.ms", "5".into()),
         // Refuse quickly (queue full → 503) instead of buffering without bound.
         ("queue.buffering.max.messages", "200000".into()),
-    ])
+    ]);
+    // A record batch must fit what the broker takes, or every event in it is refused
+    // together: librdkafka's batch.size is capped to the limits agentbus knows, the
+    // producer's message.max.bytes and Kafka's default max.message.bytes. A topic with a
+    // lower max.message.bytes needs a lower batch.size (AGENTBUS_KAFKA_BATCH_SIZE); without
+    // it a refused batch is answered 503 (retry), never 413 for an event that fits.
+    let setting = |name: &str, default: usize| {
+        config
+            .get(name)
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(default)
+    };
+    let batch = setting("batch.size", size::LIBRDKAFKA_DEFAULT_BATCH)
+        .min(setting("message.max.bytes", size::LIBRDKAFKA_DEFAULT_MAX))
+        .min(size::KAFKA_DEFAULT_TOPIC_MAX);
+    config.set("batch.size", batch.to_string());
+    config
 }
 
 /// Probes that must fail in a row before the broker counts as unreachable: one slow answer

@@ -10,7 +10,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{Mutex, OnceLock},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -21,7 +21,13 @@ use rdkafka::{
 };
 
 /// librdkafka's default `message.max.bytes`.
-const LIBRDKAFKA_DEFAULT_MAX: usize = 1_000_000;
+pub const LIBRDKAFKA_DEFAULT_MAX: usize = 1_000_000;
+
+/// librdkafka's default `batch.size`.
+pub const LIBRDKAFKA_DEFAULT_BATCH: usize = 1_000_000;
+
+/// Kafka's default `max.message.bytes` of a topic (the broker's `message.max.bytes`).
+pub const KAFKA_DEFAULT_TOPIC_MAX: usize = 1_048_588;
 
 /// The most a record adds to its key, value and headers (librdkafka's
 /// `RD_KAFKAP_MESSAGE_V2_MAX_OVERHEAD`: length, attributes, timestamp and offset deltas, key and
@@ -43,13 +49,30 @@ const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The record size limit of each topic.
 pub struct SizeLimits {
-    config: ClientConfig,
     producer_max: usize,
     /// With compression the broker's limit applies to the compressed batch, which is not
     /// known before producing: then only the producer's limit is checked up front.
     compressed: bool,
-    admin: OnceLock<Option<AdminClient<DefaultClientContext>>>,
-    topics: Mutex<HashMap<String, (Option<usize>, Instant)>>,
+    shared: Arc<Shared>,
+}
+
+/// What the background refreshes share with the publish path.
+struct Shared {
+    config: ClientConfig,
+    /// Made when first needed; a failure to make it is tried again next time (a client
+    /// that could not be made once is not "none" for good).
+    admin: Mutex<Option<Arc<AdminClient<DefaultClientContext>>>>,
+    topics: Mutex<HashMap<String, Known>>,
+}
+
+/// What is known of a topic's limit.
+#[derive(Debug, Clone, Copy)]
+struct Known {
+    /// `None`: the broker did not tell.
+    max: Option<usize>,
+    at: Instant,
+    /// A refresh is under way (one per topic at a time).
+    refreshing: bool,
 }
 
 /// Why a record cannot be written, for the 413's message.
@@ -112,21 +135,26 @@ impl SizeLimits {
                 .is_some_and(|v| !v.eq_ignore_ascii_case("none"))
         });
         SizeLimits {
-            config: producer.clone(),
             producer_max,
             compressed,
-            admin: OnceLock::new(),
-            topics: Mutex::new(HashMap::new()),
+            shared: Arc::new(Shared {
+                config: producer.clone(),
+                admin: Mutex::new(None),
+                topics: Mutex::new(HashMap::new()),
+            }),
         }
     }
 
-    /// The limit for a record of `topic` now (the broker is asked at most once per
-    /// [`KNOWN_FOR`]; without its answer, the producer's limit alone).
-    pub async fn of(&self, topic: &str) -> Limit {
+    /// The limit for a record of `topic` now. The broker is asked at most once per
+    /// [`KNOWN_FOR`] ([`UNKNOWN_FOR`] after no answer), in the background: meanwhile the last
+    /// known value is used, so that no publish waits for it (only the first for a topic
+    /// does, once). `broker_up` false: the broker is not asked at all. Without its answer,
+    /// the producer's limit alone applies.
+    pub async fn of(&self, topic: &str, broker_up: bool) -> Limit {
         let topic_max = if self.compressed {
             None
         } else {
-            self.topic_max(topic).await
+            self.topic_max(topic, broker_up).await
         };
         let max_record = match topic_max {
             Some(t) => self.producer_max.min(t.saturating_sub(BATCH_OVERHEAD)),
@@ -139,36 +167,83 @@ impl SizeLimits {
         }
     }
 
-    async fn topic_max(&self, topic: &str) -> Option<usize> {
-        if let Some((known, at)) = self.topics.lock().expect("size cache lock").get(topic) {
-            let valid = if known.is_some() {
-                KNOWN_FOR
-            } else {
-                UNKNOWN_FOR
-            };
-            if at.elapsed() < valid {
-                return *known;
-            }
-        }
-        let found = self.describe(topic).await;
-        self.topics
+    /// Drops what is known of `topic`'s limit: the next [`SizeLimits::of`] asks the broker
+    /// and waits for the answer.
+    pub fn forget(&self, topic: &str) {
+        self.shared
+            .topics
             .lock()
             .expect("size cache lock")
-            .insert(topic.to_string(), (found, Instant::now()));
+            .remove(topic);
+    }
+
+    async fn topic_max(&self, topic: &str, broker_up: bool) -> Option<usize> {
+        {
+            let mut topics = self.shared.topics.lock().expect("size cache lock");
+            match topics.get_mut(topic) {
+                Some(known) => {
+                    let valid = if known.max.is_some() {
+                        KNOWN_FOR
+                    } else {
+                        UNKNOWN_FOR
+                    };
+                    if known.at.elapsed() >= valid && !known.refreshing && broker_up {
+                        known.refreshing = true;
+                        let (shared, topic) = (self.shared.clone(), topic.to_string());
+                        // Single flight, off the request: the stale value serves meanwhile.
+                        tokio::spawn(async move { shared.refresh(&topic).await });
+                    }
+                    return known.max;
+                }
+                None if !broker_up => return None,
+                None => {
+                    // The first request for the topic asks and waits; others meanwhile
+                    // go with the producer's limit.
+                    topics.insert(
+                        topic.to_string(),
+                        Known {
+                            max: None,
+                            at: Instant::now(),
+                            refreshing: true,
+                        },
+                    );
+                }
+            }
+        }
+        self.shared.refresh(topic).await
+    }
+}
+
+impl Shared {
+    /// Asks the broker for `topic`'s limit and records the answer.
+    async fn refresh(&self, topic: &str) -> Option<usize> {
+        let found = self.describe(topic).await;
+        self.topics.lock().expect("size cache lock").insert(
+            topic.to_string(),
+            Known {
+                max: found,
+                at: Instant::now(),
+                refreshing: false,
+            },
+        );
         found
     }
 
-    async fn describe(&self, topic: &str) -> Option<usize> {
-        let admin = self
-            .admin
-            .get_or_init(|| match self.config.create() {
-                Ok(admin) => Some(admin),
+    fn admin(&self) -> Option<Arc<AdminClient<DefaultClientContext>>> {
+        let mut admin = self.admin.lock().expect("admin lock");
+        if admin.is_none() {
+            match self.config.create() {
+                Ok(client) => *admin = Some(Arc::new(client)),
                 Err(e) => {
-                    tracing::warn!(error = %e, "no admin client to read topic size limits");
-                    None
+                    tracing::warn!(error = %e, "no admin client to read topic size limits (tried again later)");
                 }
-            })
-            .as_ref()?;
+            }
+        }
+        admin.clone()
+    }
+
+    async fn describe(&self, topic: &str) -> Option<usize> {
+        let admin = self.admin()?;
         let options = AdminOptions::new().request_timeout(Some(DESCRIBE_TIMEOUT));
         let resource = ResourceSpecifier::Topic(topic);
         let answer = tokio::time::timeout(
@@ -209,6 +284,17 @@ mod tests {
         );
     }
 
+    fn seed(limits: &SizeLimits, topic: &str, max: Option<usize>, age: Duration) {
+        limits.shared.topics.lock().unwrap().insert(
+            topic.into(),
+            Known {
+                max,
+                at: Instant::now() - age,
+                refreshing: false,
+            },
+        );
+    }
+
     #[tokio::test]
     async fn the_producer_limit_applies_alone_when_the_topic_is_unknown_or_compressed() {
         let mut config = ClientConfig::new();
@@ -218,19 +304,38 @@ mod tests {
         let limits = SizeLimits::new(&config);
         assert_eq!(limits.producer_max, 5000);
         // Seeded cache: the topic's limit is below the producer's.
-        limits
-            .topics
-            .lock()
-            .unwrap()
-            .insert("t".into(), (Some(3000), Instant::now()));
-        assert_eq!(limits.of("t").await.max_record, 3000 - BATCH_OVERHEAD);
+        seed(&limits, "t", Some(3000), Duration::ZERO);
+        assert_eq!(limits.of("t", true).await.max_record, 3000 - BATCH_OVERHEAD);
         config.set("compression.type", "zstd");
         let compressed = SizeLimits::new(&config);
-        compressed
-            .topics
-            .lock()
-            .unwrap()
-            .insert("t".into(), (Some(3000), Instant::now()));
-        assert_eq!(compressed.of("t").await.max_record, 5000);
+        seed(&compressed, "t", Some(3000), Duration::ZERO);
+        assert_eq!(compressed.of("t", true).await.max_record, 5000);
+    }
+
+    /// Review of issue 10, finding 8: an expired limit is refreshed in the background (one
+    /// refresh for all), the last known one serving meanwhile; with the broker down, nobody
+    /// waits for it.
+    #[tokio::test]
+    async fn no_publish_waits_for_the_broker_once_a_limit_is_known_or_the_broker_is_down() {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .set("message.max.bytes", "5000");
+        let limits = SizeLimits::new(&config);
+        seed(&limits, "t", Some(3000), KNOWN_FOR + Duration::from_secs(1));
+        let started = Instant::now();
+        let answers = futures::future::join_all((0..20).map(|_| limits.of("t", true))).await;
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(answers.iter().all(|l| l.topic_max == Some(3000)));
+        assert!(limits.shared.topics.lock().unwrap()["t"].refreshing);
+        // Broker down: an unknown topic is not asked about.
+        let started = Instant::now();
+        assert_eq!(limits.of("other", false).await.topic_max, None);
+        assert!(started.elapsed() < Duration::from_millis(500));
+        assert!(!limits.shared.topics.lock().unwrap().contains_key("other"));
     }
 }

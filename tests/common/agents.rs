@@ -31,6 +31,7 @@ pub struct Receiver {
 
 /// Behaviour by the task's description: `fail-N` fails N times with 503, `poison` answers
 /// 400, `held` answers 400 once `released` is set, `follow` answers with a follow-up event,
+/// `follow-varying-keyed` with that and one more under a key of its own (same body each time),
 /// `follow-varying` with one whose body differs each time the same event comes (its
 /// `duration_ms` counts the deliveries), `slow` takes 100 ms, `sleep-N` takes N ms (a
 /// handler with a fixed time per event, for benchmarks), `retry-after-N` answers 503 with
@@ -102,6 +103,22 @@ async fn receive(
             "event_type": "agent.task.completed",
             "data": {"task_id": event["data"]["task_id"], "agent_id": event["data"]["agent_id"],
                      "status": "succeeded", "result": "done", "duration_ms": 5}
+        }]});
+        return Json(completed).into_response();
+    }
+    if description == "follow-varying-keyed" {
+        // One follow-up whose body varies (its key derived by agentbus) and one with a key
+        // of the handler's own and the same body each time.
+        let completed = json!({"events": [{
+            "event_type": "agent.task.completed",
+            "data": {"task_id": event["data"]["task_id"], "agent_id": event["data"]["agent_id"],
+                     "status": "succeeded", "result": format!("delivery {attempt}"),
+                     "duration_ms": attempt}
+        }, {
+            "event_type": "agent.task.completed",
+            "idempotency_key": format!("own-{}", event["data"]["task_id"].as_str().unwrap_or("")),
+            "data": {"task_id": event["data"]["task_id"], "agent_id": event["data"]["agent_id"],
+                     "status": "succeeded", "result": "same", "duration_ms": 1}
         }]});
         return Json(completed).into_response();
     }
