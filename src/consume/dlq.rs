@@ -466,6 +466,7 @@ mod tests {
         let kafka = KafkaArgs {
             brokers: "127.0.0.1:1".into(),
             topic_prefix: String::new(),
+            ..KafkaArgs::default()
         };
         let started = Instant::now();
         let opened = Reader::open(
