@@ -91,6 +91,17 @@ install_kafka() {
   if [ -f "$kafka_home/.complete" ]; then
     return
   fi
+  # One installer at a time (a fresh machine's first tests start several brokers at once); the
+  # lock is released when the subshell ends.
+  mkdir -p "$kafka_home"
+  (
+    flock 8
+    [ -f "$kafka_home/.complete" ] && exit 0
+    install_kafka_locked
+  ) 8>"$kafka_home/.install.lock"
+}
+
+install_kafka_locked() {
   command -v java >/dev/null || { echo "installing a JRE from Debian..." >&2; as_root_apt default-jre-headless; }
   command -v mvn >/dev/null || { echo "installing Maven from Debian..." >&2; as_root_apt maven; }
   echo "installing Apache Kafka $kafka_version from Maven Central into $kafka_home..." >&2
@@ -186,7 +197,12 @@ start_kafka() {
     local id format_args=()
     # A cluster id as kafka-storage random-uuid makes it (16 random bytes, URL-safe base64
     # without padding), without a JVM start for it.
-    id=$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')
+    # Like Kafka's Uuid.randomUuid, never one that starts with '-': the tool would read it as
+    # an option (1 draw in 64).
+    id=-
+    while [ "${id#-}" != "$id" ]; do
+      id=$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')
+    done
     # Split on blanks without globbing: SCRAM credentials are written [name=...,password=...].
     read -r -a format_args <<<"${AGENTBUS_BROKER_FORMAT_ARGS:-}"
     # The format's own output names the SCRAM users, never their passwords; it goes to the log.

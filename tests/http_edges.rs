@@ -428,6 +428,54 @@ async fn an_event_larger_than_its_topic_takes_is_a_413_naming_the_topic_limit() 
     assert_eq!(app.post(&big_task(10_000)).await.status(), 200);
 }
 
+/// With a codec on (lz4, the default) the broker judges the compressed batch, so only the
+/// producer's limit is checked before producing; an event that does not compress below the
+/// topic's limit is refused by the broker and must still be a 413, never a 503 retried forever.
+#[tokio::test]
+async fn a_compressed_event_over_its_topic_limit_is_a_413_not_a_503() {
+    let prefix = unique_prefix();
+    let topic = format!("{prefix}agent.events");
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(&topic, 2, TopicReplication::Fixed(1))
+                .set("max.message.bytes", "20000")],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    results[0].as_ref().unwrap();
+    let app = spawn(Options {
+        prefix,
+        ..Options::default()
+    })
+    .await;
+    // 60 000 characters that lz4 cannot shrink to 20 000 bytes (a fixed-seed generator).
+    let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+    let noise: String = (0..60_000)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+            alphabet[(state >> 33) as usize % alphabet.len()] as char
+        })
+        .collect();
+    let mut event = big_task(0);
+    event["data"]["description"] = json!(noise);
+    let (status, code, body) = error_code(app.post(&event).await).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (413, "payload_too_large"),
+        "{body}"
+    );
+    // A compressible event of the same size fits once compressed: written.
+    assert_eq!(app.post(&big_task(60_000)).await.status(), 200);
+}
+
 /// Review of issue 10, finding 4: the broker refuses a record *batch* larger than the topic's
 /// max.message.bytes; events that each fit are not "too large" (413, never retried) but a 503.
 #[tokio::test]

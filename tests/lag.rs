@@ -557,9 +557,10 @@ async fn a_partition_stuck_behind_an_open_transaction_is_not_caught_up_and_marke
     let asked_at = Utc::now().timestamp_millis();
     let lag: Value = app.get_json(&format!("/v1/consumers/{group}/lag")).await;
     let answered_at = Utc::now().timestamp_millis();
-    // Within the read deadline (3 s), not the 10 s the reader used to wait for a record.
+    // Within the read deadline (3 s) and what it takes to ask on a busy 2-core machine, not
+    // the 10 s the reader used to wait for a record.
     assert!(
-        asked.elapsed() < Duration::from_secs(5),
+        asked.elapsed() < Duration::from_secs(8),
         "{:?}",
         asked.elapsed()
     );

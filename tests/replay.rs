@@ -679,8 +679,10 @@ async fn a_record_the_service_cannot_read_gives_a_lag_lower_bound_and_fails_a_re
         .json()
         .await
         .unwrap();
+    // The read deadline is 2 s here; the bound leaves room for a busy machine and stays
+    // below the 10 s the reader used to wait.
     assert!(
-        asked.elapsed() < Duration::from_secs(6),
+        asked.elapsed() < Duration::from_secs(8),
         "{:?}",
         asked.elapsed()
     );

@@ -395,7 +395,9 @@ impl Publisher {
             return failure;
         };
         self.sizes.forget(&p.topic);
-        let limit = self.sizes.of(&p.topic, self.broker_up()).await;
+        // With a codec on, the check before producing knew only the producer's limit: here
+        // the topic's counts too, or such an event would be answered 503 and retried forever.
+        let limit = self.sizes.of_uncompressed(&p.topic, self.broker_up()).await;
         let bytes = record_bytes(p);
         if bytes > limit.max_record {
             return Failure::TooLarge(why);

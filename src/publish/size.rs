@@ -151,10 +151,22 @@ impl SizeLimits {
     /// does, once). `broker_up` false: the broker is not asked at all. Without its answer,
     /// the producer's limit alone applies.
     pub async fn of(&self, topic: &str, broker_up: bool) -> Limit {
-        let topic_max = if self.compressed {
-            None
-        } else {
+        self.limit(topic, broker_up, !self.compressed).await
+    }
+
+    /// Like [`SizeLimits::of`], with the topic's limit also when the producer compresses:
+    /// after the broker refused a batch as too large, an event that is over the topic's
+    /// limit even uncompressed is the likely cause, and one under it fits alone whatever
+    /// the codec does.
+    pub async fn of_uncompressed(&self, topic: &str, broker_up: bool) -> Limit {
+        self.limit(topic, broker_up, true).await
+    }
+
+    async fn limit(&self, topic: &str, broker_up: bool, with_topic: bool) -> Limit {
+        let topic_max = if with_topic {
             self.topic_max(topic, broker_up).await
+        } else {
+            None
         };
         let max_record = match topic_max {
             Some(t) => self.producer_max.min(t.saturating_sub(BATCH_OVERHEAD)),

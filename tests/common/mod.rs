@@ -377,13 +377,25 @@ pub fn succeeded(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A port free on 127.0.0.1 a moment ago.
+/// A port free on 127.0.0.1 a moment ago, for a server a test starts later (a broker's JVM
+/// binds seconds after). Taken below Linux's ephemeral range (32768-60999), so that no
+/// outgoing connection gets it in between, and never twice in one test binary (binaries run
+/// one after another); a port something else listens on is passed over.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Each binary starts at its own place in the range, so that a server a binary left
+    // behind does not meet the next binary's first ports.
+    let start = std::process::id().wrapping_mul(7919) % COUNT;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = FIRST + (start + n) % COUNT;
+        if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
 }
 
 /// Path of the built `agentbus` binary.
