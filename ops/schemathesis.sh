@@ -53,9 +53,19 @@ find_st() {
   done
   return 1
 }
+venv=$root/target/schemathesis-venv
+if ! find_st && [ -x "$venv/bin/schemathesis" ]; then scripts=$venv/bin; fi
 if ! find_st; then
   log "installing schemathesis 4 with pip..."
   python3 -m pip install --quiet --disable-pip-version-check 'schemathesis>=4,<5' >&2 || true
+  if ! find_st; then
+    # A Python that refuses installs of its own (Debian's, PEP 668) or has no pip: a venv
+    # of the project's own under target/.
+    log "pip could not install it here; trying a venv in $venv..."
+    if python3 -m venv "$venv" >&2 && "$venv/bin/python" -m pip install --quiet --disable-pip-version-check 'schemathesis>=4,<5' >&2; then
+      scripts=$venv/bin
+    fi
+  fi
   if ! find_st; then
     log "FAILED: schemathesis 4 is not installed and 'python3 -m pip install schemathesis' did not install it"
     exit 1

@@ -83,6 +83,12 @@ if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
   packages+=(prometheus)
   install_prometheus=1
 fi
+# schemathesis (PyPI) checks the API against its OpenAPI description: Python with venv, so
+# that ops/schemathesis.sh can install it even where the system Python refuses pip installs.
+command -v python3 >/dev/null || packages+=(python3 python3-venv python3-pip)
+if command -v python3 >/dev/null && ! python3 -m venv --help >/dev/null 2>&1; then
+  packages+=(python3-venv)
+fi
 # Where a docker client is installed, a test checks compose.yml with `docker compose config`.
 if command -v docker >/dev/null && ! docker compose version >/dev/null 2>&1 \
   && ! command -v docker-compose >/dev/null; then

@@ -62,7 +62,7 @@ pub async fn limit(State(state): State<AppState>, request: Request, next: Next) 
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         } else if !expects_continue(&parts.headers) {
-            tokio::spawn(drain(rest));
+            spawn_drain(rest, &mut response);
         }
         response
     };
@@ -94,9 +94,32 @@ pub fn refuse_unread(request: Request, mut response: Response) -> Response {
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     } else if !expects_continue(&parts.headers) {
-        tokio::spawn(drain(body.into_data_stream()));
+        spawn_drain(body.into_data_stream(), &mut response);
     }
     response
+}
+
+/// Most refused bodies drained at once: beyond, a refusal closes the connection instead, so
+/// that clients sending large bodies to be refused cannot hold unbounded work.
+pub const MOST_DRAINS: usize = 64;
+
+/// Drains `rest` in the background when fewer than [`MOST_DRAINS`] drains run; else marks
+/// `response` to close the connection (the client may then miss the answer, as before).
+fn spawn_drain(rest: axum::body::BodyDataStream, response: &mut Response) {
+    static DRAINS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MOST_DRAINS);
+    match DRAINS.try_acquire() {
+        Ok(permit) => {
+            tokio::spawn(async move {
+                drain(rest).await;
+                drop(permit);
+            });
+        }
+        Err(_) => {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+    }
 }
 
 /// Reads and discards what is left of a refused body, within [`DRAIN_BYTES`] and
