@@ -270,9 +270,11 @@ async fn good_records_between_two_bad_batches_are_all_handled() {
     let brokers = brokers();
     let topic = format!("{prefix}agent.events");
     create_topic(&brokers, &topic, 1).await;
-    // Written by an agentbus with no agent (uncompressed: the damage leaves them alone).
+    // Written by an agentbus with no agent, uncompressed (agentbus compresses with lz4 by
+    // default): the damage leaves them alone.
     let writer = spawn(Options {
         prefix: prefix.clone(),
+        extra: vec!["--compression".into(), "none".into()],
         ..Options::default()
     })
     .await;
