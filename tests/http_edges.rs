@@ -386,24 +386,38 @@ async fn an_event_larger_than_the_producer_takes_is_a_413_naming_the_limit() {
     assert_eq!(written, 0, "nothing of the batch was written");
 }
 
-#[tokio::test]
-async fn an_event_larger_than_its_topic_takes_is_a_413_naming_the_topic_limit() {
-    // The topic exists before the service starts, with a small max.message.bytes.
-    let prefix = unique_prefix();
+/// Creates `<prefix>agent.events` with `partitions` before the service starts, with a small
+/// `max.message.bytes`; its name.
+async fn agent_events_taking_at_most(
+    prefix: &str,
+    partitions: i32,
+    max_message_bytes: u32,
+) -> String {
     let topic = format!("{prefix}agent.events");
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .create()
         .unwrap();
+    let limit = max_message_bytes.to_string();
     let results = admin
         .create_topics(
-            &[NewTopic::new(&topic, 2, TopicReplication::Fixed(1))
-                .set("max.message.bytes", "20000")],
+            &[
+                NewTopic::new(&topic, partitions, TopicReplication::Fixed(1))
+                    .set("max.message.bytes", &limit),
+            ],
             &AdminOptions::new(),
         )
         .await
         .unwrap();
     results[0].as_ref().unwrap();
+    topic
+}
+
+#[tokio::test]
+async fn an_event_larger_than_its_topic_takes_is_a_413_naming_the_topic_limit() {
+    // The topic exists before the service starts, with a small max.message.bytes.
+    let prefix = unique_prefix();
+    let topic = agent_events_taking_at_most(&prefix, 2, 20_000).await;
     // Uncompressed: the topic's limit applies to the record as it is. (With a codec the
     // broker judges the compressed batch, and an event that compresses below the limit is
     // written; agentbus then checks only the producer's limit up front.)
@@ -434,20 +448,7 @@ async fn an_event_larger_than_its_topic_takes_is_a_413_naming_the_topic_limit() 
 #[tokio::test]
 async fn a_compressed_event_over_its_topic_limit_is_a_413_not_a_503() {
     let prefix = unique_prefix();
-    let topic = format!("{prefix}agent.events");
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .unwrap();
-    let results = admin
-        .create_topics(
-            &[NewTopic::new(&topic, 2, TopicReplication::Fixed(1))
-                .set("max.message.bytes", "20000")],
-            &AdminOptions::new(),
-        )
-        .await
-        .unwrap();
-    results[0].as_ref().unwrap();
+    agent_events_taking_at_most(&prefix, 2, 20_000).await;
     let app = spawn(Options {
         prefix,
         ..Options::default()
@@ -481,21 +482,8 @@ async fn a_compressed_event_over_its_topic_limit_is_a_413_not_a_503() {
 #[tokio::test]
 async fn a_batch_of_events_that_each_fit_but_not_together_is_a_503_not_a_413() {
     let prefix = unique_prefix();
-    let topic = format!("{prefix}agent.events");
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .unwrap();
-    let results = admin
-        .create_topics(
-            // One partition: the events share a record batch.
-            &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))
-                .set("max.message.bytes", "20000")],
-            &AdminOptions::new(),
-        )
-        .await
-        .unwrap();
-    results[0].as_ref().unwrap();
+    // One partition: the events share a record batch.
+    agent_events_taking_at_most(&prefix, 1, 20_000).await;
     // Uncompressed, so that the batch is as large on the wire as its events.
     let app = spawn(Options {
         prefix,
