@@ -61,6 +61,7 @@ pub fn openapi() -> Value {
                             {"type": "object", "required": ["results"], "properties": {"results": {"type": "array", "items": {"$ref": "#/components/schemas/PublishResult"}}}}
                         ]}}}},
                     "400": error_response("malformed_json or invalid_envelope."),
+                    "408": error_response("request_timeout: the request body was still arriving when the request timeout (AGENTBUS_REQUEST_TIMEOUT) passed; the client was too slow, not the broker."),
                     "409": error_response("idempotency_conflict: the key was used with a different body, or is in use right now."),
                     "413": error_response("payload_too_large: body or batch over the limit, or an event larger than the broker takes (the smaller of the producer's message.max.bytes and the topic's max.message.bytes, less record overhead; the message names it)."),
                     "422": error_response("unknown_event_type, unknown_event_version or schema_violation; nothing written."),
@@ -157,6 +158,7 @@ pub fn openapi() -> Value {
                         "properties": {"group": {"type": "string"}, "redriven": {"type": "integer"}}}}}},
                     "400": error_response("malformed_json or invalid_envelope (a bad filter); invalid_parameter: a group name no consumer group can have."),
                     "404": error_response("No such agent."),
+                    "408": error_response("request_timeout: the request body was still arriving when the request timeout (AGENTBUS_REQUEST_TIMEOUT) passed; the client was too slow, not the broker."),
                     "413": error_response("payload_too_large: the body is over the limit."),
                     "503": error_response("broker_unavailable.")
                 }
@@ -204,6 +206,7 @@ pub fn openapi() -> Value {
                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ReplayJob"}}}},
                     "400": error_response("malformed_json or invalid_envelope: a bad time (or one outside the years 0 to 9999), from after until, nothing to replay, both or neither target."),
                     "404": error_response("No such topic or agent."),
+                    "408": error_response("request_timeout: the request body was still arriving when the request timeout (AGENTBUS_REQUEST_TIMEOUT) passed; the client was too slow, not the broker."),
                     "413": error_response("payload_too_large: the body is over the limit."),
                     "503": error_response("broker_unavailable.")
                 }
