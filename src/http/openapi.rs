@@ -154,8 +154,10 @@ pub fn openapi() -> Value {
                 }}}},
                 "responses": {
                     "200": {"description": "How many were sent.", "content": {"application/json": {"schema": {
-                        "type": "object", "required": ["group", "redriven"],
-                        "properties": {"group": {"type": "string"}, "redriven": {"type": "integer"}}}}}},
+                        "type": "object", "required": ["group", "redriven", "skipped", "skipped_ranges"],
+                        "properties": {"group": {"type": "string"}, "redriven": {"type": "integer"},
+                            "skipped": {"type": "integer", "description": "Records skipped because the Kafka client cannot read them (not sent back; still in the topic)."},
+                            "skipped_ranges": {"type": "array", "items": {"$ref": "#/components/schemas/SkippedRange"}}}}}}},
                     "400": error_response("malformed_json or invalid_envelope (a bad filter); invalid_parameter: a group name no consumer group can have."),
                     "404": error_response("No such agent."),
                     "408": error_response("request_timeout: the request body was still arriving when the request timeout (AGENTBUS_REQUEST_TIMEOUT) passed; the client was too slow, not the broker."),
@@ -314,9 +316,11 @@ pub fn openapi() -> Value {
             },
             "DeadLetters": {
                 "type": "object",
-                "required": ["group", "topic", "dead_letters"],
+                "required": ["group", "topic", "dead_letters", "skipped"],
                 "properties": {"group": {"type": "string"}, "topic": {"type": "string"},
-                    "next": {"type": "string", "description": "The cursor of the next page (for after); absent at the end."},
+                    "next": {"type": "string", "description": "The cursor of the next page (for after), past any skipped range; absent at the end."},
+                    "skipped": {"type": "array", "description": "Ranges of offsets this page skipped because the Kafka client cannot read them (a corrupt or undecodable batch, a record too large for the fetch settings); they are still in the topic, for Kafka's own tools.",
+                        "items": {"$ref": "#/components/schemas/SkippedRange"}},
                     "dead_letters": {"type": "array", "items": {"type": "object", "properties": {
                         "failed_at": {"type": "string", "nullable": true}, "event_type": {"type": "string", "nullable": true},
                         "event_id": {"type": "string", "nullable": true}, "attempts": {"type": "integer", "nullable": true},
@@ -324,6 +328,13 @@ pub fn openapi() -> Value {
                         "original_topic": {"type": "string", "nullable": true}, "original_partition": {"type": "integer", "nullable": true},
                         "original_offset": {"type": "integer", "nullable": true},
                         "dlq_partition": {"type": "integer"}, "dlq_offset": {"type": "integer"}}}}}
+            },
+            "SkippedRange": {
+                "type": "object",
+                "required": ["partition", "from_offset", "to_offset", "reason"],
+                "properties": {"partition": {"type": "integer"}, "from_offset": {"type": "integer"},
+                    "to_offset": {"type": "integer", "description": "The last offset skipped (inclusive)."},
+                    "reason": {"type": "string", "description": "The Kafka client's error code, e.g. BadCompression."}}
             },
             "GroupLag": {
                 "type": "object",
