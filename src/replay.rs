@@ -56,6 +56,13 @@ pub enum Error {
     /// partitions were replayed).
     #[error("{0}")]
     Stalled(String),
+    /// The broker's offsets-for-times answer could not be checked because the records it
+    /// points at could not be read (only with a broker quirk that makes the check
+    /// necessary: Apache Kafka's answer is exact and kept unchecked then). The reason
+    /// names each offset and why; it may pass (a slow broker) or not (a record this
+    /// service cannot read), so it is answered as the broker's failure, 503.
+    #[error("{0}")]
+    Unverifiable(String),
     /// Records could not be written.
     #[error("writing to {topic} failed: {reason}")]
     Write {
@@ -382,20 +389,30 @@ fn check_offsets_for_times(
         .collect();
     let quirks = kafka.quirks();
     let found = lag::oldest_unconsumed(kafka, &wanted, 64, quirks.check_timeout())?;
-    let mut unread = 0;
-    for ((topic, partition, _), oldest) in found {
+    let mut unread = Vec::new();
+    for ((topic, partition, offset), oldest) in found {
         match checked(&oldest, target, quirks) {
             Checked::Kept => {}
             Checked::End => {
                 let end = end_of(&topic, partition);
                 out.insert((topic, partition), end);
             }
-            Checked::Unread => unread += 1,
+            Checked::Unread => {
+                let why = match &oldest {
+                    lag::Oldest::Unread { why, .. } => why.as_str(),
+                    _ => "not read",
+                };
+                unread.push(format!("{topic}/{partition} offset {offset}: {why}"));
+            }
         }
     }
-    if unread > 0 {
-        return Err(Error::Invalid(format!(
-            "could not read the records at {unread} offsets to check the broker's answer; try again"
+    if !unread.is_empty() {
+        unread.sort();
+        return Err(Error::Unverifiable(format!(
+            "the broker's offsets for {time} (it may answer 0 for \"no record that late\", \
+             see --broker-quirks) could not be checked: the records there could not be read \
+             ({})",
+            unread.join("; ")
         )));
     }
     Ok(out)
@@ -416,6 +433,10 @@ enum Checked {
 /// was found to be `oldest`, `target` the time asked (ms).
 fn checked(oldest: &lag::Oldest, target: i64, quirks: crate::broker::Quirks) -> Checked {
     match oldest {
+        // Apache Kafka's answer is exact: a record there that this service cannot read (too
+        // large for its fetch settings, not decodable) is still the first one at or after
+        // the time, and where a reset puts the group. Only the quirk needs the record read.
+        lag::Oldest::Unread { .. } if !quirks.offsets_for_times_zero_for_none => Checked::Kept,
         lag::Oldest::Record(ts) if *ts >= target || !quirks.offsets_for_times_zero_for_none => {
             Checked::Kept
         }
@@ -1242,6 +1263,17 @@ mod tests {
         assert!(!r.matches(Some(from + 600_000), Some("agent.task.requested")));
         assert!(!r.matches(Some(from), Some("agent.created")));
         assert!(!r.matches(None, Some("agent.task.requested")));
+    }
+
+    #[test]
+    fn an_answer_whose_record_cannot_be_read_is_kept_on_kafka_and_unverifiable_on_tansu() {
+        use crate::broker::Quirks;
+        let unread = lag::Oldest::Unread {
+            why: "MessageSizeTooLarge".into(),
+            later: None,
+        };
+        assert_eq!(checked(&unread, 1_000, Quirks::NONE), Checked::Kept);
+        assert_eq!(checked(&unread, 1_000, Quirks::TANSU), Checked::Unread);
     }
 
     #[test]

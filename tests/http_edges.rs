@@ -771,3 +771,36 @@ async fn replay_names_kafka_cannot_have_are_a_400_never_a_503_or_a_panic() {
         .unwrap();
     assert_eq!(response.status(), 202);
 }
+
+/// A client whose body is still arriving when the request timeout passes gets `408
+/// request_timeout` (its own slowness, no `Retry-After`), not `503 broker_unavailable`: the
+/// broker is fine.
+#[tokio::test]
+async fn a_body_still_arriving_at_the_request_timeout_gets_408_not_broker_unavailable() {
+    let app = spawn(Options {
+        extra: vec!["--request-timeout".into(), "2s".into()],
+        ..Options::default()
+    })
+    .await;
+    let head = "POST /v1/events HTTP/1.1\r\nHost: agentbus\r\nContent-Type: application/json\r\n\
+                Content-Length: 100\r\nConnection: close\r\n\r\n";
+    let answer = raw_request(&app.url, head, |stream| {
+        // One byte every 300 ms: 30 bytes take 9 s, far past the 2 s timeout, and the body
+        // is never whole. The service may close the connection once it answered.
+        for _ in 0..30 {
+            if stream.write_all(b" ").is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        Ok(())
+    })
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"request_timeout\""), "{answer}");
+    assert!(
+        !answer.to_ascii_lowercase().contains("retry-after"),
+        "{answer}"
+    );
+    app.stop().await;
+}

@@ -863,3 +863,96 @@ async fn an_offset_reset_to_a_time_whose_first_record_was_aborted_plans_the_end_
     assert_eq!((lines[0].current, lines[0].new), (None, 3), "{lines:?}");
     app.stop().await;
 }
+
+/// On Apache Kafka the broker's offsets-for-times answer is exact: an offset reset to a time
+/// whose first record the service cannot read (here: larger than its fetch settings) moves
+/// the group there, and does not fail asking to "try again" (which could never pass).
+#[tokio::test]
+async fn an_offset_reset_to_a_time_whose_first_record_cannot_be_read_keeps_kafkas_answer() {
+    if broker_is_tansu() {
+        // tansu's answer needs the record read (see the quirk): checked by a unit test.
+        return;
+    }
+    let app = spawn(Options::default()).await;
+    let topic = format!("{}unreadable-reset", app.prefix);
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &app.brokers)
+        .create()
+        .unwrap();
+    for c in admin
+        .create_topics(
+            &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))
+                .set("max.message.bytes", "8388608")],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .unwrap()
+    {
+        c.unwrap();
+    }
+    // Offset 0: two hours old; 1: 5 MB, an hour old; 2: half an hour old.
+    let now = Utc::now().timestamp_millis();
+    let (brokers, t) = (app.brokers.clone(), topic.clone());
+    tokio::task::spawn_blocking(move || {
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("message.max.bytes", "8000000")
+            .create()
+            .unwrap();
+        let big = "x".repeat(5_000_000);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for (payload, ts) in [
+            ("small", now - 7_200_000),
+            (big.as_str(), now - 3_600_000),
+            ("small", now - 1_800_000),
+        ] {
+            loop {
+                match producer.send(
+                    BaseRecord::<str, str>::to(&t)
+                        .payload(payload)
+                        .timestamp(ts),
+                ) {
+                    Ok(()) => break,
+                    Err((e, _)) => {
+                        assert!(Instant::now() < deadline, "{e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+            producer.flush(Duration::from_secs(30)).unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    let group = format!("reset-unreadable-{}", uuid::Uuid::new_v4().simple());
+    let from = (Utc::now() - chrono::Duration::minutes(90)).to_rfc3339();
+    // The service's clients take answers of at most 3 MB: the 5 MB record cannot be read.
+    let out = Command::new(agentbus_bin())
+        .args([
+            "replay",
+            "--reset-offsets",
+            "--to-agent",
+            &group,
+            "--topic",
+            &topic,
+            "--from",
+            &from,
+        ])
+        .args(["--brokers", &app.brokers, "--topic-prefix", &app.prefix])
+        .env("AGENTBUS_BROKER_QUIRKS", "none")
+        .env("AGENTBUS_KAFKA_MESSAGE_MAX_BYTES", "1000000")
+        .env("AGENTBUS_KAFKA_FETCH_MAX_BYTES", "1000000")
+        .env("AGENTBUS_KAFKA_MAX_PARTITION_FETCH_BYTES", "1000000")
+        .env("AGENTBUS_KAFKA_RECEIVE_MESSAGE_MAX_BYTES", "3000000")
+        .output()
+        .unwrap();
+    let plan = succeeded(&out);
+    let line = plan
+        .lines()
+        .find(|l| l.starts_with(topic.as_str()))
+        .unwrap_or_else(|| panic!("{plan}"));
+    let columns: Vec<&str> = line.split_whitespace().collect();
+    // Partition 0, no committed offset, moved to offset 1 (the unreadable record).
+    assert_eq!(columns[1..], ["0", "-", "1"], "{plan}");
+    app.stop().await;
+}

@@ -340,3 +340,105 @@ async fn good_records_between_two_bad_batches_are_all_handled() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Writes dead letters `ids` to `topic`/`partition`, uncompressed (the damage leaves them
+/// alone), each with its event id header.
+async fn plain_dead_letters(brokers: &str, topic: &str, partition: i32, ids: &[&str]) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("compression.type", "none")
+        .create()
+        .unwrap();
+    for id in ids {
+        let headers = rdkafka::message::OwnedHeaders::new()
+            .insert(rdkafka::message::Header {
+                key: "ce_id",
+                value: Some(*id),
+            })
+            .insert(rdkafka::message::Header {
+                key: "agentbus-error-kind",
+                value: Some("handler"),
+            });
+        let record = FutureRecord::to(topic)
+            .partition(partition)
+            .key("good")
+            .payload("{}")
+            .headers(headers);
+        producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+}
+
+/// `[good 0..=2][damaged gzip batch 3..=7][good 8..=9]` in an agent's dead-letter topic:
+/// every page answers (a `503 broker_unavailable` forever before), every good dead letter is
+/// listed once, the damaged range is reported with a cursor past it, and a redrive sends the
+/// good ones and counts the skipped.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_damaged_batch_in_a_dead_letter_topic_is_skipped_reported_and_paged_past() {
+    let prefix = unique_prefix();
+    let brokers = brokers();
+    let name = format!("dlqdamage-{}", uuid::Uuid::new_v4().simple());
+    let dlq = format!("{prefix}{name}.dlq");
+    create_topic(&brokers, &dlq, 1).await;
+    plain_dead_letters(&brokers, &dlq, 0, &["good-0", "good-1", "good-2"]).await;
+    gzip_batch(&brokers, &dlq, 0, 5).await;
+    plain_dead_letters(&brokers, &dlq, 0, &["good-8", "good-9"]).await;
+    let Some(dir) = local_partition_dir(&brokers, &dlq, 0).await else {
+        return;
+    };
+    assert_eq!(damage_compressed_batches(&dir), 1, "one compressed batch");
+
+    let (_receiver, url) = Receiver::start().await;
+    let consumers = tempfile::tempdir().unwrap();
+    agent_file(consumers.path(), &name, &url, "");
+    let app = spawn(Options {
+        prefix,
+        consumers_dir: Some(consumers.path().to_path_buf()),
+        ..Options::default()
+    })
+    .await;
+    // Two at a time: one page ends in front of the damage, the next reads past it.
+    let (mut ids, mut offsets, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
+    let mut path = format!("/v1/dlq/{name}?limit=2");
+    for _ in 0..10 {
+        let response = app.get(&path).await;
+        let status = response.status();
+        let page: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(status, 200, "{page}");
+        for d in page["dead_letters"].as_array().unwrap() {
+            ids.push(d["event_id"].as_str().unwrap().to_string());
+            offsets.push(d["dlq_offset"].as_i64().unwrap());
+        }
+        skipped.extend(page["skipped"].as_array().into_iter().flatten().cloned());
+        match page["next"].as_str() {
+            Some(next) => path = format!("/v1/dlq/{name}?limit=2&after={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(ids, ["good-0", "good-1", "good-2", "good-8", "good-9"]);
+    assert_eq!(offsets, [0, 1, 2, 8, 9]);
+    assert_eq!(
+        skipped,
+        [
+            serde_json::json!({"partition": 0, "from_offset": 3, "to_offset": 7, "reason": "BadCompression"})
+        ]
+    );
+
+    let response = app
+        .client
+        .post(format!("{}/v1/dlq/{name}/redrive", app.url))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let summary: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(status, 200, "{summary}");
+    assert_eq!(summary["redriven"], 5, "{summary}");
+    assert_eq!(summary["skipped"], 5, "{summary}");
+    assert_eq!(summary["skipped_ranges"][0]["from_offset"], 3, "{summary}");
+    assert_eq!(summary["skipped_ranges"][0]["to_offset"], 7, "{summary}");
+    app.stop().await;
+}

@@ -243,6 +243,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                             .replace('\n', " "),
                     );
                 }
+                for s in &page.skipped {
+                    println!(
+                        "skipped partition {} offsets {}..={}: the client cannot read them ({})",
+                        s.partition, s.from_offset, s.to_offset, s.reason
+                    );
+                }
                 match page.next {
                     Some(next) if all => start = dlq::Start::After(next),
                     Some(next) => {
@@ -267,8 +273,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 format!("{prefix}{group}.dlq"),
                 format!("{prefix}{group}.replay"),
             );
-            let sent = dlq::redrive(&kafka, &from, &to, &dlq::Filter { event_type, since }).await?;
-            println!("sent {sent} dead letters from {from} back to {group} (through {to})");
+            let redriven =
+                dlq::redrive(&kafka, &from, &to, &dlq::Filter { event_type, since }).await?;
+            println!(
+                "sent {} dead letters from {from} back to {group} (through {to})",
+                redriven.sent
+            );
+            for s in &redriven.skipped {
+                println!(
+                    "skipped partition {} offsets {}..={}: the client cannot read them ({})",
+                    s.partition, s.from_offset, s.to_offset, s.reason
+                );
+            }
             Ok(())
         }
         Command::Schemas(SchemasCommand::Check { schemas_dir }) => {

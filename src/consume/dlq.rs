@@ -15,7 +15,10 @@ use rdkafka::{
 };
 use serde::Serialize;
 
-use super::{copied_headers, copy_of, header, header_str as text};
+use super::{
+    copied_headers, copy_of, header, header_str as text,
+    unreadable::{MAX_PROBES_PER_ROUND, is_unreadable, unreadable_stretch},
+};
 use crate::{config::KafkaArgs, publish};
 
 /// Errors of dead-letter operations.
@@ -156,11 +159,36 @@ pub enum Start {
     Since(DateTime<Utc>),
 }
 
+/// Offsets of a dead-letter topic that the Kafka client cannot read (a batch whose
+/// compression does not decode, a corrupt batch, a record too large for the fetch
+/// settings): librdkafka would fetch the first of them again forever, so the reading skips
+/// past them and says so. They are still in the topic, for Kafka's own tools.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Skipped {
+    /// The partition.
+    pub partition: i32,
+    /// The first offset skipped.
+    pub from_offset: i64,
+    /// The last offset skipped (inclusive).
+    pub to_offset: i64,
+    /// librdkafka's error code, e.g. `BadCompression`.
+    pub reason: String,
+}
+
+impl Skipped {
+    /// How many offsets it spans.
+    pub fn count(&self) -> u64 {
+        (self.to_offset - self.from_offset + 1).max(0) as u64
+    }
+}
+
 /// One page of dead letters.
 #[derive(Debug, Clone)]
 pub struct Page {
     /// The dead letters, partition by partition, oldest first within each.
     pub dead_letters: Vec<DeadLetter>,
+    /// What the page skipped because it cannot be read; `next` is past it.
+    pub skipped: Vec<Skipped>,
     /// Where the next page starts; `None` once the end the topic had when this page was
     /// read is reached.
     pub next: Option<Cursor>,
@@ -173,6 +201,8 @@ struct Reader {
     topic: String,
     /// Per partition: the next offset to read and the end fixed at opening.
     positions: BTreeMap<i32, (i64, i64)>,
+    /// Unreadable stretches skipped since the last [`Reader::take_skipped`].
+    skipped: Vec<Skipped>,
 }
 
 /// `o` moved into `next..=end`; `end` wins when `next > end` (where `clamp` panics).
@@ -255,6 +285,7 @@ impl Reader {
             consumer,
             topic: topic.to_string(),
             positions,
+            skipped: Vec::new(),
         })
     }
 
@@ -266,9 +297,15 @@ impl Reader {
             .then(|| Cursor(self.positions.iter().map(|(p, (n, _))| (*p, *n)).collect()))
     }
 
-    /// Up to `limit` records, each passed through `keep`, by `deadline`. Stopped by the
-    /// deadline, it answers what it read (the cursor goes on from there); with nothing read,
-    /// it is [`Error::Timeout`].
+    /// The unreadable stretches skipped since the last call.
+    fn take_skipped(&mut self) -> Vec<Skipped> {
+        std::mem::take(&mut self.skipped)
+    }
+
+    /// Up to `limit` records, each passed through `keep`, by `deadline`. Records the client
+    /// cannot read are skipped (see [`Skipped`], kept until [`Reader::take_skipped`]).
+    /// Stopped by the deadline, it answers what it read (the cursor goes on from there);
+    /// with nothing read nor skipped, it is [`Error::Timeout`].
     fn read<T>(
         &mut self,
         limit: usize,
@@ -296,7 +333,7 @@ impl Reader {
                     break;
                 }
                 if Instant::now() > deadline {
-                    return if out.is_empty() {
+                    return if out.is_empty() && self.skipped.is_empty() {
                         Err(Error::Timeout(self.topic.clone()))
                     } else {
                         Ok(out)
@@ -313,6 +350,15 @@ impl Reader {
                         break;
                     }
                     Err(rdkafka::error::KafkaError::PartitionEOF(_)) => continue,
+                    // Only `p` is assigned: the record at its position cannot be read, and
+                    // librdkafka would fetch it again forever.
+                    Err(
+                        rdkafka::error::KafkaError::MessageConsumption(code)
+                        | rdkafka::error::KafkaError::MessageConsumptionFatal(code),
+                    ) if is_unreadable(code) => {
+                        self.skip_unreadable(p, code, deadline)?;
+                        continue;
+                    }
                     Err(e) => return Err(e.into()),
                 };
                 if m.partition() != p || m.offset() < next {
@@ -325,6 +371,56 @@ impl Reader {
             }
         }
         Ok(out)
+    }
+}
+
+impl Reader {
+    /// After an unreadable-record error on `p`: finds how far the unreadable stretch at its
+    /// position goes (the agent's probe, [`unreadable_stretch`]), notes it and moves past
+    /// it. The probe reassigns the reader; it is assigned back at the position after.
+    fn skip_unreadable(
+        &mut self,
+        p: i32,
+        code: rdkafka::types::RDKafkaErrorCode,
+        deadline: Instant,
+    ) -> Result<(), Error> {
+        let (next, end) = self.positions[&p];
+        let stretch = unreadable_stretch(
+            &self.consumer,
+            (&self.topic, p),
+            (next, end),
+            MAX_PROBES_PER_ROUND,
+            deadline,
+            &|| false,
+        )?;
+        let at = match stretch {
+            Some((to, capped)) => {
+                let skipped = Skipped {
+                    partition: p,
+                    from_offset: next,
+                    to_offset: to - 1,
+                    reason: format!("{code:?}"),
+                };
+                tracing::warn!(
+                    topic = %self.topic,
+                    partition = p,
+                    from_offset = skipped.from_offset,
+                    to_offset = skipped.to_offset,
+                    reason = %skipped.reason,
+                    capped,
+                    "dead letters the client cannot read were skipped; they are still in the topic"
+                );
+                self.skipped.push(skipped);
+                self.positions.insert(p, (to, end));
+                to
+            }
+            // Readable after all (or the probe could not tell): read from the position again.
+            None => next,
+        };
+        let mut assignment = TopicPartitionList::new();
+        assignment.add_partition_offset(&self.topic, p, Offset::Offset(at))?;
+        self.consumer.assign(&assignment)?;
+        Ok(())
     }
 }
 
@@ -346,6 +442,7 @@ pub async fn page(
         })?;
         Ok(Page {
             dead_letters,
+            skipped: reader.take_skipped(),
             next: reader.cursor(),
         })
     })
@@ -381,13 +478,14 @@ impl Filter {
 /// Sends the matching dead letters of `dlq_topic` to `replay_topic` for the agent to handle
 /// again: key, value and headers kept, the failure headers dropped, and a replay id derived
 /// from the dead letter's place, so that it is new to the agent's dedup store while two
-/// redrives of the same dead letter are still recognised as one. Returns how many were sent.
+/// redrives of the same dead letter are still recognised as one. Records the client cannot
+/// read are skipped (as a page skips them). Returns how many were sent and what was skipped.
 pub async fn redrive(
     kafka: &KafkaArgs,
     dlq_topic: &str,
     replay_topic: &str,
     filter: &Filter,
-) -> Result<usize, Error> {
+) -> Result<Redriven, Error> {
     // Read in batches (a bounded number of records held at a time), up to the end the topic
     // had when the redrive started.
     let (k, topic) = (kafka.clone(), dlq_topic.to_string());
@@ -413,24 +511,28 @@ pub async fn redrive(
         header::REPLAY_ID,
     ];
     let mut sent = 0;
+    let mut skipped = Vec::new();
     loop {
         let r = reader.clone();
-        let messages = tokio::task::spawn_blocking(move || {
+        let (messages, skipped_now) = tokio::task::spawn_blocking(move || {
             let mut r = r.lock().expect("reader lock");
             if r.cursor().is_none() {
-                return Ok(Vec::new());
+                return Ok((Vec::new(), Vec::new()));
             }
-            r.read(
+            let read = r.read(
                 REDRIVE_BATCH,
                 Instant::now() + PAGE_DEADLINE,
                 |m: &BorrowedMessage<'_>| m.detach(),
-            )
+            )?;
+            Ok::<_, Error>((read, r.take_skipped()))
         })
         .await
         .expect("the reader does not panic")?;
-        if messages.is_empty() {
+        // A read that only skipped still moved on: the end is when neither happened.
+        if messages.is_empty() && skipped_now.is_empty() {
             break;
         }
+        skipped.extend(skipped_now);
         for m in &messages {
             if !filter.matches(&DeadLetter::from_message(m)) {
                 continue;
@@ -445,7 +547,16 @@ pub async fn redrive(
             sent += 1;
         }
     }
-    Ok(sent)
+    Ok(Redriven { sent, skipped })
+}
+
+/// What a redrive did.
+#[derive(Debug, Clone)]
+pub struct Redriven {
+    /// Dead letters sent back.
+    pub sent: usize,
+    /// Stretches it skipped because the client cannot read them (see [`Skipped`]).
+    pub skipped: Vec<Skipped>,
 }
 
 #[cfg(test)]

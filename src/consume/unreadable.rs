@@ -53,7 +53,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const ROUND_BUDGET: Duration = Duration::from_secs(15);
 /// At most this many offsets are probed in one round; a longer unreadable stretch is
 /// skipped as far as probed, and the next round (the error comes again) goes on from there.
-const MAX_PROBES_PER_ROUND: usize = 200;
+pub(super) const MAX_PROBES_PER_ROUND: usize = 200;
 
 /// Finds and skips records that stop a partition.
 pub(super) struct Prober {
@@ -255,17 +255,17 @@ fn find_stuck(
                 });
         }
         let from = next.unwrap_or(low).max(low);
-        if from >= high || unreadable_at(&probe, topic, partition, from, deadline)? != Some(true) {
+        let Some((to, capped)) = unreadable_stretch(
+            &probe,
+            (topic, partition),
+            (from, high),
+            MAX_PROBES_PER_ROUND,
+            deadline,
+            &|| cancel.is_cancelled(),
+        )?
+        else {
             continue;
-        }
-        let (to, capped) = first_readable(from, high, MAX_PROBES_PER_ROUND, |offset| {
-            if cancel.is_cancelled() {
-                return None;
-            }
-            unreadable_at(&probe, topic, partition, offset, deadline)
-                .ok()
-                .flatten()
-        });
+        };
         return Ok(Some(Stuck {
             topic: topic.to_string(),
             partition,
@@ -275,6 +275,32 @@ fn find_stuck(
         }));
     }
     Ok(None)
+}
+
+/// Whether the record at `from` (below `high`, the end) of `topic`/`partition` cannot be
+/// read, and then the first offset after it that can: `Some((to, capped))`, `from..to`
+/// unreadable (`capped`: the probes stopped early, see [`first_readable`]); `None` when
+/// `from` can be read (or the probe could not tell). Probes with `probe`, whose assignment
+/// it changes, within `deadline`; `stop()` ends the probing where it is.
+pub(super) fn unreadable_stretch(
+    probe: &BaseConsumer,
+    (topic, partition): (&str, i32),
+    (from, high): (i64, i64),
+    max_probes: usize,
+    deadline: Instant,
+    stop: &dyn Fn() -> bool,
+) -> Result<Option<(i64, bool)>, KafkaError> {
+    if from >= high || unreadable_at(probe, topic, partition, from, deadline)? != Some(true) {
+        return Ok(None);
+    }
+    Ok(Some(first_readable(from, high, max_probes, |offset| {
+        if stop() {
+            return None;
+        }
+        unreadable_at(probe, topic, partition, offset, deadline)
+            .ok()
+            .flatten()
+    })))
 }
 
 /// The first offset after `from` (unreadable) that can be read, probing forward one offset

@@ -2,14 +2,25 @@
 //! request timeout. `/healthz`, `/readyz`, `/metrics`, `/openapi.json` and the demo agent stay
 //! open.
 
-use std::time::Duration;
+use std::{
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use axum::{
+    body::{Body, Bytes},
     extract::{Request, State},
     http::{Method, header},
     middleware::Next,
     response::{IntoResponse, Response},
 };
+
+use http_body::{Body as HttpBody, Frame, SizeHint};
 
 use super::{AppState, error::ApiError};
 use crate::auth::{Denied, Scope};
@@ -40,13 +51,60 @@ pub async fn check(State(state): State<AppState>, mut request: Request, next: Ne
         return super::body::refuse_unread(request, refusal.into_response());
     }
     let limit = state.limits.request_timeout;
+    let (request, received) = watched(request);
+    let took = humantime::format_duration(Duration::from_millis(limit.as_millis() as u64));
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => ApiError::broker_unavailable(format!(
-            "the request took longer than {}",
-            humantime::format_duration(Duration::from_millis(limit.as_millis() as u64))
+        // The body was still arriving: the client is slow, retrying as it is will not pass.
+        Err(_) if !received.load(Ordering::Acquire) => ApiError::request_timeout(format!(
+            "the request body was still arriving after {took} (the request timeout)"
         ))
         .into_response(),
+        Err(_) => ApiError::broker_unavailable(format!("the request took longer than {took}"))
+            .into_response(),
+    }
+}
+
+/// `request` with its body watched: the flag turns true once the whole body has arrived
+/// (at once for a request without a body).
+fn watched(request: Request) -> (Request, Arc<AtomicBool>) {
+    let (parts, body) = request.into_parts();
+    let received = Arc::new(AtomicBool::new(body.is_end_stream()));
+    let body = Watched {
+        inner: body,
+        received: received.clone(),
+    };
+    (Request::from_parts(parts, Body::new(body)), received)
+}
+
+/// A request body that says when it has arrived whole.
+struct Watched {
+    inner: Body,
+    received: Arc<AtomicBool>,
+}
+
+impl HttpBody for Watched {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        // The end: no more frames, or the last one (a body of known length says so with it).
+        if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.received.store(true, Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -114,5 +172,20 @@ mod tests {
         assert_eq!(scope_of(&Method::GET, "/v1/replays/x"), Scope::Read);
         assert_eq!(scope_of(&Method::GET, "/registry/subjects"), Scope::Read);
         assert!(open("/metrics") && open("/demo/agents/x") && !open("/v1/schemas"));
+    }
+
+    /// A request without a body has arrived at once; one with a body once it was read whole:
+    /// from then on a timeout is the handler's (the broker's), a 503.
+    #[tokio::test]
+    async fn a_body_counts_as_received_once_read_whole() {
+        let (_, received) = watched(Request::new(Body::empty()));
+        assert!(received.load(Ordering::Acquire));
+        let (request, received) = watched(Request::new(Body::from("{\"a\":1}")));
+        assert!(!received.load(Ordering::Acquire));
+        let read = axum::body::to_bytes(request.into_body(), 1024)
+            .await
+            .unwrap();
+        assert_eq!(&read[..], b"{\"a\":1}");
+        assert!(received.load(Ordering::Acquire));
     }
 }

@@ -93,7 +93,12 @@ pub async fn list(
     let page = dlq::page(&state.kafka, &topic, start, limit)
         .await
         .map_err(kafka_error)?;
-    let mut body = json!({ "group": group, "topic": topic, "dead_letters": page.dead_letters });
+    let mut body = json!({
+        "group": group,
+        "topic": topic,
+        "dead_letters": page.dead_letters,
+        "skipped": page.skipped,
+    });
     if let Some(next) = page.next {
         body["next"] = json!(next.to_string());
     }
@@ -131,7 +136,7 @@ pub async fn redrive(
         since,
     };
     let prefix = &state.kafka.topic_prefix;
-    let sent = dlq::redrive(
+    let redriven = dlq::redrive(
         &state.kafka,
         &agent.dlq_topic(prefix),
         &agent.replay_topic(prefix),
@@ -139,5 +144,11 @@ pub async fn redrive(
     )
     .await
     .map_err(kafka_error)?;
-    Ok(Json(json!({ "group": group, "redriven": sent })))
+    let skipped: u64 = redriven.skipped.iter().map(dlq::Skipped::count).sum();
+    Ok(Json(json!({
+        "group": group,
+        "redriven": redriven.sent,
+        "skipped": skipped,
+        "skipped_ranges": redriven.skipped,
+    })))
 }

@@ -106,6 +106,12 @@ impl ApiError {
         e
     }
 
+    /// `408 request_timeout`: the request's body was still arriving when the request
+    /// timeout passed (the client is slow, not the broker: no `Retry-After`).
+    pub fn request_timeout(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", message)
+    }
+
     /// `401 unauthorized` (with `WWW-Authenticate: Bearer`).
     pub fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)

@@ -61,6 +61,7 @@ pub fn openapi() -> Value {
                             {"type": "object", "required": ["results"], "properties": {"results": {"type": "array", "items": {"$ref": "#/components/schemas/PublishResult"}}}}
                         ]}}}},
                     "400": error_response("malformed_json or invalid_envelope."),
+                    "408": error_response("request_timeout: the request body was still arriving when the request timeout (AGENTBUS_REQUEST_TIMEOUT) passed; the client was too slow, not the broker."),
                     "409": error_response("idempotency_conflict: the key was used with a different body, or is in use right now."),
                     "413": error_response("payload_too_large: body or batch over the limit, or an event larger than the broker takes (the smaller of the producer's message.max.bytes and the topic's max.message.bytes, less record overhead; the message names it)."),
                     "422": error_response("unknown_event_type, unknown_event_version or schema_violation; nothing written."),
@@ -153,10 +154,13 @@ pub fn openapi() -> Value {
                 }}}},
                 "responses": {
                     "200": {"description": "How many were sent.", "content": {"application/json": {"schema": {
-                        "type": "object", "required": ["group", "redriven"],
-                        "properties": {"group": {"type": "string"}, "redriven": {"type": "integer"}}}}}},
+                        "type": "object", "required": ["group", "redriven", "skipped", "skipped_ranges"],
+                        "properties": {"group": {"type": "string"}, "redriven": {"type": "integer"},
+                            "skipped": {"type": "integer", "description": "Records skipped because the Kafka client cannot read them (not sent back; still in the topic)."},
+                            "skipped_ranges": {"type": "array", "items": {"$ref": "#/components/schemas/SkippedRange"}}}}}}},
                     "400": error_response("malformed_json or invalid_envelope (a bad filter); invalid_parameter: a group name no consumer group can have."),
                     "404": error_response("No such agent."),
+                    "408": error_response("request_timeout: the request body was still arriving when the request timeout (AGENTBUS_REQUEST_TIMEOUT) passed; the client was too slow, not the broker."),
                     "413": error_response("payload_too_large: the body is over the limit."),
                     "503": error_response("broker_unavailable.")
                 }
@@ -204,6 +208,7 @@ pub fn openapi() -> Value {
                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ReplayJob"}}}},
                     "400": error_response("malformed_json or invalid_envelope: a bad time (or one outside the years 0 to 9999), from after until, nothing to replay, both or neither target."),
                     "404": error_response("No such topic or agent."),
+                    "408": error_response("request_timeout: the request body was still arriving when the request timeout (AGENTBUS_REQUEST_TIMEOUT) passed; the client was too slow, not the broker."),
                     "413": error_response("payload_too_large: the body is over the limit."),
                     "503": error_response("broker_unavailable.")
                 }
@@ -311,9 +316,11 @@ pub fn openapi() -> Value {
             },
             "DeadLetters": {
                 "type": "object",
-                "required": ["group", "topic", "dead_letters"],
+                "required": ["group", "topic", "dead_letters", "skipped"],
                 "properties": {"group": {"type": "string"}, "topic": {"type": "string"},
-                    "next": {"type": "string", "description": "The cursor of the next page (for after); absent at the end."},
+                    "next": {"type": "string", "description": "The cursor of the next page (for after), past any skipped range; absent at the end."},
+                    "skipped": {"type": "array", "description": "Ranges of offsets this page skipped because the Kafka client cannot read them (a corrupt or undecodable batch, a record too large for the fetch settings); they are still in the topic, for Kafka's own tools.",
+                        "items": {"$ref": "#/components/schemas/SkippedRange"}},
                     "dead_letters": {"type": "array", "items": {"type": "object", "properties": {
                         "failed_at": {"type": "string", "nullable": true}, "event_type": {"type": "string", "nullable": true},
                         "event_id": {"type": "string", "nullable": true}, "attempts": {"type": "integer", "nullable": true},
@@ -321,6 +328,13 @@ pub fn openapi() -> Value {
                         "original_topic": {"type": "string", "nullable": true}, "original_partition": {"type": "integer", "nullable": true},
                         "original_offset": {"type": "integer", "nullable": true},
                         "dlq_partition": {"type": "integer"}, "dlq_offset": {"type": "integer"}}}}}
+            },
+            "SkippedRange": {
+                "type": "object",
+                "required": ["partition", "from_offset", "to_offset", "reason"],
+                "properties": {"partition": {"type": "integer"}, "from_offset": {"type": "integer"},
+                    "to_offset": {"type": "integer", "description": "The last offset skipped (inclusive)."},
+                    "reason": {"type": "string", "description": "The Kafka client's error code, e.g. BadCompression."}}
             },
             "GroupLag": {
                 "type": "object",
