@@ -81,8 +81,17 @@ pub fn partitions_of<C: rdkafka::consumer::ConsumerContext>(
     consumer: &rdkafka::consumer::BaseConsumer<C>,
     topic: &str,
 ) -> Result<Vec<i32>, rdkafka::error::KafkaError> {
+    partitions_within(consumer, topic, Duration::from_secs(10))
+}
+
+/// As [`partitions_of`], the metadata asked for within `timeout`.
+pub fn partitions_within<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &rdkafka::consumer::BaseConsumer<C>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<i32>, rdkafka::error::KafkaError> {
     use rdkafka::consumer::Consumer;
-    let metadata = consumer.fetch_metadata(Some(topic), std::time::Duration::from_secs(10))?;
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
     Ok(metadata
         .topics()
         .first()

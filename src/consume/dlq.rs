@@ -240,14 +240,7 @@ impl Reader {
                 ("enable.partition.eof", "true".into()),
             ])
             .create()?;
-        // As `topics::partitions_of`, within the deadline.
-        let metadata = consumer.fetch_metadata(Some(topic), left()?)?;
-        let partitions: Vec<i32> = metadata
-            .topics()
-            .first()
-            .filter(|t| t.error().is_none())
-            .map(|t| t.partitions().iter().map(|p| p.id()).collect())
-            .unwrap_or_default();
+        let partitions = crate::topics::partitions_within(&consumer, topic, left()?)?;
         if partitions.is_empty() {
             return Err(Error::NoTopic(topic.to_string()));
         }
