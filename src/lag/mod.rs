@@ -965,9 +965,7 @@ pub(crate) fn oldest_unconsumed(
                                     };
                                     out.insert((key.0.clone(), key.1, o), found);
                                 }
-                                let mut done = TopicPartitionList::new();
-                                done.add_partition(&key.0, key.1);
-                                reader.pause(&done)?;
+                                pause(&reader, &key)?;
                             }
                         }
                         continue;
@@ -998,9 +996,7 @@ pub(crate) fn oldest_unconsumed(
                     out.insert((key.0.clone(), key.1, position), found);
                 }
                 if pending.is_empty() {
-                    let mut done = TopicPartitionList::new();
-                    done.add_partition(&key.0, key.1);
-                    reader.pause(&done)?;
+                    pause(&reader, &key)?;
                     open.remove(&key);
                 }
             }
@@ -1082,9 +1078,7 @@ pub(crate) fn oldest_unconsumed(
                 if let Some(ts) = m.timestamp().to_millis() {
                     later.insert(key.clone(), (m.offset(), ts));
                 }
-                let mut done = TopicPartitionList::new();
-                done.add_partition(&key.0, key.1);
-                reader.pause(&done)?;
+                pause(&reader, &key)?;
             }
         }
     }
@@ -1101,6 +1095,16 @@ pub(crate) fn oldest_unconsumed(
         }
     }
     Ok(out)
+}
+
+/// Stops `reader` fetching the one partition `key`, done with.
+fn pause(
+    reader: &BaseConsumer<ReaderContext>,
+    key: &(String, i32),
+) -> Result<(), rdkafka::error::KafkaError> {
+    let mut done = TopicPartitionList::new();
+    done.add_partition(&key.0, key.1);
+    reader.pause(&done)
 }
 
 /// Positions of one partition further apart than this are read in separate rounds, so that
