@@ -548,19 +548,7 @@ async fn dead_letters_are_read_a_page_at_a_time_with_a_cursor_that_reaches_each_
     let name = format!("paged-{}", uuid::Uuid::new_v4().simple());
     let prefix = unique_prefix();
     let dlq = format!("{prefix}{name}.dlq");
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .unwrap();
-    admin
-        .create_topics(
-            &[NewTopic::new(&dlq, 3, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        )
-        .await
-        .unwrap()[0]
-        .as_ref()
-        .unwrap();
+    common::agents::create_topic(&brokers(), &dlq, 3).await;
     let old_ms = chrono::Utc::now().timestamp_millis() - 7_200_000;
     dead_letters(&dlq, 25, 10, old_ms).await;
     let consumers = tempfile::tempdir().unwrap();
