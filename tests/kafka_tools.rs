@@ -166,29 +166,6 @@ fn live_member(
     })
 }
 
-/// The committed offsets of `group` on both partitions of `topic`.
-fn committed(brokers: &str, group: &str, topic: &str) -> Vec<i64> {
-    let client: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..2 {
-        tpl.add_partition(topic, p);
-    }
-    client
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap()
-        .elements()
-        .iter()
-        .map(|e| match e.offset() {
-            Offset::Offset(o) => o,
-            _ => -1,
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn kafka_consumer_groups_describes_the_offsets_lag_state_and_members_agentbus_shows_and_plans_the_same_reset()
  {
@@ -368,7 +345,7 @@ async fn kafka_consumer_groups_describes_the_offsets_lag_state_and_members_agent
         "{why}"
     );
     let (b, g, t) = (bootstrap.clone(), group.clone(), topic.clone());
-    let unchanged = tokio::task::spawn_blocking(move || committed(&b, &g, &t))
+    let unchanged = tokio::task::spawn_blocking(move || committed_offsets(&b, &g, &t, -1))
         .await
         .unwrap();
     assert_eq!(unchanged, vec![2, 1]);
@@ -417,7 +394,7 @@ async fn kafka_consumer_groups_describes_the_offsets_lag_state_and_members_agent
     let done = succeeded(&reset(&["--execute"]));
     assert!(done.contains("moved the committed offsets"), "{done}");
     let (b, g, t) = (bootstrap.clone(), group.clone(), topic.clone());
-    let after = tokio::task::spawn_blocking(move || committed(&b, &g, &t))
+    let after = tokio::task::spawn_blocking(move || committed_offsets(&b, &g, &t, -1))
         .await
         .unwrap();
     assert_eq!(after, vec![3, 3]);

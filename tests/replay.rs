@@ -360,28 +360,6 @@ async fn replay_jobs_through_the_api_and_clear_errors_for_bad_requests() {
     app.stop().await;
 }
 
-fn committed(brokers: &str, group: &str, topic: &str) -> Vec<i64> {
-    let client: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..2 {
-        tpl.add_partition(topic, p);
-    }
-    client
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap()
-        .elements()
-        .iter()
-        .map(|e| match e.offset() {
-            Offset::Offset(o) => o,
-            _ => 0,
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn reset_offsets_plans_refuses_an_active_group_and_moves_an_idle_one() {
     let app = spawn(Options::default()).await;
@@ -428,7 +406,7 @@ async fn reset_offsets_plans_refuses_an_active_group_and_moves_an_idle_one() {
         .await
         .unwrap();
     let (b, g, t) = (brokers.clone(), group.clone(), topic.clone());
-    let before = tokio::task::spawn_blocking(move || committed(&b, &g, &t))
+    let before = tokio::task::spawn_blocking(move || committed_offsets(&b, &g, &t, 0))
         .await
         .unwrap();
     assert_eq!(before.iter().sum::<i64>(), 12, "{before:?}");
@@ -466,7 +444,7 @@ async fn reset_offsets_plans_refuses_an_active_group_and_moves_an_idle_one() {
         "{why}"
     );
     let (b, g, t) = (brokers.clone(), group.clone(), topic.clone());
-    let unchanged = tokio::task::spawn_blocking(move || committed(&b, &g, &t))
+    let unchanged = tokio::task::spawn_blocking(move || committed_offsets(&b, &g, &t, 0))
         .await
         .unwrap();
     assert_eq!(unchanged, before);
@@ -507,7 +485,7 @@ async fn reset_offsets_plans_refuses_an_active_group_and_moves_an_idle_one() {
     let done = succeeded(&reset(flags));
     assert!(done.contains("moved the committed offsets"), "{done}");
     let (b, g, t) = (brokers.clone(), group.clone(), topic.clone());
-    let after = tokio::task::spawn_blocking(move || committed(&b, &g, &t))
+    let after = tokio::task::spawn_blocking(move || committed_offsets(&b, &g, &t, 0))
         .await
         .unwrap();
     assert_eq!(

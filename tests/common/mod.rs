@@ -359,6 +359,30 @@ pub fn record_count(brokers: &str, topic: &str) -> i64 {
         .sum()
 }
 
+/// The committed offsets of `group` on both partitions of `topic`; `unset` where the group
+/// has none committed.
+pub fn committed_offsets(brokers: &str, group: &str, topic: &str, unset: i64) -> Vec<i64> {
+    let client: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..2 {
+        tpl.add_partition(topic, p);
+    }
+    client
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap()
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => o,
+            _ => unset,
+        })
+        .collect()
+}
+
 /// The string value of header `name` of a record.
 pub fn header(message: &OwnedMessage, name: &str) -> Option<String> {
     agentbus::consume::header_str(message, name)
