@@ -52,20 +52,8 @@ async fn serve() -> Served {
         brokers,
         _data: data,
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let client = reqwest::Client::new();
-    loop {
-        if let Ok(r) = client.get(format!("{}/readyz", served.url)).send().await
-            && r.status() == 200
-        {
-            return served;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "agentbus serve did not become ready"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until_ready(&reqwest::Client::new(), &served.url, "agentbus serve").await;
+    served
 }
 
 fn publish_cmd(served: &Served) -> Command {

@@ -548,23 +548,8 @@ async fn small_fetch_serve(app: &TestApp, group: &str) -> SmallFetchServe {
         url: format!("http://{addr}"),
         _data: data,
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(r) = app
-            .client
-            .get(format!("{}/readyz", served.url))
-            .send()
-            .await
-            && r.status() == 200
-        {
-            return served;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "agentbus serve did not become ready"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until_ready(&app.client, &served.url, "agentbus serve").await;
+    served
 }
 
 #[tokio::test]

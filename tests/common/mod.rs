@@ -233,21 +233,24 @@ pub async fn spawn(options: Options) -> TestApp {
     test_app
 }
 
+/// Waits (60 s at most) until `{url}/readyz` answers 200; panics "`who` did not become
+/// ready" otherwise.
+pub async fn wait_until_ready(client: &reqwest::Client, url: &str, who: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = client.get(format!("{url}/readyz")).send().await
+            && r.status() == 200
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{who} did not become ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 impl TestApp {
     pub async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(r) = self.client.get(format!("{}/readyz", self.url)).send().await
-                && r.status() == 200
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the service did not become ready"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_until_ready(&self.client, &self.url, "the service").await;
     }
 
     pub async fn post(&self, body: &Value) -> reqwest::Response {
