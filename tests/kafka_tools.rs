@@ -18,10 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agentbus::{
-    config::KafkaArgs,
-    topics::{self, TopicSpec},
-};
+use agentbus::topics::{self, TopicSpec};
 use chrono::{DateTime, SecondsFormat, Utc};
 use common::{agents::task, *};
 use rdkafka::{
@@ -87,12 +84,7 @@ fn rows_about<'a>(table: &'a str, topic: &str) -> Vec<Vec<&'a str>> {
 async fn history(app: &TestApp) -> String {
     let topic = format!("{}reference", app.prefix);
     topics::ensure(
-        &KafkaArgs {
-            brokers: app.brokers.clone(),
-            topic_prefix: app.prefix.clone(),
-            broker_quirks: broker_quirks(),
-            ..KafkaArgs::default()
-        },
+        &app.kafka_args(),
         &[TopicSpec {
             name: topic.clone(),
             partitions: 2,

@@ -10,10 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agentbus::{
-    config::KafkaArgs,
-    topics::{self, TopicSpec},
-};
+use agentbus::topics::{self, TopicSpec};
 use chrono::Utc;
 use common::*;
 use rdkafka::{
@@ -28,12 +25,7 @@ use serde_json::{Value, json};
 /// records' timestamps per partition.
 async fn history(app: &TestApp) -> (String, [Vec<i64>; 2]) {
     let topic = format!("{}lagged", app.prefix);
-    let kafka = KafkaArgs {
-        brokers: app.brokers.clone(),
-        topic_prefix: app.prefix.clone(),
-        broker_quirks: broker_quirks(),
-        ..KafkaArgs::default()
-    };
+    let kafka = app.kafka_args();
     topics::ensure(
         &kafka,
         &[TopicSpec {
@@ -462,12 +454,7 @@ async fn the_lag_exporter_alone_serves_the_lag_metrics() {
 async fn own_topic(app: &TestApp, name: &str, partitions: i32) -> String {
     let topic = format!("{}{name}", app.prefix);
     topics::ensure(
-        &KafkaArgs {
-            brokers: app.brokers.clone(),
-            topic_prefix: app.prefix.clone(),
-            broker_quirks: broker_quirks(),
-            ..KafkaArgs::default()
-        },
+        &app.kafka_args(),
         &[TopicSpec {
             name: topic.clone(),
             partitions,

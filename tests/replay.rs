@@ -42,15 +42,6 @@ fn broker_is_tansu() -> bool {
     std::env::var("AGENTBUS_LOCAL_BROKER").is_ok_and(|b| b == "tansu")
 }
 
-fn kafka(app: &TestApp) -> KafkaArgs {
-    KafkaArgs {
-        brokers: app.brokers.clone(),
-        topic_prefix: app.prefix.clone(),
-        broker_quirks: broker_quirks(),
-        ..KafkaArgs::default()
-    }
-}
-
 fn agentbus(app: &TestApp, args: &[&str]) -> std::process::Output {
     Command::new(agentbus_bin())
         .args(args)
@@ -117,7 +108,7 @@ async fn a_replay_from_the_middle_copies_that_window_and_the_agent_handles_it_ag
         target: Target::Agent(name.clone()),
         replay_id: None,
     };
-    let (k, r) = (kafka(&app), request.clone());
+    let (k, r) = (app.kafka_args(), request.clone());
     let plan = tokio::task::spawn_blocking(move || replay::plan(&k, &r))
         .await
         .unwrap()
@@ -131,7 +122,7 @@ async fn a_replay_from_the_middle_copies_that_window_and_the_agent_handles_it_ag
         assert_eq!(app.post(&task("k9", late)).await.status(), 200);
     }
     receiver.wait_for(14, Duration::from_secs(60)).await;
-    let (k, p) = (kafka(&app), plan.clone());
+    let (k, p) = (app.kafka_args(), plan.clone());
     let summary = tokio::task::spawn_blocking(move || {
         replay::execute(&k, &request, &p, Arc::new(Progress::default()), false)
     })
@@ -214,7 +205,7 @@ async fn replay_jobs_through_the_api_and_clear_errors_for_bad_requests() {
     publish_history(&app, now).await;
     let copy = format!("{}copy", app.prefix);
     topics::ensure(
-        &kafka(&app),
+        &app.kafka_args(),
         &[TopicSpec {
             name: copy.clone(),
             partitions: 1,
@@ -752,7 +743,7 @@ async fn an_offset_reset_to_a_time_whose_first_record_was_aborted_plans_the_end_
     let app = spawn(Options::default()).await;
     let topic = format!("{}aborted", app.prefix);
     topics::ensure(
-        &kafka(&app),
+        &app.kafka_args(),
         &[TopicSpec {
             name: topic.clone(),
             partitions: 1,
@@ -810,7 +801,7 @@ async fn an_offset_reset_to_a_time_whose_first_record_was_aborted_plans_the_end_
         replay_id: None,
     };
     let started = Instant::now();
-    let k = kafka(&app);
+    let k = app.kafka_args();
     let lines = tokio::task::spawn_blocking(move || replay::plan_reset(&k, "resetter", &request))
         .await
         .unwrap()

@@ -12,7 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agentbus::{app::App, config::ServeArgs};
+use agentbus::{
+    app::App,
+    config::{KafkaArgs, ServeArgs},
+};
 use clap::Parser;
 use rdkafka::{
     ClientConfig, Offset, TopicPartitionList,
@@ -249,6 +252,16 @@ pub async fn wait_until_ready(client: &reqwest::Client, url: &str, who: &str) {
 }
 
 impl TestApp {
+    /// Kafka settings for the app's brokers and topic prefix (and the broker's quirks).
+    pub fn kafka_args(&self) -> KafkaArgs {
+        KafkaArgs {
+            brokers: self.brokers.clone(),
+            topic_prefix: self.prefix.clone(),
+            broker_quirks: broker_quirks(),
+            ..KafkaArgs::default()
+        }
+    }
+
     pub async fn wait_ready(&self) {
         wait_until_ready(&self.client, &self.url, "the service").await;
     }
