@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use super::{
     copied_headers, copy_of, header, header_str as text,
-    unreadable::{MAX_PROBES_PER_ROUND, is_unreadable, unreadable_stretch},
+    unreadable::{MAX_PROBES_PER_ROUND, is_unreadable, remaining, unreadable_stretch},
 };
 use crate::{config::KafkaArgs, publish};
 
@@ -221,10 +221,7 @@ impl Reader {
         deadline: Instant,
     ) -> Result<Reader, Error> {
         let left = || {
-            deadline
-                .checked_duration_since(Instant::now())
-                .filter(|d| !d.is_zero())
-                .map(|d| d.min(Duration::from_secs(10)))
+            remaining(deadline, Duration::from_secs(10))
                 .ok_or_else(|| Error::Timeout(topic.to_string()))
         };
         let consumer: BaseConsumer = kafka

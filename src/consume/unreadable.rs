@@ -195,7 +195,7 @@ impl Prober {
 }
 
 /// What is left of `deadline`, at most `cap`; `None` once it has passed.
-fn remaining(deadline: Instant, cap: Duration) -> Option<Duration> {
+pub(super) fn remaining(deadline: Instant, cap: Duration) -> Option<Duration> {
     let left = deadline.checked_duration_since(Instant::now())?;
     (!left.is_zero()).then(|| left.min(cap))
 }
