@@ -14,6 +14,23 @@ struct Partition {
     stored: i64,
 }
 
+impl Partition {
+    /// Moves `stored` up to the last offset before the first still pending (or the highest
+    /// received, none pending); the new stored offset when it moved forward.
+    fn store_final(&mut self) -> Option<i64> {
+        let done = match self.pending.first() {
+            Some(first) => first - 1,
+            None => self.highest,
+        };
+        if done > self.stored {
+            self.stored = done;
+            Some(done)
+        } else {
+            None
+        }
+    }
+}
+
 /// Offsets in flight per (topic, partition).
 #[derive(Debug, Default)]
 pub struct Tracker {
@@ -42,17 +59,8 @@ impl Tracker {
         let mut parts = self.partitions.lock().expect("not poisoned");
         let p = parts.get_mut(&(topic.to_string(), partition))?;
         p.pending.remove(&offset);
-        let done = match p.pending.first() {
-            Some(first) => first - 1,
-            None => p.highest,
-        };
         self.idle.notify_all();
-        if done > p.stored {
-            p.stored = done;
-            Some(done)
-        } else {
-            None
-        }
+        p.store_final()
     }
 
     /// Offsets `from..=to` will never be received (skipped as unreadable): final at once.
@@ -67,17 +75,8 @@ impl Tracker {
                 ..Partition::default()
             });
         p.highest = p.highest.max(to);
-        let done = match p.pending.first() {
-            Some(first) => first - 1,
-            None => p.highest,
-        };
         self.idle.notify_all();
-        if done > p.stored {
-            p.stored = done;
-            Some(done)
-        } else {
-            None
-        }
+        p.store_final()
     }
 
     /// Waits until none of `partitions` has an offset in flight; false on timeout.
