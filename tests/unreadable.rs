@@ -192,14 +192,7 @@ async fn a_batch_the_consumer_cannot_decompress_is_skipped_counted_and_the_parti
 
     let (receiver, url) = Receiver::start().await;
     let name = format!("unwedged-{}", uuid::Uuid::new_v4().simple());
-    let consumers = tempfile::tempdir().unwrap();
-    agent_file(consumers.path(), &name, &url, "");
-    let app = spawn(Options {
-        prefix,
-        consumers_dir: Some(consumers.path().to_path_buf()),
-        ..Options::default()
-    })
-    .await;
+    let (app, _consumers) = app_with_agent_on(&url, &name, prefix).await;
     // Behind the damaged batch, whichever partition it lands in.
     for key in ["a", "b", "c", "d"] {
         assert_eq!(
@@ -304,14 +297,7 @@ async fn good_records_between_two_bad_batches_are_all_handled() {
 
     let (receiver, url) = Receiver::start().await;
     let name = format!("between-{}", uuid::Uuid::new_v4().simple());
-    let consumers = tempfile::tempdir().unwrap();
-    agent_file(consumers.path(), &name, &url, "");
-    let app = spawn(Options {
-        prefix,
-        consumers_dir: Some(consumers.path().to_path_buf()),
-        ..Options::default()
-    })
-    .await;
+    let (app, _consumers) = app_with_agent_on(&url, &name, prefix).await;
     receiver.wait_for(5, Duration::from_secs(120)).await;
     let mut got = receiver.descriptions();
     got.sort();
@@ -392,14 +378,7 @@ async fn a_damaged_batch_in_a_dead_letter_topic_is_skipped_reported_and_paged_pa
     assert_eq!(damage_compressed_batches(&dir), 1, "one compressed batch");
 
     let (_receiver, url) = Receiver::start().await;
-    let consumers = tempfile::tempdir().unwrap();
-    agent_file(consumers.path(), &name, &url, "");
-    let app = spawn(Options {
-        prefix,
-        consumers_dir: Some(consumers.path().to_path_buf()),
-        ..Options::default()
-    })
-    .await;
+    let (app, _consumers) = app_with_agent_on(&url, &name, prefix).await;
     // Two at a time: one page ends in front of the damage, the next reads past it.
     let (mut ids, mut offsets, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
     let mut path = format!("/v1/dlq/{name}?limit=2");

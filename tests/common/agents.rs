@@ -10,7 +10,7 @@ use std::{
 use axum::{Json, Router, extract::State, http::HeaderMap, response::IntoResponse, routing::post};
 use serde_json::{Value, json};
 
-use super::{Options, TestApp, spawn};
+use super::{Options, TestApp, spawn, unique_prefix};
 
 /// What the receiver got: the CloudEvent and its headers.
 #[derive(Clone, Debug)]
@@ -197,9 +197,19 @@ pub fn task(agent_id: &str, description: &str) -> Value {
 }
 
 pub async fn app_with_agent(url: &str, name: &str) -> (TestApp, tempfile::TempDir) {
+    app_with_agent_on(url, name, unique_prefix()).await
+}
+
+/// As [`app_with_agent`], on topics of `prefix` (created or written to beforehand).
+pub async fn app_with_agent_on(
+    url: &str,
+    name: &str,
+    prefix: String,
+) -> (TestApp, tempfile::TempDir) {
     let consumers = tempfile::tempdir().unwrap();
     agent_file(consumers.path(), name, url, "");
     let app = spawn(Options {
+        prefix,
         consumers_dir: Some(consumers.path().to_path_buf()),
         ..Options::default()
     })
