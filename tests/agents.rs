@@ -328,30 +328,6 @@ fn the_shipped_agent_definitions_load() {
     }
 }
 
-/// `read_records` off the runtime's thread: the agent under test runs on it.
-async fn records(app: &TestApp, topic: &str, n: usize) -> Vec<rdkafka::message::OwnedMessage> {
-    let (brokers, topic) = (app.brokers.clone(), topic.to_string());
-    tokio::task::spawn_blocking(move || read_records(&brokers, &topic, n))
-        .await
-        .unwrap()
-}
-
-/// Decoded `data` and `ce_type` of every record in `topic`, in order of one partition.
-async fn decoded(app: &TestApp, topic: &str, n: usize) -> Vec<(String, Value)> {
-    let mut out = Vec::new();
-    for r in records(app, topic, n).await {
-        let (id, body) = agentbus::schema::split_wire(r.payload().unwrap()).unwrap();
-        let served: Value = app.get_json(&format!("/registry/schemas/ids/{id}")).await;
-        let ce_type = header(&r, "ce_type").unwrap();
-        let version =
-            agentbus::schema::SchemaVersion::parse(&ce_type, 1, served["schema"].as_str().unwrap())
-                .unwrap();
-        let value = agentbus::schema::decode_avro(&version.schema, body).unwrap();
-        out.push((ce_type, agentbus::schema::avro_to_json(&version, &value)));
-    }
-    out
-}
-
 #[tokio::test]
 async fn the_circuit_breaker_opens_fails_fast_and_closes_again() {
     // The external service: 500 while down, 200 after; counts the calls that reach it.

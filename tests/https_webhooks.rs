@@ -16,8 +16,10 @@ use std::{
 };
 
 use axum::{Json, Router, routing::any};
-use common::{agents::task, *};
-use rdkafka::Message;
+use common::{
+    agents::{decoded, records, task},
+    *,
+};
 use serde_json::{Value, json};
 use tokio_rustls::{
     TlsAcceptor,
@@ -175,29 +177,6 @@ async fn https_server(dir: &Path, seen: Seen, failed_handshakes: Arc<AtomicU32>)
         );
     tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
     base
-}
-
-async fn records(app: &TestApp, topic: &str, n: usize) -> Vec<rdkafka::message::OwnedMessage> {
-    let (brokers, topic) = (app.brokers.clone(), topic.to_string());
-    tokio::task::spawn_blocking(move || read_records(&brokers, &topic, n))
-        .await
-        .unwrap()
-}
-
-/// Decoded `ce_type` and `data` of `n` records of `topic`.
-async fn decoded(app: &TestApp, topic: &str, n: usize) -> Vec<(String, Value)> {
-    let mut out = Vec::new();
-    for r in records(app, topic, n).await {
-        let (id, body) = agentbus::schema::split_wire(r.payload().unwrap()).unwrap();
-        let served: Value = app.get_json(&format!("/registry/schemas/ids/{id}")).await;
-        let ce_type = header(&r, "ce_type").unwrap();
-        let version =
-            agentbus::schema::SchemaVersion::parse(&ce_type, 1, served["schema"].as_str().unwrap())
-                .unwrap();
-        let value = agentbus::schema::decode_avro(&version.schema, body).unwrap();
-        out.push((ce_type, agentbus::schema::avro_to_json(&version, &value)));
-    }
-    out
 }
 
 fn webhook_agent(dir: &Path, name: &str, url: &str, ca_file: Option<&Path>) {

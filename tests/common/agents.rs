@@ -8,9 +8,10 @@ use std::{
 };
 
 use axum::{Json, Router, extract::State, http::HeaderMap, response::IntoResponse, routing::post};
+use rdkafka::Message;
 use serde_json::{Value, json};
 
-use super::{Options, TestApp, spawn, unique_prefix};
+use super::{Options, TestApp, header, read_records, spawn, unique_prefix};
 
 /// What the receiver got: the CloudEvent and its headers.
 #[derive(Clone, Debug)]
@@ -215,6 +216,31 @@ pub async fn app_with_agent_on(
     })
     .await;
     (app, consumers)
+}
+
+/// `read_records` off the runtime's thread: the agent under test may run on it.
+pub async fn records(app: &TestApp, topic: &str, n: usize) -> Vec<rdkafka::message::OwnedMessage> {
+    let (brokers, topic) = (app.brokers.clone(), topic.to_string());
+    tokio::task::spawn_blocking(move || read_records(&brokers, &topic, n))
+        .await
+        .unwrap()
+}
+
+/// The `ce_type` and decoded `data` of `n` records of `topic` (as `read_records` reads
+/// them), each decoded with the schema the registry serves for its id.
+pub async fn decoded(app: &TestApp, topic: &str, n: usize) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    for r in records(app, topic, n).await {
+        let (id, body) = agentbus::schema::split_wire(r.payload().unwrap()).unwrap();
+        let served: Value = app.get_json(&format!("/registry/schemas/ids/{id}")).await;
+        let ce_type = header(&r, "ce_type").unwrap();
+        let version =
+            agentbus::schema::SchemaVersion::parse(&ce_type, 1, served["schema"].as_str().unwrap())
+                .unwrap();
+        let value = agentbus::schema::decode_avro(&version.schema, body).unwrap();
+        out.push((ce_type, agentbus::schema::avro_to_json(&version, &value)));
+    }
+    out
 }
 
 /// Creates `topic` with `partitions` partitions (before the service would, with its own
