@@ -18,7 +18,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agentbus::topics::{self, TopicSpec};
 use chrono::{DateTime, SecondsFormat, Utc};
 use common::{agents::task, *};
 use rdkafka::{
@@ -82,18 +81,7 @@ fn rows_about<'a>(table: &'a str, topic: &str) -> Vec<Vec<&'a str>> {
 /// A topic of two partitions: partition 0 holds records written 50, 40, 30, 20 and 10
 /// minutes ago, partition 1 three written 180, 120 and 60 minutes ago.
 async fn history(app: &TestApp) -> String {
-    let topic = format!("{}reference", app.prefix);
-    topics::ensure(
-        &app.kafka_args(),
-        &[TopicSpec {
-            name: topic.clone(),
-            partitions: 2,
-            replication: 1,
-            retention: Duration::from_secs(7 * 24 * 3600),
-        }],
-    )
-    .await
-    .unwrap();
+    let topic = own_topic(app, "reference", 2).await;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &app.brokers)
         .create()

@@ -10,7 +10,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agentbus::topics::{self, TopicSpec};
 use chrono::Utc;
 use common::*;
 use rdkafka::{
@@ -24,19 +23,7 @@ use serde_json::{Value, json};
 /// minutes ago, partition 1 three written 3, 2 and 1 minutes ago. Returns the topic and the
 /// records' timestamps per partition.
 async fn history(app: &TestApp) -> (String, [Vec<i64>; 2]) {
-    let topic = format!("{}lagged", app.prefix);
-    let kafka = app.kafka_args();
-    topics::ensure(
-        &kafka,
-        &[TopicSpec {
-            name: topic.clone(),
-            partitions: 2,
-            replication: 1,
-            retention: Duration::from_secs(7 * 24 * 3600),
-        }],
-    )
-    .await
-    .unwrap();
+    let topic = own_topic(app, "lagged", 2).await;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &app.brokers)
         .create()
@@ -448,23 +435,6 @@ async fn the_lag_exporter_alone_serves_the_lag_metrics() {
         .unwrap();
     assert!(status.success(), "SIGTERM ends it cleanly: {status}");
     app.stop().await;
-}
-
-/// A one-partition topic of its own, named `name`.
-async fn own_topic(app: &TestApp, name: &str, partitions: i32) -> String {
-    let topic = format!("{}{name}", app.prefix);
-    topics::ensure(
-        &app.kafka_args(),
-        &[TopicSpec {
-            name: topic.clone(),
-            partitions,
-            replication: 1,
-            retention: Duration::from_secs(7 * 24 * 3600),
-        }],
-    )
-    .await
-    .unwrap();
-    topic
 }
 
 fn partition_of(lag: &Value, partition: i64) -> &Value {

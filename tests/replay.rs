@@ -741,18 +741,7 @@ async fn a_record_the_service_cannot_read_gives_a_lag_lower_bound_and_fails_a_re
 #[tokio::test]
 async fn an_offset_reset_to_a_time_whose_first_record_was_aborted_plans_the_end_at_once() {
     let app = spawn(Options::default()).await;
-    let topic = format!("{}aborted", app.prefix);
-    topics::ensure(
-        &app.kafka_args(),
-        &[TopicSpec {
-            name: topic.clone(),
-            partitions: 1,
-            replication: 1,
-            retention: Duration::from_secs(7 * 24 * 3600),
-        }],
-    )
-    .await
-    .unwrap();
+    let topic = own_topic(&app, "aborted", 1).await;
     // Offset 0: a record two hours old; offset 1: one ten minutes old, in a transaction that
     // was aborted (its marker at 2). Offsets-for-times at 30 minutes ago answers 1.
     let (brokers, t) = (app.brokers.clone(), topic.clone());

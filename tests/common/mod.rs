@@ -236,6 +236,24 @@ pub async fn spawn(options: Options) -> TestApp {
     test_app
 }
 
+/// A topic of the app's own, `{prefix}{name}`, with `partitions` partitions and a week's
+/// retention; its name.
+pub async fn own_topic(app: &TestApp, name: &str, partitions: i32) -> String {
+    let topic = format!("{}{name}", app.prefix);
+    agentbus::topics::ensure(
+        &app.kafka_args(),
+        &[agentbus::topics::TopicSpec {
+            name: topic.clone(),
+            partitions,
+            replication: 1,
+            retention: Duration::from_secs(7 * 24 * 3600),
+        }],
+    )
+    .await
+    .unwrap();
+    topic
+}
+
 /// Waits (60 s at most) until `{url}/readyz` answers 200; panics "`who` did not become
 /// ready" otherwise.
 pub async fn wait_until_ready(client: &reqwest::Client, url: &str, who: &str) {
