@@ -543,6 +543,41 @@ async fn small_fetch_serve(app: &TestApp, group: &str) -> SmallFetchServe {
     served
 }
 
+/// Writes to partition 0 of `topic` a small record, a 5 MB one and a small one, with these
+/// timestamps, one batch each (so that the large one alone cannot be read by a client that
+/// fetches less).
+async fn small_big_small(brokers: &str, topic: &str, timestamps: [i64; 3]) {
+    let (brokers, t) = (brokers.to_string(), topic.to_string());
+    tokio::task::spawn_blocking(move || {
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("message.max.bytes", "8000000")
+            .create()
+            .unwrap();
+        let big = "x".repeat(5_000_000);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for (payload, ts) in ["small", big.as_str(), "small"].into_iter().zip(timestamps) {
+            // The topic's metadata may reach the producer a moment after its creation.
+            loop {
+                match producer.send(
+                    BaseRecord::<str, str>::to(&t)
+                        .payload(payload)
+                        .timestamp(ts),
+                ) {
+                    Ok(()) => break,
+                    Err((e, _)) => {
+                        assert!(Instant::now() < deadline, "{e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+            producer.flush(Duration::from_secs(30)).unwrap();
+        }
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn a_record_the_service_cannot_read_gives_a_lag_lower_bound_and_fails_a_replay_naming_it() {
     let app = spawn(Options::default()).await;
@@ -571,40 +606,12 @@ async fn a_record_the_service_cannot_read_gives_a_lag_lower_bound_and_fails_a_re
     }
     let now = Utc::now().timestamp_millis();
     let later_at = now - 7_209_000;
-    let (brokers, t) = (app.brokers.clone(), topic.clone());
-    tokio::task::spawn_blocking(move || {
-        let producer: BaseProducer = ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .set("message.max.bytes", "8000000")
-            .create()
-            .unwrap();
-        let big = "x".repeat(5_000_000);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        for (payload, ts) in [
-            ("small", now - 7_300_000),
-            (big.as_str(), now - 7_250_000),
-            ("small", later_at),
-        ] {
-            // The topic's metadata may reach the producer a moment after its creation.
-            loop {
-                match producer.send(
-                    BaseRecord::<str, str>::to(&t)
-                        .payload(payload)
-                        .timestamp(ts),
-                ) {
-                    Ok(()) => break,
-                    Err((e, _)) => {
-                        assert!(Instant::now() < deadline, "{e}");
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                }
-            }
-            // One batch per record: the large one alone cannot be read.
-            producer.flush(Duration::from_secs(30)).unwrap();
-        }
-    })
-    .await
-    .unwrap();
+    small_big_small(
+        &app.brokers,
+        &topic,
+        [now - 7_300_000, now - 7_250_000, later_at],
+    )
+    .await;
     let group = format!("stuck-{}", uuid::Uuid::new_v4().simple());
     let (b, g, t) = (app.brokers.clone(), group.clone(), topic.clone());
     tokio::task::spawn_blocking(move || {
@@ -835,38 +842,12 @@ async fn an_offset_reset_to_a_time_whose_first_record_cannot_be_read_keeps_kafka
     }
     // Offset 0: two hours old; 1: 5 MB, an hour old; 2: half an hour old.
     let now = Utc::now().timestamp_millis();
-    let (brokers, t) = (app.brokers.clone(), topic.clone());
-    tokio::task::spawn_blocking(move || {
-        let producer: BaseProducer = ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .set("message.max.bytes", "8000000")
-            .create()
-            .unwrap();
-        let big = "x".repeat(5_000_000);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        for (payload, ts) in [
-            ("small", now - 7_200_000),
-            (big.as_str(), now - 3_600_000),
-            ("small", now - 1_800_000),
-        ] {
-            loop {
-                match producer.send(
-                    BaseRecord::<str, str>::to(&t)
-                        .payload(payload)
-                        .timestamp(ts),
-                ) {
-                    Ok(()) => break,
-                    Err((e, _)) => {
-                        assert!(Instant::now() < deadline, "{e}");
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                }
-            }
-            producer.flush(Duration::from_secs(30)).unwrap();
-        }
-    })
-    .await
-    .unwrap();
+    small_big_small(
+        &app.brokers,
+        &topic,
+        [now - 7_200_000, now - 3_600_000, now - 1_800_000],
+    )
+    .await;
     let group = format!("reset-unreadable-{}", uuid::Uuid::new_v4().simple());
     let from = (Utc::now() - chrono::Duration::minutes(90)).to_rfc3339();
     // The service's clients take answers of at most 3 MB: the 5 MB record cannot be read.
