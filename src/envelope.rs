@@ -241,11 +241,15 @@ impl Envelope {
         }
     }
 
-    /// The Kafka record key: `partition_key`, or the event id.
-    pub fn key(&self) -> String {
+    /// The Kafka record key: `partition_key`, or else `idempotency_key` (the request's own
+    /// key, which itself defaults to the event id). A client that retries a publish with the
+    /// same idempotency key through another instance gets a new generated event id there,
+    /// but the same record key: both copies land on one partition, where the consumers'
+    /// dedup, keyed by `ce_idempotencykey`, handles the event once.
+    pub fn key(&self, idempotency_key: &str) -> String {
         self.partition_key
             .clone()
-            .unwrap_or_else(|| self.event_id.to_string())
+            .unwrap_or_else(|| idempotency_key.to_string())
     }
 
     /// When consumers must drop it, if it expires.
@@ -374,7 +378,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(e.event_id.get_version_num(), 7);
-        assert_eq!(e.key(), e.event_id.to_string());
+        let id = e.event_id.to_string();
+        assert_eq!(e.key(&id), id);
+        assert_eq!(e.key("req-1"), "req-1");
         assert!(e.event_version.is_none());
     }
 

@@ -564,7 +564,7 @@ impl Publisher {
         };
         Ok(Prepared {
             topic: self.kafka.events_topic(event_type.domain()),
-            record_key: envelope.key(),
+            record_key: envelope.key(&idempotency_key),
             envelope,
             version,
             value,
