@@ -334,6 +334,7 @@ pub fn topic_specs(kafka: &KafkaArgs, topics: &TopicArgs, registry: &Registry) -
             partitions: topics.partitions,
             replication: topics.replication,
             retention: topics.retention,
+            configs: Vec::new(),
         })
         .collect()
 }

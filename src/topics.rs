@@ -41,6 +41,8 @@ pub struct TopicSpec {
     pub replication: i32,
     /// Its retention.
     pub retention: Duration,
+    /// Further topic configs (`cleanup.policy`, `min.insync.replicas`, ...).
+    pub configs: Vec<(String, String)>,
 }
 
 /// Creates every topic in `specs` that does not exist yet; existing ones are left alone.
@@ -55,12 +57,15 @@ pub async fn ensure(kafka: &KafkaArgs, specs: &[TopicSpec]) -> Result<Vec<String
         .iter()
         .zip(&retention)
         .map(|(s, ms)| {
-            NewTopic::new(
+            let topic = NewTopic::new(
                 &s.name,
                 s.partitions,
                 TopicReplication::Fixed(s.replication),
             )
-            .set("retention.ms", ms)
+            .set("retention.ms", ms);
+            s.configs
+                .iter()
+                .fold(topic, |topic, (name, value)| topic.set(name, value))
         })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));

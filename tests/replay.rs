@@ -211,6 +211,7 @@ async fn replay_jobs_through_the_api_and_clear_errors_for_bad_requests() {
             partitions: 1,
             replication: 1,
             retention: Duration::from_secs(3600),
+            configs: Vec::new(),
         }],
     )
     .await

@@ -193,6 +193,7 @@ async fn raw_producer(args: &PublishArgs, with_headers: bool) -> anyhow::Result<
             partitions: args.partitions,
             replication: 1,
             retention: Duration::from_secs(3600),
+            configs: Vec::new(),
         }],
     )
     .await?;
@@ -324,6 +325,7 @@ async fn perf_producer(args: &PublishArgs) -> anyhow::Result<kafka_tools::Produc
             partitions: args.partitions,
             replication: 1,
             retention: Duration::from_secs(3600),
+            configs: Vec::new(),
         }],
     )
     .await?;
@@ -614,6 +616,7 @@ async fn raw_latency(
             partitions: 3,
             replication: 1,
             retention: Duration::from_secs(3600),
+            configs: Vec::new(),
         }],
     )
     .await?;

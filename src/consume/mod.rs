@@ -238,6 +238,7 @@ pub async fn run_agent(
             partitions: settings.partitions,
             replication: settings.replication,
             retention: *retention,
+            configs: Vec::new(),
         })
         .collect();
     topics::ensure(&settings.kafka, &specs).await?;

@@ -247,6 +247,7 @@ pub async fn own_topic(app: &TestApp, name: &str, partitions: i32) -> String {
             partitions,
             replication: 1,
             retention: Duration::from_secs(7 * 24 * 3600),
+            configs: Vec::new(),
         }],
     )
     .await

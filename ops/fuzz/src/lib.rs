@@ -177,7 +177,10 @@ fn check_accepted_envelope(e: &Envelope) {
     if let Some(k) = &e.partition_key {
         assert!(!k.is_empty(), "accepted an empty partition key");
     }
-    assert!(!e.key(&e.event_id.to_string()).is_empty(), "empty record key");
+    assert!(
+        !e.key(&e.event_id.to_string()).is_empty(),
+        "empty record key"
+    );
     if let Some(k) = &e.idempotency_key {
         assert!(
             check_idempotency_key(k).is_ok(),

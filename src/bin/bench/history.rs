@@ -57,6 +57,7 @@ async fn topic(kafka: &KafkaArgs, name: &str, partitions: i32) -> anyhow::Result
             partitions,
             replication: 1,
             retention: Duration::from_secs(24 * 3600),
+            configs: Vec::new(),
         }],
     )
     .await?;
