@@ -44,11 +44,9 @@ kind=${AGENTBUS_LOCAL_BROKER:-kafka}
 addr=127.0.0.1:$port
 extra_listeners=${AGENTBUS_BROKER_LISTENERS:-}
 
-# The one place the Kafka version is pinned is ops/kafka/pom.xml.
-kafka_version=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$root/ops/kafka/pom.xml")
-cache=${AGENTBUS_BROKER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/agentbus}
-kafka_home=$cache/kafka-$kafka_version
-libs=$kafka_home/libs
+# Kafka's jars, tools and JVM settings (the version is pinned once, in ops/kafka/pom.xml).
+# shellcheck source=ops/kafka/lib.sh
+. "$root/ops/kafka/lib.sh"
 tansu_version=0.6.0
 
 case $kind in
@@ -59,7 +57,7 @@ esac
 pidfile=$dir/broker.pid
 log=$dir/broker.log
 
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; }
+port_open() { port_open_at "$port"; }
 # Our broker runs: the pid in the pid file is alive and is the broker of this directory (not
 # a process that reused the pid after a reboot).
 running() {
@@ -72,48 +70,7 @@ running() {
   tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$mine"
 }
 
-as_root_apt() {
-  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    apt-get install -y -qq "$@" >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq "$@" >/dev/null; }
-  else
-    echo "missing: $* (install them, or set AGENTBUS_BROKERS to a running Kafka)" >&2
-    exit 1
-  fi
-}
-
-java_opts() {
-  # As kafka-run-class.sh, with a heap for one small node.
-  local heap=${AGENTBUS_BROKER_HEAP:-512m}
-  echo "-Xms$heap -Xmx$heap -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent -Djava.awt.headless=true"
-}
-
-install_kafka() {
-  if [ -f "$kafka_home/.complete" ]; then
-    return
-  fi
-  # One installer at a time (a fresh machine's first tests start several brokers at once); the
-  # lock is released when the subshell ends.
-  mkdir -p "$kafka_home"
-  (
-    flock 8
-    [ -f "$kafka_home/.complete" ] && exit 0
-    install_kafka_locked
-  ) 8>"$kafka_home/.install.lock"
-}
-
-install_kafka_locked() {
-  command -v java >/dev/null || { echo "installing a JRE from Debian..." >&2; as_root_apt default-jre-headless; }
-  command -v mvn >/dev/null || { echo "installing Maven from Debian..." >&2; as_root_apt maven; }
-  echo "installing Apache Kafka $kafka_version from Maven Central into $kafka_home..." >&2
-  mkdir -p "$kafka_home"
-  rm -rf "$libs.tmp"
-  mvn -q -B -f "$root/ops/kafka/pom.xml" \
-    org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy-dependencies \
-    -DincludeScope=runtime -DoutputDirectory="$libs.tmp" >&2
-  rm -rf "$libs"
-  mv "$libs.tmp" "$libs"
-  touch "$kafka_home/.complete"
-}
+java_opts_node() { java_opts "${AGENTBUS_BROKER_HEAP:-512m}"; }
 
 install_tansu() {
   export PATH=$HOME/.cargo/bin:$PATH
@@ -131,24 +88,11 @@ install() {
   esac
 }
 
-# Runs one of Kafka's tools (or any class of its jars) with a small heap.
-tool() {
-  install_kafka
-  local class=$1
-  shift
-  # shellcheck disable=SC2046
-  java -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \
-    -Dlog4j2.configurationFile="$root/ops/kafka/log4j2-tools.properties" \
-    -cp "$libs/*" "$class" "$@"
-}
-
 # One metadata request (DescribeCluster) answered: the broker is up, not only its port.
 answers() {
   port_open || return 1
   [ "$kind" = tansu ] && return 0
-  timeout 20 java -Xmx64m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \
-    -Dlog4j2.configurationFile="$root/ops/kafka/log4j2-tools.properties" \
-    -cp "$libs/*" org.apache.kafka.tools.ClusterTool cluster-id --bootstrap-server "$addr" >/dev/null 2>&1
+  kafka_answers "$addr"
 }
 
 write_config() {
@@ -195,14 +139,7 @@ start_kafka() {
   write_config
   if [ ! -f "$dir/logs/meta.properties" ]; then
     local id format_args=()
-    # A cluster id as kafka-storage random-uuid makes it (16 random bytes, URL-safe base64
-    # without padding), without a JVM start for it.
-    # Like Kafka's Uuid.randomUuid, never one that starts with '-': the tool would read it as
-    # an option (1 draw in 64).
-    id=-
-    while [ "${id#-}" != "$id" ]; do
-      id=$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')
-    done
+    id=$(random_cluster_id)
     # Split on blanks without globbing: SCRAM credentials are written [name=...,password=...].
     read -r -a format_args <<<"${AGENTBUS_BROKER_FORMAT_ARGS:-}"
     # The format's own output names the SCRAM users, never their passwords; it goes to the log.
@@ -214,7 +151,7 @@ start_kafka() {
     }
   fi
   # shellcheck disable=SC2046
-  (exec setsid java $(java_opts) \
+  (exec setsid java $(java_opts_node) \
     -Dkafka.logs.dir="$dir" \
     -Dlog4j2.configurationFile="$root/ops/kafka/log4j2.properties" \
     -cp "$libs/*" kafka.Kafka "$dir/server.properties" \
