@@ -218,10 +218,14 @@ impl App {
             Duration::from_secs(1),
             cancel.clone(),
         ));
+        // A topic setting the cluster can never satisfy stops the service at start, naming
+        // it, instead of retrying (not ready) for ever.
+        let topics_refused = Arc::new(std::sync::OnceLock::new());
         tasks.spawn(ensure_topics_until_done(
             settings.clone(),
             state.clone(),
             cancel.clone(),
+            topics_refused.clone(),
         ));
         tasks.spawn(sweep_idempotency(store.clone(), cancel.clone()));
         tasks.spawn(metrics_upkeep(cancel.clone()));
@@ -315,6 +319,9 @@ impl App {
             tracing::warn!(error = %e, "producer flush incomplete at shutdown");
         }
         store.flush().await?;
+        if let Some(why) = topics_refused.get() {
+            anyhow::bail!("{why}");
+        }
         if agent_failed.is_cancelled() {
             let failed = state_readiness.failed_agents();
             anyhow::bail!("an agent failed: {failed:?}");
@@ -339,7 +346,14 @@ pub fn topic_specs(kafka: &KafkaArgs, topics: &TopicArgs, registry: &Registry) -
         .collect()
 }
 
-async fn ensure_topics_until_done(settings: ServeArgs, state: AppState, cancel: CancellationToken) {
+/// Creates the event topics, retrying while the broker is away; a replication factor above
+/// the cluster's brokers is not retried: it goes into `refused` and the service stops.
+async fn ensure_topics_until_done(
+    settings: ServeArgs,
+    state: AppState,
+    cancel: CancellationToken,
+    refused: Arc<std::sync::OnceLock<String>>,
+) {
     let specs = topic_specs(&settings.kafka, &settings.topics, &state.registry);
     let mut wait = Duration::from_millis(500);
     loop {
@@ -349,6 +363,12 @@ async fn ensure_topics_until_done(settings: ServeArgs, state: AppState, cancel: 
                     tracing::info!(?created, "created topics");
                 }
                 state.readiness.topics.store(true, Ordering::Relaxed);
+                return;
+            }
+            Err(e @ topics::Error::ReplicationAboveBrokers { .. }) => {
+                tracing::error!(error = %e, "cannot create the event topics; stopping");
+                let _ = refused.set(e.to_string());
+                cancel.cancel();
                 return;
             }
             Err(e) => tracing::warn!(error = %e, "could not ensure topics yet; retrying"),

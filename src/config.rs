@@ -406,17 +406,34 @@ pub struct TopicArgs {
     )]
     pub partitions: i32,
 
-    /// Replication factor of the topics agentbus creates (3 on a production cluster).
+    /// Replication factor of the topics agentbus creates: a number, or `auto` (the default)
+    /// for min(3, the brokers in the cluster) when each topic is created. Every topic also
+    /// gets `min.insync.replicas` 2 from three replicas on, 1 below. A number above the
+    /// brokers in the cluster stops the start with an error naming both.
     #[arg(
         long = "topic-replication",
         env = "AGENTBUS_TOPIC_REPLICATION",
-        default_value_t = 1
+        default_value = "auto",
+        value_parser = parse_replication
     )]
     pub replication: i32,
 
     /// Retention of the event topics.
     #[arg(long = "topic-retention", env = "AGENTBUS_TOPIC_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
     pub retention: Duration,
+}
+
+/// A `--topic-replication`: `auto` ([`crate::topics::AUTO_REPLICATION`]) or a positive number.
+fn parse_replication(text: &str) -> Result<i32, String> {
+    if text.eq_ignore_ascii_case("auto") {
+        return Ok(crate::topics::AUTO_REPLICATION);
+    }
+    match text.parse::<i32>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!(
+            "{text:?} is neither `auto` nor a replication factor of 1 or more"
+        )),
+    }
 }
 
 /// The earliest time a user may give: year 0 (the start of 0000-01-01, UTC).
@@ -490,6 +507,18 @@ pub fn parse_time_at(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_topic_replication_is_auto_or_a_positive_number() {
+        assert_eq!(
+            parse_replication("auto"),
+            Ok(crate::topics::AUTO_REPLICATION)
+        );
+        assert_eq!(parse_replication("3"), Ok(3));
+        for bad in ["0", "-1", "three", ""] {
+            assert!(parse_replication(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 
     fn now() -> chrono::DateTime<chrono::Utc> {
         "2026-12-01T12:00:00Z".parse().unwrap()
