@@ -34,6 +34,7 @@
 #                                base + 2(N-1), its controller the port after it (39092/39093,
 #                                39094/39095, 39096/39097)
 #   AGENTBUS_CLUSTER_HEAP        each node's JVM heap, default 384m
+#   AGENTBUS_CLUSTER_JAVA_OPTS   more JVM options for every node (split on blanks)
 #   AGENTBUS_CLUSTER_EXTRA_CONFIG a file of server.properties lines appended to every node's
 #                                generated ones (a later line wins), e.g.
 #                                broker.session.timeout.ms=4000 for a faster fencing
@@ -130,16 +131,20 @@ EOF
   fi
 }
 
-# Starts node $1 (not waiting for it); formats its storage first with the cluster's id.
-start_node() {
-  local n=$1 d
-  d=$(node_dir "$n")
-  mkdir -p "$d"
-  write_config "$n"
+cluster_id() {
   if [ ! -f "$dir/cluster.id" ]; then
     random_cluster_id >"$dir/cluster.id.tmp"
     mv "$dir/cluster.id.tmp" "$dir/cluster.id"
   fi
+}
+
+# Writes node $1's configuration and, the first time, formats its storage with the
+# cluster's id.
+prepare_node() {
+  local n=$1 d
+  d=$(node_dir "$n")
+  mkdir -p "$d"
+  write_config "$n"
   if [ ! -f "$d/logs/meta.properties" ]; then
     # Static voters: no --standalone or --initial-controllers, the same id on every node.
     tool kafka.tools.StorageTool format -t "$(cat "$dir/cluster.id")" -c "$d/server.properties" \
@@ -149,8 +154,16 @@ start_node() {
       exit 1
     }
   fi
+}
+
+# Starts node $1 (not waiting for it).
+launch_node() {
+  local n=$1 d
+  d=$(node_dir "$n")
+  # Readiness is this line once more in the server log (see wait_for).
+  grep -c "Kafka Server started" "$d/server.log" 2>/dev/null >"$d/started.count" || true
   # shellcheck disable=SC2046
-  (exec setsid java $(java_opts "$heap") \
+  (exec setsid java $(java_opts "$heap") ${AGENTBUS_CLUSTER_JAVA_OPTS:-} \
     -Dkafka.logs.dir="$d" \
     -Dlog4j2.configurationFile="$root/ops/kafka/log4j2.properties" \
     -cp "$libs/*" kafka.Kafka "$d/server.properties" \
@@ -168,8 +181,19 @@ brokers_seen_by() {
     sed -n 's/^[^ ]* (id: \([0-9]*\) .*/\1/p' | sort -u || true
 }
 
-# Waits until every node in $@ answers and is a broker of the cluster as another live node
-# sees it.
+# Node $1 finished its start: KafkaRaftServer logs "Kafka Server started" (INFO, kept by
+# ops/kafka/log4j2.properties) once its broker is unfenced, i.e. registered with the quorum
+# and caught up with the metadata; once more than before its last start. Cheaper than a
+# metadata request, which costs a JVM start per probe.
+started() {
+  local d before now
+  d=$(node_dir "$1")
+  before=$(cat "$d/started.count" 2>/dev/null || echo 0)
+  now=$(grep -c "Kafka Server started" "$d/server.log" 2>/dev/null || true)
+  [ "${now:-0}" -gt "${before:-0}" ] && port_open_at "$(port_of "$1")"
+}
+
+# Waits until every node in $@ has started (and is a broker of the cluster).
 wait_for() {
   local started=$SECONDS limit=${AGENTBUS_CLUSTER_START_TIMEOUT:-120} n pending
   while [ $((SECONDS - started)) -lt "$limit" ]; do
@@ -181,14 +205,12 @@ wait_for() {
         tail -20 "$(node_dir "$n")/server.log" >&2 2>/dev/null || true
         exit 1
       fi
-      if ! port_open_at "$(port_of "$n")" || ! brokers_seen_by "$n" | grep -qx "$n"; then
-        pending="$pending $n"
-      fi
+      started "$n" || pending="$pending $n"
     done
     if [ -z "$pending" ]; then
       return 0
     fi
-    sleep 0.5
+    sleep 0.2
   done
   echo "node(s)$pending did not join the cluster within $limit s; see $dir/node*/server.log" >&2
   exit 1
@@ -203,29 +225,34 @@ lock() {
 start() {
   install_kafka
   lock
-  local n started=()
+  local n todo=() pids=()
+  cluster_id
   for n in $nodes; do
     if ! running "$n"; then
       if port_open_at "$(port_of "$n")"; then
         echo "something not started by this script listens on $(addr_of "$n")" >&2
         exit 1
       fi
-      start_node "$n"
-      started+=("$n")
+      todo+=("$n")
     fi
   done
+  # The formats in parallel (a JVM each), then the nodes.
+  for n in "${todo[@]}"; do
+    prepare_node "$n" &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid"; done
+  for n in "${todo[@]}"; do launch_node "$n"; done
   # shellcheck disable=SC2086
   wait_for $nodes
-  # Every node sees all three (a node that just joined may still see fewer).
+  # The cluster's metadata lists all three (one request: a JVM start).
   local since=$SECONDS
-  for n in $nodes; do
-    until [ "$(brokers_seen_by "$n" | wc -l)" -eq 3 ]; do
-      if [ $((SECONDS - since)) -gt "${AGENTBUS_CLUSTER_START_TIMEOUT:-120}" ]; then
-        echo "node $n does not see three brokers: $(brokers_seen_by "$n" | tr '\n' ' ')" >&2
-        exit 1
-      fi
-      sleep 0.5
-    done
+  until [ "$(brokers_seen_by 1 | wc -l)" -eq 3 ]; do
+    if [ $((SECONDS - since)) -gt "${AGENTBUS_CLUSTER_START_TIMEOUT:-120}" ]; then
+      echo "the cluster does not list three brokers: $(brokers_seen_by 1 | tr '\n' ' ')" >&2
+      exit 1
+    fi
+    sleep 0.5
   done
   bootstrap
 }
@@ -271,7 +298,8 @@ restart_node() {
   install_kafka
   lock
   stop_node "$1"
-  start_node "$1"
+  prepare_node "$1"
+  launch_node "$1"
   wait_for "$1"
   bootstrap
 }

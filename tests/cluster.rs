@@ -99,7 +99,13 @@ async fn publish(client: &reqwest::Client, url: &str, seed: u64, i: u64, t0: Ins
 
 /// Publishes at `rate` per second until `stop`; every event with its answer once all are
 /// answered.
-async fn load(url: String, rate: f64, seed: u64, stop: CancellationToken, t0: Instant) -> Vec<Sent> {
+async fn load(
+    url: String,
+    rate: f64,
+    seed: u64,
+    stop: CancellationToken,
+    t0: Instant,
+) -> Vec<Sent> {
     let client = reqwest::Client::new();
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -233,7 +239,7 @@ async fn a_sigkilled_leader_under_load_loses_no_acknowledged_event_and_refuses_n
     cluster.heal().await;
     let rate = knob("CLUSTER_RATE", 200.0);
     let before = secs("CLUSTER_BEFORE_SECS", 3.0);
-    let after = secs("CLUSTER_AFTER_SECS", 2.0);
+    let after = secs("CLUSTER_AFTER_SECS", 1.0);
     let rounds = knob("CLUSTER_KILLS", 1.0) as usize;
     // Above the fencing of a SIGKILLed broker (broker.session.timeout.ms) and the election
     // after it: a publish waits the failover out instead of being refused.
@@ -252,7 +258,9 @@ async fn a_sigkilled_leader_under_load_loses_no_acknowledged_event_and_refuses_n
     // Without --topic-replication: three replicas, two in sync for an acknowledged write.
     let partitions = cluster.partitions(&topic);
     assert!(
-        partitions.iter().all(|(_, _, replicas, _)| replicas.len() == 3),
+        partitions
+            .iter()
+            .all(|(_, _, replicas, _)| replicas.len() == 3),
         "{partitions:?}"
     );
     assert_eq!(min_insync(&cluster.bootstrap, &topic).await, "2");
@@ -308,7 +316,10 @@ async fn a_sigkilled_leader_under_load_loses_no_acknowledged_event_and_refuses_n
         .filter(|s| s.at + Duration::from_secs(1) >= first_kill)
         .collect::<Vec<_>>();
     let longest_during = during.iter().map(|s| s.took).max().unwrap_or_default();
-    let slow = during.iter().filter(|s| s.took > Duration::from_secs(1)).count();
+    let slow = during
+        .iter()
+        .filter(|s| s.took > Duration::from_secs(1))
+        .count();
     println!(
         "CLUSTER leader-failover: rate={rate}/s sent={} acked={} refused_or_unanswered={} \
          found={} missing={} duplicates={duplicates} longest_publish={:.2}s \
@@ -379,7 +390,8 @@ async fn with_two_brokers_down_publishing_answers_503_in_time_and_recovers_by_it
     cluster.kill(3).await;
     let down_at = t0.elapsed();
     // Events on every partition (16 keys), all at once.
-    let refused: Vec<Sent> = futures::future::join_all((1..=16).map(|i| publish(&client, &url, 2, i, t0))).await;
+    let refused: Vec<Sent> =
+        futures::future::join_all((1..=16).map(|i| publish(&client, &url, 2, i, t0))).await;
     i = 16;
     tokio::time::sleep(down_for).await;
     let bound = Duration::from_secs_f64(timeout) + Duration::from_millis(1500);

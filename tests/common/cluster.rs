@@ -76,10 +76,11 @@ impl Cluster {
         let dir = std::env::temp_dir().join(format!("agentbus-cluster-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         // Fencing a SIGKILLed broker after broker.session.timeout.ms (Kafka's default 9 s)
-        // is what a leader failover waits for; the tests take a shorter one
-        // (CLUSTER_SESSION_TIMEOUT_MS), ops/chaos.sh cluster Kafka's own.
+        // is what a leader failover waits for, and a restarted broker is unfenced at a
+        // heartbeat (broker.heartbeat.interval.ms, 2 s): the tests take shorter ones
+        // (CLUSTER_SESSION_TIMEOUT_MS, CLUSTER_HEARTBEAT_MS), ops/chaos.sh cluster Kafka's.
         let session = knob("CLUSTER_SESSION_TIMEOUT_MS", 4000.0) as u64;
-        let heartbeat = (session / 4).clamp(250, 2000);
+        let heartbeat = knob("CLUSTER_HEARTBEAT_MS", 500.0) as u64;
         let extra_config = dir.join("extra.properties");
         std::fs::write(
             &extra_config,
@@ -158,9 +159,11 @@ impl Cluster {
         .unwrap()
     }
 
-    /// Every node running and in the cluster again (after an earlier test, failed or not).
+    /// Every node running and in the cluster again, every replica in sync (after an
+    /// earlier test, failed or not).
     pub async fn heal(&'static self) {
         self.run(&["start"]).await;
+        self.wait_full_isr(Duration::from_secs(120)).await;
     }
 
     /// SIGKILLs node `n`.
@@ -321,7 +324,8 @@ pub fn agentbus(brokers: &str, prefix: &str, data: &Path, consumers: &Path) -> C
 /// 200, with its URL.
 pub async fn serve(brokers: &str, prefix: &str, data: &Path, extra: &[&str]) -> (Proc, String) {
     let mut cmd = agentbus(brokers, prefix, data, &data.join("no-agents"));
-    cmd.args(["serve", "--http-addr", "127.0.0.1:0"]).args(extra);
+    cmd.args(["serve", "--http-addr", "127.0.0.1:0"])
+        .args(extra);
     let proc = Proc::spawn(cmd);
     let line = proc
         .line_with("agentbus listening", Duration::from_secs(30))
