@@ -388,12 +388,18 @@ async fn with_two_brokers_down_publishing_answers_503_in_time_and_recovers_by_it
 
     cluster.kill(2).await;
     cluster.kill(3).await;
-    let down_at = t0.elapsed();
-    // Events on every partition (16 keys), all at once.
-    let refused: Vec<Sent> =
+    // Events on every partition (16 keys), all at once; then, for CLUSTER_DOWN_SECS, a
+    // steady load.
+    let mut refused: Vec<Sent> =
         futures::future::join_all((1..=16).map(|i| publish(&client, &url, 2, i, t0))).await;
     i = 16;
-    tokio::time::sleep(down_for).await;
+    if !down_for.is_zero() {
+        let stop = CancellationToken::new();
+        let load = tokio::spawn(load(url.clone(), 20.0, 4, stop.clone(), t0));
+        tokio::time::sleep(down_for).await;
+        stop.cancel();
+        refused.extend(load.await.unwrap());
+    }
     let bound = Duration::from_secs_f64(timeout) + Duration::from_millis(1500);
     let slowest = longest(&refused);
     let wrong: Vec<&Sent> = refused
@@ -434,7 +440,6 @@ async fn with_two_brokers_down_publishing_answers_503_in_time_and_recovers_by_it
         (recovered - restart_at).as_secs_f64(),
         (recovered.saturating_sub(restarted)).as_secs_f64(),
     );
-    let _ = down_at;
     assert!(
         wrong.is_empty(),
         "not 503 broker_unavailable with Retry-After: {wrong:?}"
