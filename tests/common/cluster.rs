@@ -110,7 +110,9 @@ impl Cluster {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         cluster.env(&mut watchdog);
-        watchdog.spawn().expect("starting the cluster's watchdog");
+        let mut watchdog = watchdog.spawn().expect("starting the cluster's watchdog");
+        // Reaped if it ends first (it outlives this process otherwise, as meant).
+        std::thread::spawn(move || watchdog.wait());
         let started = Instant::now();
         cluster.bootstrap = cluster.run_blocking(&["start"]);
         eprintln!(
