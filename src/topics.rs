@@ -23,7 +23,7 @@ pub enum Error {
     /// A replication factor above the brokers the cluster has: Kafka would refuse every
     /// such topic, and retrying would not help until brokers are added.
     #[error(
-        "replication factor {replication} for topic {topic} is above the {brokers} broker(s) \
+        "replication factor {replication} for topic {topic} is above the {brokers} live broker(s) \
          of the cluster; give --topic-replication (AGENTBUS_TOPIC_REPLICATION) at most \
          {brokers}, or leave it out to take min(3, brokers)"
     )]
@@ -254,7 +254,7 @@ mod tests {
         );
         let text = err.to_string();
         assert!(text.contains("replication factor 3"), "{text}");
-        assert!(text.contains("the 1 broker(s)"), "{text}");
+        assert!(text.contains("the 1 live broker(s)"), "{text}");
         assert_eq!(replication_for(&spec(2), 3).unwrap(), 2);
         assert_eq!(replication_for(&spec(3), 3).unwrap(), 3);
     }

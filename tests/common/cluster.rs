@@ -79,7 +79,9 @@ impl Cluster {
         // is what a leader failover waits for, and a restarted broker is unfenced at a
         // heartbeat (broker.heartbeat.interval.ms, 2 s): the tests take shorter ones
         // (CLUSTER_SESSION_TIMEOUT_MS, CLUSTER_HEARTBEAT_MS), ops/chaos.sh cluster Kafka's.
-        let session = knob("CLUSTER_SESSION_TIMEOUT_MS", 4000.0) as u64;
+        // Below about 4 s, too, because agentbus's broker watch counts a stall that long as
+        // the broker gone (its probe waits behind the stalled produce requests).
+        let session = knob("CLUSTER_SESSION_TIMEOUT_MS", 3000.0) as u64;
         let heartbeat = knob("CLUSTER_HEARTBEAT_MS", 500.0) as u64;
         let extra_config = dir.join("extra.properties");
         std::fs::write(
