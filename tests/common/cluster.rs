@@ -81,7 +81,7 @@ impl Cluster {
         // (CLUSTER_SESSION_TIMEOUT_MS, CLUSTER_HEARTBEAT_MS), ops/chaos.sh cluster Kafka's.
         // Below about 4 s, too, because agentbus's broker watch counts a stall that long as
         // the broker gone (its probe waits behind the stalled produce requests).
-        let session = knob("CLUSTER_SESSION_TIMEOUT_MS", 3000.0) as u64;
+        let session = knob("CLUSTER_SESSION_TIMEOUT_MS", 2500.0) as u64;
         let heartbeat = knob("CLUSTER_HEARTBEAT_MS", 500.0) as u64;
         let extra_config = dir.join("extra.properties");
         std::fs::write(
