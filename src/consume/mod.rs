@@ -4,6 +4,7 @@
 //! failures with backoff, moves long waits to `<agent>.retry` and final failures to
 //! `<agent>.dlq`, and stores an offset only once the event's outcome is final.
 
+pub mod changelog;
 pub mod definition;
 pub mod dlq;
 pub mod fault;
@@ -11,6 +12,7 @@ mod tracker;
 mod unreadable;
 
 use std::{
+    collections::HashSet,
     hash::{Hash, Hasher},
     sync::Arc,
     time::{Duration, Instant},
@@ -34,10 +36,11 @@ use crate::{
     handlers::{Event, Failure, Handler, integration::Integrations},
     publish::{self, Publisher},
     schema::{self, Registry},
-    store::{Durable, ExpiringStore},
+    store::{Durable, ExpiringStore, now_ms},
     telemetry,
     topics::{self, TopicSpec},
 };
+use changelog::Changelog;
 use definition::AgentDefinition;
 use tracker::Tracker;
 
@@ -54,6 +57,9 @@ pub enum Error {
     /// events without it.
     #[error(transparent)]
     Store(#[from] crate::store::Error),
+    /// The dedup changelog could not be created or restored.
+    #[error(transparent)]
+    Changelog(#[from] changelog::Error),
     /// The handler could not be built.
     #[error("handler: {0}")]
     Handler(String),
@@ -124,6 +130,13 @@ pub mod outcome {
     pub const DROPPED: &str = "dropped";
 }
 
+/// How long the restore of newly assigned changelog partitions may take before the agent
+/// fails (rather than handle their events without their dedup records). Below librdkafka's
+/// `max.poll.interval.ms` (5 min), past which the group would drop the process anyway.
+const RESTORE_DEADLINE: Duration = Duration::from_secs(120);
+/// How often acknowledged changelog offsets move the local checkpoints.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
 /// Records a lane holds before the loop waits for it.
 const LANE_CAPACITY: usize = 256;
 /// How long the loop waits for a full lane before pausing the record's partition.
@@ -151,6 +164,9 @@ struct Shared {
     publisher: Arc<Publisher>,
     dedup: ExpiringStore,
     dedup_ttl: Duration,
+    changelog: Arc<Changelog>,
+    /// Partitions assigned and restored, and the checkpoints to write.
+    partitions: Arc<std::sync::Mutex<Assignment>>,
     handler: Handler,
     tracker: Arc<Tracker>,
     consumer: Arc<StreamConsumer<AgentContext>>,
@@ -173,10 +189,42 @@ impl Shared {
 }
 
 /// Rebalances: before partitions are taken away, the events in flight on them finish and
-/// their offsets are committed, so the next owner neither loses nor repeats them.
+/// their offsets are committed, so the next owner neither loses nor repeats them. After an
+/// assignment, the changelog partitions to restore and to drop are noted for the agent's
+/// loop, which does both before it hands the next event on (librdkafka's callback is not
+/// held up by a restore).
 struct AgentContext {
     tracker: Arc<Tracker>,
     grace: Duration,
+    changelog: Arc<Changelog>,
+    partitions: Arc<std::sync::Mutex<Assignment>>,
+    /// Wakes the loop when there is changelog work.
+    changed: Arc<tokio::sync::Notify>,
+}
+
+/// The input partitions assigned and what follows for the changelog.
+#[derive(Default)]
+struct Assignment {
+    /// The input partitions of the last assignment.
+    assigned: HashSet<(String, i32)>,
+    /// Their changelog partitions.
+    held: HashSet<i32>,
+    /// Changelog partitions this process alone writes (it holds every input partition that
+    /// maps to them): its acknowledged records move their checkpoints.
+    sole: HashSet<i32>,
+    /// The highest acknowledged offset of each sole partition, not yet checkpointed.
+    acked: std::collections::HashMap<i32, i64>,
+    /// Changelog partitions no longer held, to drop locally.
+    to_drop: HashSet<i32>,
+    /// Changelog partitions to restore before the next event is handled.
+    to_restore: HashSet<i32>,
+}
+
+impl Assignment {
+    /// Whether the loop has changelog work to do.
+    fn has_work(&self) -> bool {
+        !self.to_drop.is_empty() || !self.to_restore.is_empty()
+    }
 }
 
 impl ClientContext for AgentContext {}
@@ -203,6 +251,53 @@ impl ConsumerContext for AgentContext {
                 tracing::debug!(error = %e, "commit at revoke");
             }
             self.tracker.forget(&revoked);
+            // Nothing is checkpointed until the next assignment says what is still held.
+            let mut partitions = self.partitions.lock().expect("not poisoned");
+            partitions.sole.clear();
+            partitions.acked.clear();
+        }
+    }
+
+    fn post_rebalance(
+        &self,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
+        let Rebalance::Assign(assigned) = rebalance else {
+            return;
+        };
+        let new: HashSet<(String, i32)> = assigned
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_string(), e.partition()))
+            .collect();
+        let mut partitions = self.partitions.lock().expect("not poisoned");
+        let held: HashSet<i32> = new
+            .iter()
+            .map(|(_, p)| self.changelog.partition_of(*p))
+            .collect();
+        // An input partition not held before brings records written elsewhere: its
+        // changelog partition is restored (from the local checkpoint on).
+        let restore: HashSet<i32> = new
+            .difference(&partitions.assigned)
+            .map(|(_, p)| self.changelog.partition_of(*p))
+            .collect();
+        let dropped: Vec<i32> = partitions.held.difference(&held).copied().collect();
+        for p in &dropped {
+            partitions.to_restore.remove(p);
+            partitions.to_drop.insert(*p);
+        }
+        partitions.to_restore.extend(restore);
+        partitions.sole = held
+            .iter()
+            .copied()
+            .filter(|p| self.changelog.sole_writer(*p, &new))
+            .collect();
+        partitions.acked.clear();
+        partitions.assigned = new;
+        partitions.held = held;
+        if partitions.has_work() {
+            self.changed.notify_one();
         }
     }
 }
@@ -254,11 +349,27 @@ pub async fn run_agent(
     topics.push(agent.replay_topic(&prefix));
 
     let dedup = ExpiringStore::open(&settings.data_dir.join("dedup").join(&agent.name))?;
+    let changelog = Arc::new(
+        Changelog::open(
+            &settings.kafka,
+            &agent.name,
+            &topics,
+            settings.partitions,
+            settings.replication,
+            settings.dedup_ttl,
+        )
+        .await?,
+    );
+    let partitions = Arc::new(std::sync::Mutex::new(Assignment::default()));
+    let changed = Arc::new(tokio::sync::Notify::new());
     let tracker = Arc::new(Tracker::default());
     let consumer: StreamConsumer<AgentContext> = consumer_config(&settings, &agent)
         .create_with_context(AgentContext {
             tracker: tracker.clone(),
             grace: settings.grace,
+            changelog: changelog.clone(),
+            partitions: partitions.clone(),
+            changed: changed.clone(),
         })?;
     let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topic_refs)?;
@@ -272,6 +383,8 @@ pub async fn run_agent(
         publisher,
         dedup,
         dedup_ttl: settings.dedup_ttl,
+        changelog,
+        partitions,
         handler,
         tracker: tracker.clone(),
         consumer: consumer.clone(),
@@ -295,6 +408,7 @@ pub async fn run_agent(
     }
     let retry_topic = shared.agent.retry_topic(&prefix);
     lane_tasks.spawn(sweep_dedup(shared.clone(), stop.clone()));
+    lane_tasks.spawn(checkpoint_own_records(shared.clone(), stop.clone()));
     let mut unreadable = unreadable::Prober::new(&settings, &shared.agent.name);
 
     loop {
@@ -309,8 +423,23 @@ pub async fn run_agent(
                 }
                 break;
             }
+            _ = changed.notified() => {
+                if let Err(why) = follow_assignment(&shared).await {
+                    shared.fail(why);
+                    break;
+                }
+                continue;
+            }
             m = consumer.recv() => m,
         };
+        // The assignment that brought this record may have come with it (the rebalance
+        // callback runs inside `recv`): its changelog partitions are restored first.
+        if shared.partitions.lock().expect("not poisoned").has_work()
+            && let Err(why) = follow_assignment(&shared).await
+        {
+            shared.fail(why);
+            break;
+        }
         let message = match message {
             Ok(m) => m.detach(),
             Err(e) => {
@@ -414,6 +543,8 @@ pub async fn run_agent(
         shared.fail("a lane stopped taking events".into());
     }
     let failure = shared.failure.lock().expect("not poisoned").take();
+    // Checkpoints of what was acknowledged, kept for a fast restart.
+    write_checkpoints(&shared).await;
     // Every dedup record handed over is on disk after this flush; the completions waiting
     // for it then store their offsets, and the final commit takes them along.
     let flushed = shared.dedup.flush().await;
@@ -458,6 +589,62 @@ pub fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
             .downcast_ref::<&str>()
             .map(|text| text.to_string())
             .unwrap_or_else(|| "a panic without a message".into()),
+    }
+}
+
+/// Drops the changelog partitions no longer held and restores the newly assigned ones;
+/// the cause when the agent cannot go on.
+async fn follow_assignment(shared: &Shared) -> Result<(), String> {
+    let (to_drop, to_restore) = {
+        let mut partitions = shared.partitions.lock().expect("not poisoned");
+        (
+            std::mem::take(&mut partitions.to_drop),
+            std::mem::take(&mut partitions.to_restore),
+        )
+    };
+    let group = &shared.agent.name;
+    for p in to_drop {
+        let dropped = shared
+            .dedup
+            .drop_partition(p)
+            .await
+            .map_err(|e| format!("dedup store failed dropping a revoked partition: {e}"))?;
+        tracing::info!(agent = %group, partition = p, records = dropped, "dropped the dedup records of a revoked changelog partition");
+    }
+    let mut restore: Vec<i32> = to_restore.into_iter().collect();
+    restore.sort();
+    shared
+        .changelog
+        .restore(&shared.dedup, &restore, RESTORE_DEADLINE)
+        .await
+        .map_err(|e| format!("the agent stops rather than handle events without their dedup records: {e}"))?;
+    metrics::gauge!(telemetry::DEDUP_KEYS, "group" => group.clone()).set(shared.dedup.len() as f64);
+    Ok(())
+}
+
+/// Moves the checkpoints of the changelog partitions this process alone writes up to its
+/// acknowledged records, once a second.
+async fn checkpoint_own_records(shared: Arc<Shared>, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(CHECKPOINT_EVERY) => {}
+        }
+        write_checkpoints(&shared).await;
+    }
+}
+
+/// Hands the acknowledged offsets to the store as checkpoints. Safe because a record's
+/// key is handed to the store before the record is sent, the producer keeps the order of a
+/// partition's records, and the store applies writes in the order it got them: once a
+/// checkpoint c is on disk, so is every record this process wrote up to c. Nothing waits
+/// for it: a checkpoint lost in a crash only means a longer restore.
+async fn write_checkpoints(shared: &Shared) {
+    let acked = std::mem::take(&mut shared.partitions.lock().expect("not poisoned").acked);
+    for (p, offset) in acked {
+        if let Err(e) = shared.dedup.put_partitioned(p, Vec::new(), Some(offset)).await {
+            tracing::warn!(agent = %shared.agent.name, error = %e, "dedup checkpoint");
+        }
     }
 }
 
@@ -535,7 +722,16 @@ async fn run_lane(shared: Arc<Shared>, mut work: mpsc::Receiver<Work>, cancel: C
     // it is written, but not the one after, so that when the store fails at most two events
     // of a lane were handled without a record (they come again after a restart).
     let mut previous: Option<tokio::task::JoinHandle<()>> = None;
-    while let Some(w) = work.recv().await {
+    loop {
+        let Some(w) = work.recv().await else {
+            // The last record's recording ends within the shutdown's grace.
+            if let Some(recording) = previous.take()
+                && let Some(why) = recording_failure(recording.await)
+            {
+                shared.fail(why);
+            }
+            break;
+        };
         if let Some(recording) = previous.take()
             && let Some(why) = recording_failure(recording.await)
         {
@@ -563,15 +759,13 @@ async fn run_lane(shared: Arc<Shared>, mut work: mpsc::Receiver<Work>, cancel: C
             Outcome::GivenBack => break,
             // The offset is stored once the dedup record is on disk, so a committed offset
             // never runs ahead of what the dedup store knows.
-            Outcome::Handled(durable) => {
+            Outcome::Handled(recording) => {
                 let shared = shared.clone();
+                let cancel = cancel.clone();
                 previous = Some(tokio::spawn(async move {
-                    match durable.wait().await {
-                        Ok(()) => finish(&shared, &topic, partition, offset),
-                        Err(e) => shared.fail(format!(
-                            "dedup store unwritable: the agent stops taking events (they stay unconsumed): {e}"
-                        )),
-                    }
+                    recording
+                        .complete(&shared, &topic, partition, offset, &cancel)
+                        .await
                 }));
             }
         }
@@ -588,13 +782,74 @@ fn finish(shared: &Shared, topic: &str, partition: i32, offset: i64) {
     }
 }
 
+/// A handled event's dedup record on its way to both places.
+struct Recording {
+    /// The local write.
+    durable: Durable,
+    /// The changelog write, when it could be sent at once.
+    delivery: Option<rdkafka::producer::DeliveryFuture>,
+    key: String,
+    expires_ms: u64,
+}
+
+impl Recording {
+    /// Waits until the record is durable in both places, then marks the offset final.
+    ///
+    /// The order, and why it is safe: (1) the handler succeeded; (2) the key is handed to
+    /// the local store (`put_partitioned`, which `get` sees at once) and then the record is
+    /// sent to the changelog (idempotent, acks=all); (3) the local write is flushed and (4)
+    /// the changelog acknowledges; only then (5) the offset is stored, and committed later.
+    /// So a committed offset never runs ahead of a record that is not on disk here and on
+    /// every in-sync replica: whoever gets the partition next (this process after a restart
+    /// from its disk, another one from the changelog) skips every event before that offset
+    /// and every one after it that was recorded. A crash between (1) and (5) delivers the
+    /// event again; if its record made it to either place the repeat is skipped, else it is
+    /// handled again: at least once, never lost.
+    async fn complete(
+        self,
+        shared: &Shared,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        cancel: &CancellationToken,
+    ) {
+        if let Err(e) = self.durable.wait().await {
+            shared.fail(format!(
+                "dedup store unwritable: the agent stops taking events (they stay unconsumed): {e}"
+            ));
+            return;
+        }
+        // Stopping before the acknowledgement: the offset stays unstored.
+        let Some((changelog_partition, changelog_offset)) = shared
+            .changelog
+            .record(
+                &self.key,
+                topic,
+                partition,
+                self.expires_ms,
+                self.delivery,
+                cancel,
+            )
+            .await
+        else {
+            return;
+        };
+        finish(shared, topic, partition, offset);
+        let mut partitions = shared.partitions.lock().expect("not poisoned");
+        if partitions.sole.contains(&changelog_partition) {
+            let acked = partitions.acked.entry(changelog_partition).or_insert(-1);
+            *acked = (*acked).max(changelog_offset);
+        }
+    }
+}
+
 /// What became of a record.
 #[must_use]
 enum Outcome {
     /// Final (skipped, duplicate, expired, moved to the retry or dead-letter topic).
     Final,
-    /// Handled; final once its dedup record is on disk.
-    Handled(Durable),
+    /// Handled; final once its dedup record is durable here and in the changelog.
+    Handled(Recording),
     /// The agent is stopping: not handled, to be delivered again.
     GivenBack,
 }
@@ -690,9 +945,17 @@ async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) -> Outcom
             .record(started.elapsed().as_secs_f64());
         let failure = match result {
             Ok(()) => {
+                let expires_ms = now_ms() + shared.dedup_ttl.as_millis() as u64;
+                let changelog_partition = shared.changelog.partition_of(message.partition());
+                // The local write is handed over before the changelog record is sent: the
+                // checkpoints rely on that order (see `write_checkpoints`).
                 let durable = match shared
                     .dedup
-                    .put_nowait(vec![(dedup_key.clone(), Vec::new())], shared.dedup_ttl)
+                    .put_partitioned(
+                        changelog_partition,
+                        vec![(dedup_key.clone(), expires_ms)],
+                        None,
+                    )
                     .await
                 {
                     Ok(durable) => durable,
@@ -701,10 +964,20 @@ async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) -> Outcom
                         return Outcome::GivenBack;
                     }
                 };
+                // A send refused at once (queue full) is sent again while recording.
+                let delivery = shared
+                    .changelog
+                    .send(&dedup_key, message.topic(), message.partition(), expires_ms)
+                    .ok();
                 metrics::gauge!(telemetry::DEDUP_KEYS, "group" => group.clone())
                     .set(shared.dedup.len() as f64);
                 count(&event.event_type, outcome::PROCESSED);
-                return Outcome::Handled(durable);
+                return Outcome::Handled(Recording {
+                    durable,
+                    delivery,
+                    key: dedup_key,
+                    expires_ms,
+                });
             }
             Err(f) => f,
         };
