@@ -194,6 +194,9 @@ impl Changelog {
                 ("enable.auto.offset.store", "false".into()),
                 // The end of each partition is how a restore knows it is done.
                 ("enable.partition.eof", "true".into()),
+                // At a partition's end the broker would hold the fetch this long (500 ms by
+                // default) before answering "nothing more": the restore waits for that.
+                ("fetch.wait.max.ms", "20".into()),
             ])
             .clone();
         Ok(Changelog {
@@ -303,7 +306,7 @@ impl Changelog {
             return Ok(());
         }
         let started = Instant::now();
-        let consumer: StreamConsumer = self.restore_config.create()?;
+        let consumer: StreamConsumer<Quiet> = self.restore_config.create_with_context(Quiet)?;
         let mut checkpoints = HashMap::new();
         for &p in partitions {
             checkpoints.insert(p, store.checkpoint(p)?);
@@ -401,6 +404,20 @@ impl Changelog {
         Ok(())
     }
 }
+
+/// The restore consumer's context: the end of a partition is what it waits for, not an
+/// error to log (librdkafka reports it through the error callback too).
+struct Quiet;
+
+impl rdkafka::ClientContext for Quiet {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::warn!(error = %error, reason, "dedup changelog restore consumer");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for Quiet {}
 
 /// One partition's restore.
 struct Restoring {
