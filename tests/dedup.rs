@@ -137,6 +137,9 @@ async fn a_new_process_restores_a_partitions_records_and_skips_its_handled_event
         second.log()
     );
     let log = second.log();
+    for line in log.lines().filter(|l| l.contains("restored dedup records")) {
+        eprintln!("{line}");
+    }
     assert!(
         log.lines()
             .filter(|l| l.contains("restored dedup records"))
