@@ -447,7 +447,8 @@ impl Writer {
             index.extend_from_slice(&expires.to_be_bytes());
             index.extend_from_slice(key.as_bytes());
             self.by_expiry.insert(index, &[])?;
-            self.by_partition.insert(partition_index(partition, key.as_bytes()), &[])?;
+            self.by_partition
+                .insert(partition_index(partition, key.as_bytes()), &[])?;
         }
         if let Some(offset) = checkpoint {
             let current = self

@@ -8,8 +8,9 @@ mod common;
 use std::{collections::HashSet, time::Duration};
 
 use common::{
-    Options, brokers, committed_offsets,
+    Options,
     agents::{Receiver, agent_file, create_topic, wait_for_stable_group},
+    brokers, committed_offsets,
     dedup::{AgentProcess, Spawn, wait_for_records, wait_handled},
     read_records, spawn, unique_prefix,
 };

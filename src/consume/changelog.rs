@@ -174,7 +174,13 @@ impl Changelog {
                     });
                 }
             }
-            tracing::info!(agent = group, topic, from = existing, to = partitions, "grew the dedup changelog");
+            tracing::info!(
+                agent = group,
+                topic,
+                from = existing,
+                to = partitions,
+                "grew the dedup changelog"
+            );
         }
         let producer = kafka
             .client_config_with(&[
@@ -314,8 +320,11 @@ impl Changelog {
         let since = now_ms().saturating_sub(self.window.as_millis() as u64) as i64;
         let ranges = {
             // Metadata calls block: off the runtime's threads.
-            let (config, topic, partitions) =
-                (self.restore_config.clone(), self.topic.clone(), partitions.to_vec());
+            let (config, topic, partitions) = (
+                self.restore_config.clone(),
+                self.topic.clone(),
+                partitions.to_vec(),
+            );
             tokio::task::spawn_blocking(move || ranges(&config, &topic, &partitions, since))
                 .await
                 .expect("offset calls do not panic")?
@@ -349,8 +358,11 @@ impl Changelog {
             let next = tokio::time::timeout_at(give_up, consumer.recv()).await;
             let message = match next {
                 Err(_) => {
-                    let mut left: Vec<i32> =
-                        state.iter().filter(|(_, s)| !s.done).map(|(p, _)| *p).collect();
+                    let mut left: Vec<i32> = state
+                        .iter()
+                        .filter(|(_, s)| !s.done)
+                        .map(|(p, _)| *p)
+                        .collect();
                     left.sort();
                     return Err(Error::RestoreDeadline {
                         topic: self.topic.clone(),
@@ -463,13 +475,16 @@ impl Restoring {
     }
 }
 
+/// A partition and the offsets to restore: from the first of the window to the end.
+type Range = (i32, (i64, i64));
+
 /// Per partition: the first offset of the window (from `since`, ms) and the end.
 fn ranges(
     config: &ClientConfig,
     topic: &str,
     partitions: &[i32],
     since: i64,
-) -> Result<Vec<(i32, (i64, i64))>, KafkaError> {
+) -> Result<Vec<Range>, KafkaError> {
     let consumer: BaseConsumer = config.create()?;
     let mut times = TopicPartitionList::new();
     for &p in partitions {

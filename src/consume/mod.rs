@@ -617,7 +617,9 @@ async fn follow_assignment(shared: &Shared) -> Result<(), String> {
         .changelog
         .restore(&shared.dedup, &restore, RESTORE_DEADLINE)
         .await
-        .map_err(|e| format!("the agent stops rather than handle events without their dedup records: {e}"))?;
+        .map_err(|e| {
+            format!("the agent stops rather than handle events without their dedup records: {e}")
+        })?;
     metrics::gauge!(telemetry::DEDUP_KEYS, "group" => group.clone()).set(shared.dedup.len() as f64);
     Ok(())
 }
@@ -642,7 +644,11 @@ async fn checkpoint_own_records(shared: Arc<Shared>, cancel: CancellationToken) 
 async fn write_checkpoints(shared: &Shared) {
     let acked = std::mem::take(&mut shared.partitions.lock().expect("not poisoned").acked);
     for (p, offset) in acked {
-        if let Err(e) = shared.dedup.put_partitioned(p, Vec::new(), Some(offset)).await {
+        if let Err(e) = shared
+            .dedup
+            .put_partitioned(p, Vec::new(), Some(offset))
+            .await
+        {
             tracing::warn!(agent = %shared.agent.name, error = %e, "dedup checkpoint");
         }
     }
