@@ -3,9 +3,10 @@
 //! Both the publish idempotency store and the agents' dedup stores are built on it.
 //!
 //! An agent's dedup store also keeps its keys by partition (the changelog partition of the
-//! dedup changelog, see `crate::consume::changelog`): an index `partition ‖ key` lets a
-//! revoked partition's keys be dropped at once, and a checkpoint per partition ("restored
-//! through changelog offset c") lets a restart restore only what is newer.
+//! dedup changelog, see `crate::consume::changelog`): their index is ordered by
+//! `partition ‖ expiry ‖ key` instead, so that one index serves both a revoked partition's
+//! drop (a prefix) and the sweep (a range per partition), and a checkpoint per partition
+//! ("restored through changelog offset c") lets a restart restore only what is newer.
 //!
 //! Every write goes through one writer thread that applies what has queued up and then
 //! flushes once for all of it (group commit): a write returns only once it is on disk. Besides
@@ -443,12 +444,9 @@ impl Writer {
             if self.entries.insert(key.as_bytes(), stored)?.is_none() {
                 self.count.fetch_add(1, Ordering::Relaxed);
             }
-            let mut index = Vec::with_capacity(8 + key.len());
-            index.extend_from_slice(&expires.to_be_bytes());
-            index.extend_from_slice(key.as_bytes());
-            self.by_expiry.insert(index, &[])?;
+            // One index for the drop and the sweep: a sled insert is most of a key's cost.
             self.by_partition
-                .insert(partition_index(partition, key.as_bytes()), &[])?;
+                .insert(partition_index(&p, *expires, key.as_bytes()), &[])?;
         }
         if let Some(offset) = checkpoint {
             let current = self
@@ -467,7 +465,7 @@ impl Writer {
         let mut removed = 0;
         for entry in self.by_partition.scan_prefix(p) {
             let (index_key, _) = entry?;
-            let key = &index_key[4..];
+            let key = &index_key[12..];
             // Written again since under another partition: that partition's now.
             if let Some(raw) = self.entries.get(key)?
                 && raw.get(8..) == Some(&p[..])
@@ -498,28 +496,54 @@ impl Writer {
                 if expires <= now {
                     self.entries.remove(key)?;
                     removed += 1;
-                    // A partitioned entry's value is its partition: its index entry goes too.
-                    // (For another store's 4-byte value the removal finds nothing.)
-                    if let Some(p) = raw.get(8..).filter(|v| v.len() == 4) {
-                        self.by_partition.remove(partition_index_raw(p, key))?;
-                    }
                 }
             }
             self.by_expiry.remove(index_key)?;
+        }
+        // Partitioned keys: per partition, the index range up to now.
+        let mut next = self.by_partition.first()?;
+        while let Some((first, _)) = next {
+            let p: [u8; 4] = first[..4]
+                .try_into()
+                .expect("index keys start with 4 bytes");
+            let upto = partition_index(&p, now, &[]);
+            for entry in self.by_partition.range(first.to_vec()..upto) {
+                let (index_key, _) = entry?;
+                let key = &index_key[12..];
+                // Written again since (a later expiry, or another partition): kept then.
+                if let Some(raw) = self.entries.get(key)?
+                    && raw.get(8..) == Some(&p[..])
+                    && raw
+                        .get(..8)
+                        .and_then(|b| b.try_into().ok())
+                        .map(u64::from_be_bytes)
+                        <= Some(now)
+                {
+                    self.entries.remove(key)?;
+                    removed += 1;
+                }
+                self.by_partition.remove(index_key)?;
+            }
+            // On to the next partition.
+            next = match u32::from_be_bytes(p).checked_add(1) {
+                Some(after) => self
+                    .by_partition
+                    .range(after.to_be_bytes().to_vec()..)
+                    .next()
+                    .transpose()?,
+                None => None,
+            };
         }
         self.count.fetch_sub(removed as i64, Ordering::Relaxed);
         Ok(removed)
     }
 }
 
-/// The `by_partition` index key of `key` in `partition`.
-fn partition_index(partition: i32, key: &[u8]) -> Vec<u8> {
-    partition_index_raw(&partition.to_be_bytes(), key)
-}
-
-fn partition_index_raw(partition: &[u8], key: &[u8]) -> Vec<u8> {
-    let mut index = Vec::with_capacity(4 + key.len());
+/// The `by_partition` index key of `key` in `partition`, expiring at `expires`.
+fn partition_index(partition: &[u8; 4], expires: u64, key: &[u8]) -> Vec<u8> {
+    let mut index = Vec::with_capacity(12 + key.len());
     index.extend_from_slice(partition);
+    index.extend_from_slice(&expires.to_be_bytes());
     index.extend_from_slice(key);
     index
 }
@@ -641,18 +665,33 @@ mod tests {
     async fn an_expired_partitioned_key_is_swept_with_its_index_entry() {
         let dir = tempfile::tempdir().unwrap();
         let store = ExpiringStore::open(dir.path()).unwrap();
-        store
-            .put_partitioned(2, vec![("gone".into(), now_ms() + 30)], Some(1))
-            .await
-            .unwrap()
-            .wait()
-            .await
-            .unwrap();
+        let soon = now_ms() + 30;
+        let later = now_ms() + 3_600_000;
+        for (p, keys) in [
+            (
+                2,
+                vec![("gone".to_string(), soon), ("stays".to_string(), later)],
+            ),
+            (5, vec![("gone too".to_string(), soon)]),
+            (7, vec![("stays too".to_string(), later)]),
+        ] {
+            store
+                .put_partitioned(p, keys, Some(1))
+                .await
+                .unwrap()
+                .wait()
+                .await
+                .unwrap();
+        }
         tokio::time::sleep(Duration::from_millis(60)).await;
         assert_eq!(store.get("gone").unwrap(), None);
-        assert_eq!(store.sweep().await.unwrap(), 1);
-        // Nothing of it is left for a drop to find.
-        assert_eq!(store.drop_partition(2).await.unwrap(), 0);
+        assert_eq!(store.sweep().await.unwrap(), 2);
+        assert_eq!(store.len(), 2);
+        assert!(store.get("stays").unwrap().is_some());
+        // Nothing of the swept keys is left for a drop to find.
+        assert_eq!(store.drop_partition(5).await.unwrap(), 0);
+        assert_eq!(store.drop_partition(2).await.unwrap(), 1);
+        assert_eq!(store.drop_partition(7).await.unwrap(), 1);
         assert!(store.is_empty());
     }
 }
