@@ -194,6 +194,10 @@ impl Changelog {
                 // few of them; starting an LZ4 frame (a 64 KiB table, zeroed) for each batch
                 // cost more instructions than the rest of an event's recording.
                 ("compression.type", "none".into()),
+                // One attempt's bound (librdkafka's default is 5 minutes): a record not
+                // acknowledged by then is sent again by `Changelog::record`, and a lane
+                // draining at shutdown is not held past its grace by one delivery.
+                ("message.timeout.ms", "30000".into()),
             ])
             .create()?;
         let restore_config = kafka
