@@ -180,6 +180,23 @@ async fn a_third_process_added_to_a_running_agent_of_two_takes_partitions_over()
         !each[2].is_empty(),
         "the third process handles events once it joined"
     );
+    // The partition that moved to it was dropped where it was before (records and all).
+    let dropped: Vec<String> = processes[..2]
+        .iter()
+        .flat_map(|p| {
+            p.log()
+                .lines()
+                .filter(|l| {
+                    l.contains("dropped the dedup records of a revoked changelog partition")
+                })
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(
+        dropped.iter().any(|l| !l.contains("records=0")),
+        "a revoked partition's records were dropped: {dropped:?}"
+    );
     let mut all: Vec<&String> = each.iter().flatten().collect();
     let count = all.len();
     all.sort();
