@@ -2,6 +2,12 @@
 //! index ordered by expiry time, so a sweep costs what it removes, not the size of the store.
 //! Both the publish idempotency store and the agents' dedup stores are built on it.
 //!
+//! An agent's dedup store also keeps its keys by partition (the changelog partition of the
+//! dedup changelog, see `crate::consume::changelog`): their index is ordered by
+//! `partition ‖ expiry ‖ key` instead, so that one index serves both a revoked partition's
+//! drop (a prefix) and the sweep (a range per partition), and a checkpoint per partition
+//! ("restored through changelog offset c") lets a restart restore only what is newer.
+//!
 //! Every write goes through one writer thread that applies what has queued up and then
 //! flushes once for all of it (group commit): a write returns only once it is on disk. Besides
 //! being fast, this keeps sled 0.34 away from concurrent flushes racing writers, which
@@ -54,6 +60,8 @@ pub struct ExpiringStore {
     entries: sled::Tree,
     /// Written but not yet applied by the writer: `get` sees them at once.
     pending: Pending,
+    /// Per partition: the changelog offset through which this store holds its records.
+    checkpoints: sled::Tree,
     count: Arc<AtomicI64>,
     writer: mpsc::Sender<Job>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -66,6 +74,18 @@ enum Job {
     Put {
         records: Vec<(String, Vec<u8>)>,
         expires: u64,
+        reply: oneshot::Sender<Result<usize, String>>,
+    },
+    /// Keys of one partition, each with its own expiry (ms since the epoch), and the
+    /// partition's new checkpoint once they are in.
+    PutPartitioned {
+        partition: i32,
+        keys: Vec<(String, u64)>,
+        checkpoint: Option<i64>,
+        reply: oneshot::Sender<Result<usize, String>>,
+    },
+    DropPartition {
+        partition: i32,
         reply: oneshot::Sender<Result<usize, String>>,
     },
     Sweep {
@@ -99,6 +119,8 @@ impl ExpiringStore {
             .map_err(sled_error)?;
         let entries = db.open_tree("entries").map_err(sled_error)?;
         let by_expiry = db.open_tree("entries_by_expiry").map_err(sled_error)?;
+        let by_partition = db.open_tree("entries_by_partition").map_err(sled_error)?;
+        let checkpoints = db.open_tree("checkpoints").map_err(sled_error)?;
         let count = Arc::new(AtomicI64::new(entries.len() as i64));
         let (writer, jobs) = mpsc::channel(4096);
         let pending = Pending::default();
@@ -109,6 +131,8 @@ impl ExpiringStore {
             db,
             entries: entries.clone(),
             by_expiry,
+            by_partition,
+            checkpoints: checkpoints.clone(),
             count: count.clone(),
             pending: pending.clone(),
         };
@@ -121,6 +145,7 @@ impl ExpiringStore {
             broken,
             entries,
             pending,
+            checkpoints,
             count,
             writer,
             writer_thread: Mutex::new(Some(thread)),
@@ -208,6 +233,61 @@ impl ExpiringStore {
         }
     }
 
+    /// Hands keys of changelog partition `partition` to the writer, each to expire at its
+    /// own time (ms since the epoch), and, once they are in, raises the partition's
+    /// checkpoint to `checkpoint` (never lowers it). Returns as soon as the writer has them;
+    /// the [`Durable`] resolves once keys and checkpoint are on disk. The writer applies jobs
+    /// in the order they were handed over, so a checkpoint handed over later than a key is
+    /// never on disk without it. The value read back by [`ExpiringStore::get`] is the
+    /// partition (4 bytes, big-endian).
+    pub async fn put_partitioned(
+        &self,
+        partition: i32,
+        keys: Vec<(String, u64)>,
+        checkpoint: Option<i64>,
+    ) -> Result<Durable, Error> {
+        self.check()?;
+        {
+            let mut pending = self.pending.lock().expect("not poisoned");
+            for (key, _) in &keys {
+                pending.insert(key.clone(), partition.to_be_bytes().to_vec());
+            }
+        }
+        let (reply, done) = oneshot::channel();
+        self.writer
+            .send(Job::PutPartitioned {
+                partition,
+                keys,
+                checkpoint,
+                reply,
+            })
+            .await
+            .map_err(|_| Error::Write("the writer thread stopped".into()))?;
+        Ok(Durable(done))
+    }
+
+    /// The changelog offset through which partition `partition`'s records are held (as
+    /// written by [`ExpiringStore::put_partitioned`]), if any.
+    pub fn checkpoint(&self, partition: i32) -> Result<Option<i64>, Error> {
+        self.check()?;
+        let raw = self
+            .checkpoints
+            .get(partition.to_be_bytes())
+            .map_err(|source| Error::Sled {
+                path: self.path.clone(),
+                source,
+            })?;
+        Ok(raw.and_then(|raw| Some(i64::from_be_bytes(raw.as_ref().try_into().ok()?))))
+    }
+
+    /// Drops every key of partition `partition` (those written since under another partition
+    /// stay) and its checkpoint; returns how many keys went. Durable on return.
+    pub async fn drop_partition(&self, partition: i32) -> Result<usize, Error> {
+        self.check()?;
+        self.run(|reply| Job::DropPartition { partition, reply })
+            .await
+    }
+
     /// Removes expired entries; returns how many.
     pub async fn sweep(&self) -> Result<usize, Error> {
         self.run(|reply| Job::Sweep { reply }).await
@@ -262,6 +342,8 @@ struct Writer {
     db: sled::Db,
     entries: sled::Tree,
     by_expiry: sled::Tree,
+    by_partition: sled::Tree,
+    checkpoints: sled::Tree,
     count: Arc<AtomicI64>,
     pending: Pending,
 }
@@ -290,6 +372,22 @@ impl Writer {
                         }
                         applied
                     }
+                    Job::PutPartitioned {
+                        partition,
+                        keys,
+                        checkpoint,
+                        ..
+                    } => {
+                        let applied = self
+                            .put_partitioned(*partition, keys, *checkpoint)
+                            .map(|()| keys.len());
+                        let mut pending = self.pending.lock().expect("not poisoned");
+                        for (key, _) in keys {
+                            pending.remove(key);
+                        }
+                        applied
+                    }
+                    Job::DropPartition { partition, .. } => self.drop_partition(*partition),
                     Job::Sweep { .. } => self.sweep(),
                     Job::Flush { .. } => Ok(0),
                 };
@@ -305,7 +403,11 @@ impl Writer {
                 let _ = self.broken.set(format!("{}: {why}", self.path));
             }
             for (job, outcome) in applied {
-                let (Job::Put { reply, .. } | Job::Sweep { reply } | Job::Flush { reply }) = job;
+                let (Job::Put { reply, .. }
+                | Job::PutPartitioned { reply, .. }
+                | Job::DropPartition { reply, .. }
+                | Job::Sweep { reply }
+                | Job::Flush { reply }) = job;
                 // A requester that went away no longer needs the answer.
                 let _ = reply.send(flushed.clone().and(outcome));
             }
@@ -328,6 +430,56 @@ impl Writer {
         Ok(())
     }
 
+    fn put_partitioned(
+        &self,
+        partition: i32,
+        keys: &[(String, u64)],
+        checkpoint: Option<i64>,
+    ) -> Result<(), sled::Error> {
+        let p = partition.to_be_bytes();
+        for (key, expires) in keys {
+            let mut stored = Vec::with_capacity(12);
+            stored.extend_from_slice(&expires.to_be_bytes());
+            stored.extend_from_slice(&p);
+            if self.entries.insert(key.as_bytes(), stored)?.is_none() {
+                self.count.fetch_add(1, Ordering::Relaxed);
+            }
+            // One index for the drop and the sweep: a sled insert is most of a key's cost.
+            self.by_partition
+                .insert(partition_index(&p, *expires, key.as_bytes()), &[])?;
+        }
+        if let Some(offset) = checkpoint {
+            let current = self
+                .checkpoints
+                .get(p)?
+                .and_then(|raw| Some(i64::from_be_bytes(raw.as_ref().try_into().ok()?)));
+            if current.is_none_or(|c| c < offset) {
+                self.checkpoints.insert(p, &offset.to_be_bytes())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn drop_partition(&self, partition: i32) -> Result<usize, sled::Error> {
+        let p = partition.to_be_bytes();
+        let mut removed = 0;
+        for entry in self.by_partition.scan_prefix(p) {
+            let (index_key, _) = entry?;
+            let key = &index_key[12..];
+            // Written again since under another partition: that partition's now.
+            if let Some(raw) = self.entries.get(key)?
+                && raw.get(8..) == Some(&p[..])
+            {
+                self.entries.remove(key)?;
+                removed += 1;
+            }
+            self.by_partition.remove(index_key)?;
+        }
+        self.checkpoints.remove(p)?;
+        self.count.fetch_sub(removed as i64, Ordering::Relaxed);
+        Ok(removed)
+    }
+
     fn sweep(&self) -> Result<usize, sled::Error> {
         let now = now_ms();
         let mut removed = 0;
@@ -348,9 +500,52 @@ impl Writer {
             }
             self.by_expiry.remove(index_key)?;
         }
+        // Partitioned keys: per partition, the index range up to now.
+        let mut next = self.by_partition.first()?;
+        while let Some((first, _)) = next {
+            let p: [u8; 4] = first[..4]
+                .try_into()
+                .expect("index keys start with 4 bytes");
+            let upto = partition_index(&p, now, &[]);
+            for entry in self.by_partition.range(first.to_vec()..upto) {
+                let (index_key, _) = entry?;
+                let key = &index_key[12..];
+                // Written again since (a later expiry, or another partition): kept then.
+                if let Some(raw) = self.entries.get(key)?
+                    && raw.get(8..) == Some(&p[..])
+                    && raw
+                        .get(..8)
+                        .and_then(|b| b.try_into().ok())
+                        .map(u64::from_be_bytes)
+                        <= Some(now)
+                {
+                    self.entries.remove(key)?;
+                    removed += 1;
+                }
+                self.by_partition.remove(index_key)?;
+            }
+            // On to the next partition.
+            next = match u32::from_be_bytes(p).checked_add(1) {
+                Some(after) => self
+                    .by_partition
+                    .range(after.to_be_bytes().to_vec()..)
+                    .next()
+                    .transpose()?,
+                None => None,
+            };
+        }
         self.count.fetch_sub(removed as i64, Ordering::Relaxed);
         Ok(removed)
     }
+}
+
+/// The `by_partition` index key of `key` in `partition`, expiring at `expires`.
+fn partition_index(partition: &[u8; 4], expires: u64, key: &[u8]) -> Vec<u8> {
+    let mut index = Vec::with_capacity(12 + key.len());
+    index.extend_from_slice(partition);
+    index.extend_from_slice(&expires.to_be_bytes());
+    index.extend_from_slice(key);
+    index
 }
 
 #[cfg(test)]
@@ -406,5 +601,97 @@ mod tests {
             w.await.unwrap().unwrap();
         }
         assert_eq!(store.len(), 64);
+    }
+
+    #[tokio::test]
+    async fn partitioned_keys_drop_by_partition_keep_checkpoints_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let later = now_ms() + 3_600_000;
+        {
+            let store = ExpiringStore::open(dir.path()).unwrap();
+            assert_eq!(store.checkpoint(0).unwrap(), None);
+            let keys = |names: &[&str]| names.iter().map(|n| (n.to_string(), later)).collect();
+            store
+                .put_partitioned(0, keys(&["a", "b"]), Some(7))
+                .await
+                .unwrap()
+                .wait()
+                .await
+                .unwrap();
+            store
+                .put_partitioned(1, keys(&["c", "moved"]), Some(3))
+                .await
+                .unwrap()
+                .wait()
+                .await
+                .unwrap();
+            // "moved" was in partition 1, now in 0: dropping 1 keeps it.
+            store
+                .put_partitioned(0, keys(&["moved"]), None)
+                .await
+                .unwrap()
+                .wait()
+                .await
+                .unwrap();
+            // A checkpoint never goes back.
+            store
+                .put_partitioned(0, Vec::new(), Some(5))
+                .await
+                .unwrap()
+                .wait()
+                .await
+                .unwrap();
+            assert_eq!(store.checkpoint(0).unwrap(), Some(7));
+            assert_eq!(store.get("a").unwrap(), Some(0i32.to_be_bytes().to_vec()));
+            assert_eq!(store.len(), 4);
+        }
+        // Shutdown keeps everything.
+        let store = ExpiringStore::open(dir.path()).unwrap();
+        assert_eq!(store.len(), 4);
+        assert_eq!(store.checkpoint(0).unwrap(), Some(7));
+        assert_eq!(store.checkpoint(1).unwrap(), Some(3));
+        assert_eq!(store.drop_partition(1).await.unwrap(), 1);
+        assert_eq!(store.get("c").unwrap(), None);
+        assert!(store.get("moved").unwrap().is_some());
+        assert_eq!(store.checkpoint(1).unwrap(), None);
+        assert_eq!(store.checkpoint(0).unwrap(), Some(7));
+        assert_eq!(store.len(), 3);
+        assert_eq!(store.drop_partition(0).await.unwrap(), 3);
+        assert!(store.is_empty());
+        assert_eq!(store.get("a").unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn an_expired_partitioned_key_is_swept_with_its_index_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ExpiringStore::open(dir.path()).unwrap();
+        let soon = now_ms() + 30;
+        let later = now_ms() + 3_600_000;
+        for (p, keys) in [
+            (
+                2,
+                vec![("gone".to_string(), soon), ("stays".to_string(), later)],
+            ),
+            (5, vec![("gone too".to_string(), soon)]),
+            (7, vec![("stays too".to_string(), later)]),
+        ] {
+            store
+                .put_partitioned(p, keys, Some(1))
+                .await
+                .unwrap()
+                .wait()
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(store.get("gone").unwrap(), None);
+        assert_eq!(store.sweep().await.unwrap(), 2);
+        assert_eq!(store.len(), 2);
+        assert!(store.get("stays").unwrap().is_some());
+        // Nothing of the swept keys is left for a drop to find.
+        assert_eq!(store.drop_partition(5).await.unwrap(), 0);
+        assert_eq!(store.drop_partition(2).await.unwrap(), 1);
+        assert_eq!(store.drop_partition(7).await.unwrap(), 1);
+        assert!(store.is_empty());
     }
 }

@@ -32,6 +32,12 @@ pub const PAUSED_PARTITIONS: &str = "agentbus_agent_paused_partitions";
 /// Keys in an agent's dedup store, by `group`.
 pub const DEDUP_KEYS: &str = "agentbus_dedup_keys";
 
+/// Time to restore an agent's dedup records of one changelog partition after it was
+/// assigned, in seconds, by `group`.
+pub const DEDUP_RESTORE_SECONDS: &str = "agentbus_dedup_restore_seconds";
+/// Dedup records restored from an agent's changelog, by `group`.
+pub const DEDUP_RESTORED: &str = "agentbus_dedup_restored_records_total";
+
 /// Agents that stopped by themselves (a lane panicked or ended, the dedup store failed),
 /// by `group`. Any increase needs a person: the agent takes no events until restarted.
 pub const AGENT_FAILURES: &str = "agentbus_agent_failures_total";
@@ -96,6 +102,11 @@ pub fn prometheus() -> &'static PrometheusHandle {
                     0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                 ],
             )
+            .expect("bucket list is not empty")
+            .set_buckets_for_metric(
+                Matcher::Full(DEDUP_RESTORE_SECONDS.to_string()),
+                &[0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0],
+            )
             .expect("bucket list is not empty");
         let handle = builder
             .install_recorder()
@@ -152,6 +163,15 @@ fn describe() {
         "Partitions paused because the agent's lanes are full."
     );
     describe_gauge!(DEDUP_KEYS, "Keys in an agent's dedup store, by group.");
+    describe_histogram!(
+        DEDUP_RESTORE_SECONDS,
+        metrics::Unit::Seconds,
+        "Time to restore one changelog partition of an agent's dedup records, by group."
+    );
+    describe_counter!(
+        DEDUP_RESTORED,
+        "Dedup records restored from an agent's changelog, by group."
+    );
     describe_counter!(
         AGENT_FAILURES,
         "Agents that stopped by themselves (a lane failed, the dedup store failed), by group."

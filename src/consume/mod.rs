@@ -4,6 +4,7 @@
 //! failures with backoff, moves long waits to `<agent>.retry` and final failures to
 //! `<agent>.dlq`, and stores an offset only once the event's outcome is final.
 
+pub mod changelog;
 pub mod definition;
 pub mod dlq;
 pub mod fault;
@@ -11,12 +12,14 @@ mod tracker;
 mod unreadable;
 
 use std::{
+    collections::HashSet,
     hash::{Hash, Hasher},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use rdkafka::{
     ClientConfig, ClientContext, Message, TopicPartitionList,
     consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer},
@@ -34,10 +37,11 @@ use crate::{
     handlers::{Event, Failure, Handler, integration::Integrations},
     publish::{self, Publisher},
     schema::{self, Registry},
-    store::{Durable, ExpiringStore},
+    store::{Durable, ExpiringStore, now_ms},
     telemetry,
     topics::{self, TopicSpec},
 };
+use changelog::Changelog;
 use definition::AgentDefinition;
 use tracker::Tracker;
 
@@ -54,6 +58,9 @@ pub enum Error {
     /// events without it.
     #[error(transparent)]
     Store(#[from] crate::store::Error),
+    /// The dedup changelog could not be created or restored.
+    #[error(transparent)]
+    Changelog(#[from] changelog::Error),
     /// The handler could not be built.
     #[error("handler: {0}")]
     Handler(String),
@@ -74,7 +81,8 @@ pub struct RuntimeSettings {
     pub dedup_ttl: Duration,
     /// Partitions of the agent's retry and replay topics.
     pub partitions: i32,
-    /// Replication factor of the agent's topics.
+    /// Replication factor of the agent's topics, or [`crate::topics::AUTO_REPLICATION`]: from
+    /// the cluster's size when each is created.
     pub replication: i32,
     /// Time for in-flight events at shutdown and at a rebalance.
     pub grace: Duration,
@@ -124,6 +132,13 @@ pub mod outcome {
     pub const DROPPED: &str = "dropped";
 }
 
+/// How long the restore of newly assigned changelog partitions may take before the agent
+/// fails (rather than handle their events without their dedup records). Below librdkafka's
+/// `max.poll.interval.ms` (5 min), past which the group would drop the process anyway.
+const RESTORE_DEADLINE: Duration = Duration::from_secs(120);
+/// How often acknowledged changelog offsets move the local checkpoints.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
 /// Records a lane holds before the loop waits for it.
 const LANE_CAPACITY: usize = 256;
 /// How long the loop waits for a full lane before pausing the record's partition.
@@ -151,6 +166,9 @@ struct Shared {
     publisher: Arc<Publisher>,
     dedup: ExpiringStore,
     dedup_ttl: Duration,
+    changelog: Arc<Changelog>,
+    /// Partitions assigned and restored, and the checkpoints to write.
+    partitions: Arc<std::sync::Mutex<Assignment>>,
     handler: Handler,
     tracker: Arc<Tracker>,
     consumer: Arc<StreamConsumer<AgentContext>>,
@@ -173,10 +191,42 @@ impl Shared {
 }
 
 /// Rebalances: before partitions are taken away, the events in flight on them finish and
-/// their offsets are committed, so the next owner neither loses nor repeats them.
+/// their offsets are committed, so the next owner neither loses nor repeats them. After an
+/// assignment, the changelog partitions to restore and to drop are noted for the agent's
+/// loop, which does both before it hands the next event on (librdkafka's callback is not
+/// held up by a restore).
 struct AgentContext {
     tracker: Arc<Tracker>,
     grace: Duration,
+    changelog: Arc<Changelog>,
+    partitions: Arc<std::sync::Mutex<Assignment>>,
+    /// Wakes the loop when there is changelog work.
+    changed: Arc<tokio::sync::Notify>,
+}
+
+/// The input partitions assigned and what follows for the changelog.
+#[derive(Default)]
+struct Assignment {
+    /// The input partitions of the last assignment.
+    assigned: HashSet<(String, i32)>,
+    /// Their changelog partitions.
+    held: HashSet<i32>,
+    /// Changelog partitions this process alone writes (it holds every input partition that
+    /// maps to them): its acknowledged records move their checkpoints.
+    sole: HashSet<i32>,
+    /// The highest acknowledged offset of each sole partition, not yet checkpointed.
+    acked: std::collections::HashMap<i32, i64>,
+    /// Changelog partitions no longer held, to drop locally.
+    to_drop: HashSet<i32>,
+    /// Changelog partitions to restore before the next event is handled.
+    to_restore: HashSet<i32>,
+}
+
+impl Assignment {
+    /// Whether the loop has changelog work to do.
+    fn has_work(&self) -> bool {
+        !self.to_drop.is_empty() || !self.to_restore.is_empty()
+    }
 }
 
 impl ClientContext for AgentContext {}
@@ -203,6 +253,53 @@ impl ConsumerContext for AgentContext {
                 tracing::debug!(error = %e, "commit at revoke");
             }
             self.tracker.forget(&revoked);
+            // Nothing is checkpointed until the next assignment says what is still held.
+            let mut partitions = self.partitions.lock().expect("not poisoned");
+            partitions.sole.clear();
+            partitions.acked.clear();
+        }
+    }
+
+    fn post_rebalance(
+        &self,
+        _consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
+        let Rebalance::Assign(assigned) = rebalance else {
+            return;
+        };
+        let new: HashSet<(String, i32)> = assigned
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_string(), e.partition()))
+            .collect();
+        let mut partitions = self.partitions.lock().expect("not poisoned");
+        let held: HashSet<i32> = new
+            .iter()
+            .map(|(_, p)| self.changelog.partition_of(*p))
+            .collect();
+        // An input partition not held before brings records written elsewhere: its
+        // changelog partition is restored (from the local checkpoint on).
+        let restore: HashSet<i32> = new
+            .difference(&partitions.assigned)
+            .map(|(_, p)| self.changelog.partition_of(*p))
+            .collect();
+        let dropped: Vec<i32> = partitions.held.difference(&held).copied().collect();
+        for p in &dropped {
+            partitions.to_restore.remove(p);
+            partitions.to_drop.insert(*p);
+        }
+        partitions.to_restore.extend(restore);
+        partitions.sole = held
+            .iter()
+            .copied()
+            .filter(|p| self.changelog.sole_writer(*p, &new))
+            .collect();
+        partitions.acked.clear();
+        partitions.assigned = new;
+        partitions.held = held;
+        if partitions.has_work() {
+            self.changed.notify_one();
         }
     }
 }
@@ -254,11 +351,27 @@ pub async fn run_agent(
     topics.push(agent.replay_topic(&prefix));
 
     let dedup = ExpiringStore::open(&settings.data_dir.join("dedup").join(&agent.name))?;
+    let changelog = Arc::new(
+        Changelog::open(
+            &settings.kafka,
+            &agent.name,
+            &topics,
+            settings.partitions,
+            settings.replication,
+            settings.dedup_ttl,
+        )
+        .await?,
+    );
+    let partitions = Arc::new(std::sync::Mutex::new(Assignment::default()));
+    let changed = Arc::new(tokio::sync::Notify::new());
     let tracker = Arc::new(Tracker::default());
     let consumer: StreamConsumer<AgentContext> = consumer_config(&settings, &agent)
         .create_with_context(AgentContext {
             tracker: tracker.clone(),
             grace: settings.grace,
+            changelog: changelog.clone(),
+            partitions: partitions.clone(),
+            changed: changed.clone(),
         })?;
     let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topic_refs)?;
@@ -272,6 +385,8 @@ pub async fn run_agent(
         publisher,
         dedup,
         dedup_ttl: settings.dedup_ttl,
+        changelog,
+        partitions,
         handler,
         tracker: tracker.clone(),
         consumer: consumer.clone(),
@@ -295,6 +410,7 @@ pub async fn run_agent(
     }
     let retry_topic = shared.agent.retry_topic(&prefix);
     lane_tasks.spawn(sweep_dedup(shared.clone(), stop.clone()));
+    lane_tasks.spawn(checkpoint_own_records(shared.clone(), stop.clone()));
     let mut unreadable = unreadable::Prober::new(&settings, &shared.agent.name);
 
     loop {
@@ -309,8 +425,23 @@ pub async fn run_agent(
                 }
                 break;
             }
+            _ = changed.notified() => {
+                if let Err(why) = follow_assignment(&shared).await {
+                    shared.fail(why);
+                    break;
+                }
+                continue;
+            }
             m = consumer.recv() => m,
         };
+        // The assignment that brought this record may have come with it (the rebalance
+        // callback runs inside `recv`): its changelog partitions are restored first.
+        if shared.partitions.lock().expect("not poisoned").has_work()
+            && let Err(why) = follow_assignment(&shared).await
+        {
+            shared.fail(why);
+            break;
+        }
         let message = match message {
             Ok(m) => m.detach(),
             Err(e) => {
@@ -414,6 +545,8 @@ pub async fn run_agent(
         shared.fail("a lane stopped taking events".into());
     }
     let failure = shared.failure.lock().expect("not poisoned").take();
+    // Checkpoints of what was acknowledged, kept for a fast restart.
+    write_checkpoints(&shared).await;
     // Every dedup record handed over is on disk after this flush; the completions waiting
     // for it then store their offsets, and the final commit takes them along.
     let flushed = shared.dedup.flush().await;
@@ -438,18 +571,6 @@ fn task_failure(ended: Result<(), tokio::task::JoinError>) -> String {
     }
 }
 
-/// Why the task that records a handled event ended badly (a panic), if it did.
-fn recording_failure(ended: Result<(), tokio::task::JoinError>) -> Option<String> {
-    match ended {
-        Ok(()) => None,
-        Err(e) if e.is_panic() => Some(format!(
-            "recording a handled event panicked: {}",
-            panic_message(e.into_panic())
-        )),
-        Err(e) => Some(format!("recording a handled event was cancelled: {e}")),
-    }
-}
-
 /// The text of a panic's payload (`panic!` gives a `&str` or a `String`).
 pub fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     match payload.downcast::<String>() {
@@ -458,6 +579,68 @@ pub fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
             .downcast_ref::<&str>()
             .map(|text| text.to_string())
             .unwrap_or_else(|| "a panic without a message".into()),
+    }
+}
+
+/// Drops the changelog partitions no longer held and restores the newly assigned ones;
+/// the cause when the agent cannot go on.
+async fn follow_assignment(shared: &Shared) -> Result<(), String> {
+    let (to_drop, to_restore) = {
+        let mut partitions = shared.partitions.lock().expect("not poisoned");
+        (
+            std::mem::take(&mut partitions.to_drop),
+            std::mem::take(&mut partitions.to_restore),
+        )
+    };
+    let group = &shared.agent.name;
+    for p in to_drop {
+        let dropped = shared
+            .dedup
+            .drop_partition(p)
+            .await
+            .map_err(|e| format!("dedup store failed dropping a revoked partition: {e}"))?;
+        tracing::info!(agent = %group, partition = p, records = dropped, "dropped the dedup records of a revoked changelog partition");
+    }
+    let mut restore: Vec<i32> = to_restore.into_iter().collect();
+    restore.sort();
+    shared
+        .changelog
+        .restore(&shared.dedup, &restore, RESTORE_DEADLINE)
+        .await
+        .map_err(|e| {
+            format!("the agent stops rather than handle events without their dedup records: {e}")
+        })?;
+    metrics::gauge!(telemetry::DEDUP_KEYS, "group" => group.clone()).set(shared.dedup.len() as f64);
+    Ok(())
+}
+
+/// Moves the checkpoints of the changelog partitions this process alone writes up to its
+/// acknowledged records, once a second.
+async fn checkpoint_own_records(shared: Arc<Shared>, cancel: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(CHECKPOINT_EVERY) => {}
+        }
+        write_checkpoints(&shared).await;
+    }
+}
+
+/// Hands the acknowledged offsets to the store as checkpoints. Safe because a record's
+/// key is handed to the store before the record is sent, the producer keeps the order of a
+/// partition's records, and the store applies writes in the order it got them: once a
+/// checkpoint c is on disk, so is every record this process wrote up to c. Nothing waits
+/// for it: a checkpoint lost in a crash only means a longer restore.
+async fn write_checkpoints(shared: &Shared) {
+    let acked = std::mem::take(&mut shared.partitions.lock().expect("not poisoned").acked);
+    for (p, offset) in acked {
+        if let Err(e) = shared
+            .dedup
+            .put_partitioned(p, Vec::new(), Some(offset))
+            .await
+        {
+            tracing::warn!(agent = %shared.agent.name, error = %e, "dedup checkpoint");
+        }
     }
 }
 
@@ -497,6 +680,17 @@ fn consumer_config(settings: &RuntimeSettings, agent: &AgentDefinition) -> Clien
         ("auto.offset.reset", "earliest".into()),
         // Bounds what librdkafka prefetches per partition ahead of the lanes.
         ("queued.max.messages.kbytes", "16384".into()),
+        // Latency: the broker answers a fetch as soon as one record is there, so an event
+        // waits for no batch to fill (the publish → handler latency target is 20 ms p50).
+        ("fetch.min.bytes", "1".into()),
+        // With nothing to fetch the broker holds the request this long: it only bounds how
+        // often an idle agent asks (a record arriving ends the wait at once, see above), so
+        // it stays at librdkafka's 500 ms rather than wake the broker more often for nothing.
+        ("fetch.wait.max.ms", "500".into()),
+        // Prefetch per partition. librdkafka's 100 000 would buffer up to the kbytes bound
+        // above for every partition; 10 000 (about 0.1 s at the agent's rate) keeps the
+        // lanes fed across a fetch round trip with far less memory held per partition.
+        ("queued.min.messages", "10000".into()),
         // Several processes of one agent compete for its work, so each must hold a share of
         // every topic, the events topics above all. `range` assigns each topic on its own
         // (N processes: each about 1/N of that topic's partitions). `cooperative-sticky`
@@ -518,6 +712,87 @@ fn lane_of(key: Option<&[u8]>, lanes: usize) -> usize {
     (hasher.finish() % lanes as u64) as usize
 }
 
+/// The headers a consumed record is read for, found in one pass over its headers (instead
+/// of a scan and a copy per header asked for). As [`header_str`]: the first header of a
+/// name counts, its value as (lossy) UTF-8.
+struct Known<'a> {
+    /// Per name of [`Known::NAMES`]: whether it was seen, and its value.
+    values: [Option<Option<std::borrow::Cow<'a, str>>>; Known::NAMES.len()],
+}
+
+impl<'a> Known<'a> {
+    const NAMES: [&'static str; 10] = [
+        header::TYPE,
+        header::ID,
+        header::SOURCE,
+        header::TIME,
+        header::VERSION,
+        header::IDEMPOTENCY_KEY,
+        header::CORRELATION,
+        header::CAUSATION,
+        header::EXPIRES,
+        header::REPLAY_ID,
+    ];
+
+    fn of(message: &'a OwnedMessage) -> Self {
+        let mut values: [Option<Option<std::borrow::Cow<'a, str>>>; Known::NAMES.len()] =
+            Default::default();
+        if let Some(headers) = message.headers() {
+            for h in headers.iter() {
+                if let Some(i) = Self::NAMES.iter().position(|n| *n == h.key)
+                    && values[i].is_none()
+                {
+                    values[i] = Some(h.value.map(String::from_utf8_lossy));
+                }
+            }
+        }
+        Known { values }
+    }
+
+    /// The value of header `name` (one of [`Known::NAMES`]).
+    fn get(&self, name: &str) -> Option<&str> {
+        let i = Self::NAMES.iter().position(|n| *n == name)?;
+        self.values[i].as_ref()?.as_deref()
+    }
+}
+
+/// A lane's metric handles, looked up once (a label set built and hashed per event was a
+/// good part of an event's cost).
+struct LaneMetrics {
+    group: String,
+    consumed: std::collections::HashMap<String, Vec<(&'static str, metrics::Counter)>>,
+    handler_duration: metrics::Histogram,
+    dedup_keys: metrics::Gauge,
+    in_flight: metrics::Gauge,
+}
+
+impl LaneMetrics {
+    fn new(group: &str) -> Self {
+        LaneMetrics {
+            group: group.to_string(),
+            consumed: Default::default(),
+            handler_duration: metrics::histogram!(telemetry::HANDLER_DURATION, "group" => group.to_string()),
+            dedup_keys: metrics::gauge!(telemetry::DEDUP_KEYS, "group" => group.to_string()),
+            in_flight: metrics::gauge!(telemetry::IN_FLIGHT, "group" => group.to_string()),
+        }
+    }
+
+    /// Counts an event of `event_type` in `agentbus_events_consumed_total`.
+    fn count(&mut self, event_type: &str, outcome: &'static str) {
+        let counters = match self.consumed.get_mut(event_type) {
+            Some(counters) => counters,
+            None => self.consumed.entry(event_type.to_string()).or_default(),
+        };
+        if let Some((_, counter)) = counters.iter().find(|(o, _)| *o == outcome) {
+            counter.increment(1);
+            return;
+        }
+        let counter = metrics::counter!(telemetry::EVENTS_CONSUMED, "group" => self.group.clone(), "event_type" => event_type.to_string(), "outcome" => outcome);
+        counter.increment(1);
+        counters.push((outcome, counter));
+    }
+}
+
 /// The value of header `name`, as text.
 pub fn header_str<M: Message>(message: &M, name: &str) -> Option<String> {
     let headers = message.headers()?;
@@ -528,54 +803,61 @@ pub fn header_str<M: Message>(message: &M, name: &str) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
+/// Dedup records a lane may have on their way (to disk and the changelog) while it goes on
+/// handling events. Recording takes a disk flush and a broker round trip; waiting for each
+/// before the next event kept a lane to a few hundred events a second. The bound keeps
+/// what a failing store can cost small: at most this many events of a lane handled
+/// without a durable record, and they come again (their offsets were never stored).
+const RECORDING_WINDOW: usize = 128;
+
 async fn run_lane(shared: Arc<Shared>, mut work: mpsc::Receiver<Work>, cancel: CancellationToken) {
-    let group = shared.agent.name.clone();
-    let in_flight = metrics::gauge!(telemetry::IN_FLIGHT, "group" => group.clone());
-    // The previous event's dedup record on its way to disk: the next event is handled while
-    // it is written, but not the one after, so that when the store fails at most two events
-    // of a lane were handled without a record (they come again after a restart).
-    let mut previous: Option<tokio::task::JoinHandle<()>> = None;
-    while let Some(w) = work.recv().await {
-        if let Some(recording) = previous.take()
-            && let Some(why) = recording_failure(recording.await)
-        {
-            // The event's offset is never stored: the agent fails, as for a lane's panic.
-            shared.fail(why);
-            break;
-        }
+    let mut lane = LaneMetrics::new(&shared.agent.name);
+    // Records of handled events on their way; an event's offset is stored when its
+    // recording finished (see `Recording::complete`), in whatever order they finish (the
+    // tracker stores an offset only once everything before it is final).
+    let mut recordings = futures::stream::FuturesUnordered::new();
+    loop {
+        let next = tokio::select! {
+            biased;
+            Some(()) = recordings.next(), if !recordings.is_empty() => continue,
+            next = work.recv() => next,
+        };
+        let Some(w) = next else { break };
         // Stopping (SIGTERM, or the dedup store failed): what is queued is given back, not
         // handled; its next delivery handles it.
         if cancel.is_cancelled() {
             break;
         }
-        in_flight.increment(1.0);
+        lane.in_flight.increment(1.0);
         let (topic, partition, offset) = (
             w.message.topic().to_string(),
             w.message.partition(),
             w.message.offset(),
         );
-        let outcome = process(&shared, w, &cancel).await;
-        in_flight.decrement(1.0);
+        let outcome = process(&shared, w, &mut lane, &cancel).await;
+        lane.in_flight.decrement(1.0);
         match outcome {
             Outcome::Final => finish(&shared, &topic, partition, offset),
             // Stopping: this event and those queued behind it are given back, unstored; their
             // next delivery (here after a restart, or to another process) handles them.
             Outcome::GivenBack => break,
-            // The offset is stored once the dedup record is on disk, so a committed offset
-            // never runs ahead of what the dedup store knows.
-            Outcome::Handled(durable) => {
-                let shared = shared.clone();
-                previous = Some(tokio::spawn(async move {
-                    match durable.wait().await {
-                        Ok(()) => finish(&shared, &topic, partition, offset),
-                        Err(e) => shared.fail(format!(
-                            "dedup store unwritable: the agent stops taking events (they stay unconsumed): {e}"
-                        )),
-                    }
-                }));
+            // The offset is stored once the dedup record is durable in both places, so a
+            // committed offset never runs ahead of what the dedup store knows.
+            Outcome::Handled(recording) => {
+                let (shared, cancel) = (&shared, &cancel);
+                recordings.push(async move {
+                    recording
+                        .complete(shared, &topic, partition, offset, cancel)
+                        .await
+                });
+                while recordings.len() >= RECORDING_WINDOW {
+                    recordings.next().await;
+                }
             }
         }
     }
+    // What was handled is recorded before the lane ends (within the shutdown's grace).
+    while recordings.next().await.is_some() {}
 }
 
 /// Marks an offset final and stores what can be stored.
@@ -588,13 +870,74 @@ fn finish(shared: &Shared, topic: &str, partition: i32, offset: i64) {
     }
 }
 
+/// A handled event's dedup record on its way to both places.
+struct Recording {
+    /// The local write.
+    durable: Durable,
+    /// The changelog write, when it could be sent at once.
+    delivery: Option<rdkafka::producer::DeliveryFuture>,
+    key: String,
+    expires_ms: u64,
+}
+
+impl Recording {
+    /// Waits until the record is durable in both places, then marks the offset final.
+    ///
+    /// The order, and why it is safe: (1) the handler succeeded; (2) the key is handed to
+    /// the local store (`put_partitioned`, which `get` sees at once) and then the record is
+    /// sent to the changelog (idempotent, acks=all); (3) the local write is flushed and (4)
+    /// the changelog acknowledges; only then (5) the offset is stored, and committed later.
+    /// So a committed offset never runs ahead of a record that is not on disk here and on
+    /// every in-sync replica: whoever gets the partition next (this process after a restart
+    /// from its disk, another one from the changelog) skips every event before that offset
+    /// and every one after it that was recorded. A crash between (1) and (5) delivers the
+    /// event again; if its record made it to either place the repeat is skipped, else it is
+    /// handled again: at least once, never lost.
+    async fn complete(
+        self,
+        shared: &Shared,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        cancel: &CancellationToken,
+    ) {
+        if let Err(e) = self.durable.wait().await {
+            shared.fail(format!(
+                "dedup store unwritable: the agent stops taking events (they stay unconsumed): {e}"
+            ));
+            return;
+        }
+        // Stopping before the acknowledgement: the offset stays unstored.
+        let Some((changelog_partition, changelog_offset)) = shared
+            .changelog
+            .record(
+                &self.key,
+                topic,
+                partition,
+                self.expires_ms,
+                self.delivery,
+                cancel,
+            )
+            .await
+        else {
+            return;
+        };
+        finish(shared, topic, partition, offset);
+        let mut partitions = shared.partitions.lock().expect("not poisoned");
+        if partitions.sole.contains(&changelog_partition) {
+            let acked = partitions.acked.entry(changelog_partition).or_insert(-1);
+            *acked = (*acked).max(changelog_offset);
+        }
+    }
+}
+
 /// What became of a record.
 #[must_use]
 enum Outcome {
     /// Final (skipped, duplicate, expired, moved to the retry or dead-letter topic).
     Final,
-    /// Handled; final once its dedup record is on disk.
-    Handled(Durable),
+    /// Handled; final once its dedup record is durable here and in the changelog.
+    Handled(Recording),
     /// The agent is stopping: not handled, to be delivered again.
     GivenBack,
 }
@@ -608,32 +951,35 @@ async fn wait_unless_stopping(wait: Duration, cancel: &CancellationToken) -> boo
 }
 
 /// The outcome of one record, decided and recorded.
-async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) -> Outcome {
+async fn process(
+    shared: &Shared,
+    w: Work,
+    lane: &mut LaneMetrics,
+    cancel: &CancellationToken,
+) -> Outcome {
     let group = &shared.agent.name;
     fault::strike(group);
     let message = &w.message;
-    let event_type = header_str(message, header::TYPE);
-    let count = |event_type: &str, outcome: &'static str| {
-        metrics::counter!(telemetry::EVENTS_CONSUMED, "group" => group.clone(), "event_type" => event_type.to_string(), "outcome" => outcome)
-            .increment(1);
-    };
+    let known = Known::of(message);
+    let event_type = known.get(header::TYPE);
     // Other types share the topic: skip them by header, without decoding.
-    if let Some(t) = &event_type
+    if let Some(t) = event_type
         && !shared.agent.subscribes_to(t)
     {
         return Outcome::Final;
     }
-    if let Some(expires) =
-        header_str(message, header::EXPIRES).and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
+    if let Some(expires) = known
+        .get(header::EXPIRES)
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
         && expires < Utc::now()
     {
-        count(event_type.as_deref().unwrap_or(""), outcome::EXPIRED);
+        lane.count(event_type.unwrap_or(""), outcome::EXPIRED);
         return Outcome::Final;
     }
-    let event = match decode(shared, message) {
+    let event = match decode(shared, message, &known) {
         Ok(event) => event,
         Err(reason) => {
-            let label = event_type.as_deref().unwrap_or("");
+            let label = event_type.unwrap_or("");
             let failure = Failure::fatal("undecodable", reason);
             return finish_failed(shared, message, w.attempts, &failure, label, cancel).await;
         }
@@ -641,14 +987,14 @@ async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) -> Outcom
     if !shared.agent.subscribes_to(&event.event_type) {
         return Outcome::Final;
     }
-    let replay = header_str(message, header::REPLAY_ID);
+    let replay = known.get(header::REPLAY_ID).map(str::to_string);
     let dedup_key = match &replay {
         Some(replay) => format!("{}|{replay}", event.idempotency_key),
         None => event.idempotency_key.clone(),
     };
     match shared.dedup.get(&dedup_key) {
         Ok(Some(_)) => {
-            count(&event.event_type, outcome::DUPLICATE);
+            lane.count(&event.event_type, outcome::DUPLICATE);
             return Outcome::Final;
         }
         Ok(None) => {}
@@ -686,13 +1032,21 @@ async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) -> Outcom
             }
             Err(f) => Err(f),
         };
-        metrics::histogram!(telemetry::HANDLER_DURATION, "group" => group.clone())
+        lane.handler_duration
             .record(started.elapsed().as_secs_f64());
         let failure = match result {
             Ok(()) => {
+                let expires_ms = now_ms() + shared.dedup_ttl.as_millis() as u64;
+                let changelog_partition = shared.changelog.partition_of(message.partition());
+                // The local write is handed over before the changelog record is sent: the
+                // checkpoints rely on that order (see `write_checkpoints`).
                 let durable = match shared
                     .dedup
-                    .put_nowait(vec![(dedup_key.clone(), Vec::new())], shared.dedup_ttl)
+                    .put_partitioned(
+                        changelog_partition,
+                        vec![(dedup_key.clone(), expires_ms)],
+                        None,
+                    )
                     .await
                 {
                     Ok(durable) => durable,
@@ -701,10 +1055,19 @@ async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) -> Outcom
                         return Outcome::GivenBack;
                     }
                 };
-                metrics::gauge!(telemetry::DEDUP_KEYS, "group" => group.clone())
-                    .set(shared.dedup.len() as f64);
-                count(&event.event_type, outcome::PROCESSED);
-                return Outcome::Handled(durable);
+                // A send refused at once (queue full) is sent again while recording.
+                let delivery = shared
+                    .changelog
+                    .send(&dedup_key, message.topic(), message.partition(), expires_ms)
+                    .ok();
+                lane.dedup_keys.set(shared.dedup.len() as f64);
+                lane.count(&event.event_type, outcome::PROCESSED);
+                return Outcome::Handled(Recording {
+                    durable,
+                    delivery,
+                    key: dedup_key,
+                    expires_ms,
+                });
             }
             Err(f) => f,
         };
@@ -736,7 +1099,7 @@ async fn process(shared: &Shared, w: Work, cancel: &CancellationToken) -> Outcom
             if !forward(shared, message, &topic, &extra, cancel).await {
                 return Outcome::GivenBack;
             }
-            count(&event.event_type, outcome::RETRIED);
+            lane.count(&event.event_type, outcome::RETRIED);
             return Outcome::Final;
         }
         if !wait_unless_stopping(wait, cancel).await {
@@ -916,7 +1279,7 @@ pub fn copy_of<'a>(
 
 /// Decodes a record written by agentbus (or any Confluent-framed Avro producer whose
 /// schema is in the registry).
-fn decode(shared: &Shared, message: &OwnedMessage) -> Result<Event, String> {
+fn decode(shared: &Shared, message: &OwnedMessage, known: &Known<'_>) -> Result<Event, String> {
     let payload = message.payload().ok_or("the record has no value")?;
     let (id, body) = schema::split_wire(payload).map_err(|e| e.to_string())?;
     let version = shared
@@ -925,7 +1288,8 @@ fn decode(shared: &Shared, message: &OwnedMessage) -> Result<Event, String> {
         .ok_or_else(|| format!("unknown schema id {id}"))?;
     let value = schema::decode_avro(&version.schema, body).map_err(|e| e.to_string())?;
     let data = schema::avro_to_json(version, &value);
-    let id = header_str(message, header::ID).unwrap_or_else(|| {
+    let text = |name: &str| known.get(name).map(str::to_string);
+    let id = text(header::ID).unwrap_or_else(|| {
         format!(
             "{}-{}-{}",
             message.topic(),
@@ -934,19 +1298,20 @@ fn decode(shared: &Shared, message: &OwnedMessage) -> Result<Event, String> {
         )
     });
     Ok(Event {
-        idempotency_key: header_str(message, header::IDEMPOTENCY_KEY).unwrap_or_else(|| id.clone()),
+        idempotency_key: text(header::IDEMPOTENCY_KEY).unwrap_or_else(|| id.clone()),
         id,
-        event_type: header_str(message, header::TYPE).unwrap_or_else(|| version.event_type.clone()),
-        version: header_str(message, header::VERSION)
+        event_type: text(header::TYPE).unwrap_or_else(|| version.event_type.clone()),
+        version: known
+            .get(header::VERSION)
             .and_then(|v| v.parse().ok())
             .unwrap_or(version.version),
-        source: header_str(message, header::SOURCE).unwrap_or_default(),
-        time: header_str(message, header::TIME),
+        source: text(header::SOURCE).unwrap_or_default(),
+        time: text(header::TIME),
         key: message
             .key()
             .map(|k| String::from_utf8_lossy(k).into_owned()),
-        correlation_id: header_str(message, header::CORRELATION),
-        causation_id: header_str(message, header::CAUSATION),
+        correlation_id: text(header::CORRELATION),
+        causation_id: text(header::CAUSATION),
         data,
     })
 }
@@ -1076,14 +1441,6 @@ async fn publish_follow_ups(
 mod tests {
     use super::*;
     use proptest::prelude::*;
-
-    #[tokio::test]
-    async fn a_recording_task_that_panics_is_a_failure_of_the_agent() {
-        let ended = tokio::spawn(async { panic!("disk on fire") }).await;
-        let why = recording_failure(ended).expect("a failure");
-        assert!(why.contains("disk on fire"), "{why}");
-        assert_eq!(recording_failure(tokio::spawn(async {}).await), None);
-    }
 
     #[test]
     fn follow_up_keys_are_valid_idempotency_keys_whatever_the_event_and_replay() {

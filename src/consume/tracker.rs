@@ -31,10 +31,12 @@ impl Partition {
     }
 }
 
-/// Offsets in flight per (topic, partition).
+/// Offsets in flight per topic and partition. Looked up by `&str` (no key is allocated per
+/// event), and waiters are woken only when a partition has nothing in flight any more,
+/// which is all [`Tracker::wait_idle`] waits for.
 #[derive(Debug, Default)]
 pub struct Tracker {
-    partitions: Mutex<HashMap<(String, i32), Partition>>,
+    partitions: Mutex<HashMap<String, HashMap<i32, Partition>>>,
     idle: Condvar,
 }
 
@@ -42,13 +44,7 @@ impl Tracker {
     /// An offset was received and handed to a lane.
     pub fn begin(&self, topic: &str, partition: i32, offset: i64) {
         let mut parts = self.partitions.lock().expect("not poisoned");
-        let p = parts
-            .entry((topic.to_string(), partition))
-            .or_insert_with(|| Partition {
-                stored: offset - 1,
-                highest: offset - 1,
-                ..Partition::default()
-            });
+        let p = partition_entry(&mut parts, topic, partition, offset);
         p.pending.insert(offset);
         p.highest = p.highest.max(offset);
     }
@@ -57,9 +53,10 @@ impl Tracker {
     /// when that moved forward: the one to store.
     pub fn complete(&self, topic: &str, partition: i32, offset: i64) -> Option<i64> {
         let mut parts = self.partitions.lock().expect("not poisoned");
-        let p = parts.get_mut(&(topic.to_string(), partition))?;
-        p.pending.remove(&offset);
-        self.idle.notify_all();
+        let p = parts.get_mut(topic)?.get_mut(&partition)?;
+        if p.pending.remove(&offset) && p.pending.is_empty() {
+            self.idle.notify_all();
+        }
         p.store_final()
     }
 
@@ -67,13 +64,7 @@ impl Tracker {
     /// Returns the offset to store, as [`Tracker::complete`] does.
     pub fn skip(&self, topic: &str, partition: i32, from: i64, to: i64) -> Option<i64> {
         let mut parts = self.partitions.lock().expect("not poisoned");
-        let p = parts
-            .entry((topic.to_string(), partition))
-            .or_insert_with(|| Partition {
-                stored: from - 1,
-                highest: from - 1,
-                ..Partition::default()
-            });
+        let p = partition_entry(&mut parts, topic, partition, from);
         p.highest = p.highest.max(to);
         self.idle.notify_all();
         p.store_final()
@@ -84,9 +75,12 @@ impl Tracker {
         let deadline = Instant::now() + timeout;
         let mut parts = self.partitions.lock().expect("not poisoned");
         loop {
-            let busy = partitions
-                .iter()
-                .any(|k| parts.get(k).is_some_and(|p| !p.pending.is_empty()));
+            let busy = partitions.iter().any(|(t, p)| {
+                parts
+                    .get(t)
+                    .and_then(|t| t.get(p))
+                    .is_some_and(|p| !p.pending.is_empty())
+            });
             if !busy {
                 return true;
             }
@@ -105,10 +99,34 @@ impl Tracker {
     /// Partitions revoked: their next assignment starts from the committed offset.
     pub fn forget(&self, partitions: &[(String, i32)]) {
         let mut parts = self.partitions.lock().expect("not poisoned");
-        for k in partitions {
-            parts.remove(k);
+        for (t, p) in partitions {
+            if let Some(topic) = parts.get_mut(t) {
+                topic.remove(p);
+            }
         }
     }
+}
+
+/// The entry of `topic`/`partition`, made (as if everything before `first` were final)
+/// when absent.
+fn partition_entry<'a>(
+    parts: &'a mut HashMap<String, HashMap<i32, Partition>>,
+    topic: &str,
+    partition: i32,
+    first: i64,
+) -> &'a mut Partition {
+    if !parts.contains_key(topic) {
+        parts.insert(topic.to_string(), HashMap::new());
+    }
+    parts
+        .get_mut(topic)
+        .expect("inserted above")
+        .entry(partition)
+        .or_insert_with(|| Partition {
+            stored: first - 1,
+            highest: first - 1,
+            ..Partition::default()
+        })
 }
 
 #[cfg(test)]

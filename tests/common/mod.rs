@@ -5,6 +5,7 @@
 
 pub mod agents;
 pub mod cluster;
+pub mod dedup;
 
 use std::{
     path::{Path, PathBuf},
