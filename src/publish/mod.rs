@@ -771,6 +771,9 @@ const PROBES_TO_FAIL: u32 = 2;
 /// How long a probe of the broker waits for its answer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The topic whose metadata the broker probe asks for (it need not exist).
+const PROBE_TOPIC: &str = "__agentbus_probe";
+
 /// Watches the broker with a metadata request every `interval`, so that publishes fail
 /// fast while it is away and `/readyz` tells the truth. It counts as reachable from the first
 /// answer, and as unreachable after [`PROBES_TO_FAIL`] probes in a row got none while no
@@ -787,11 +790,35 @@ pub async fn watch_broker(
     interval: Duration,
     cancel: tokio_util::sync::CancellationToken,
 ) {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
     let mut failures = 0;
+    // A client of its own that never produces. Probing on the producer's client made the
+    // probe wait behind produce requests to a broker that had just died: Kafka answers a
+    // connection's requests in order, and acks=all requests to partitions the dead broker
+    // led stall until it is fenced (9 s by default). Two probes then timed out, publishes
+    // were turned away and the producer renewed while two of three brokers were up
+    // (issue 12). This client picks a broker it can reach.
+    let probe: Option<Arc<BaseConsumer>> = match publisher.kafka.client_config().create() {
+        Ok(client) => Some(Arc::new(client)),
+        Err(e) => {
+            tracing::warn!(error = %e, "broker probe client; probing with the producer's client");
+            None
+        }
+    };
     loop {
         let client = publisher.producer();
-        let answered = tokio::task::spawn_blocking(move || {
-            client.client().fetch_metadata(None, PROBE_TIMEOUT).is_ok()
+        let probe = probe.clone();
+        let answered = tokio::task::spawn_blocking(move || match probe {
+            // One topic's metadata, not every topic's: an answer is all the probe needs,
+            // and a shared cluster's full metadata is large. The name is never created
+            // (a consumer's metadata requests do not ask for auto-creation).
+            Some(probe) => probe
+                .fetch_metadata(Some(PROBE_TOPIC), PROBE_TIMEOUT)
+                .is_ok(),
+            None => client
+                .client()
+                .fetch_metadata(Some(PROBE_TOPIC), PROBE_TIMEOUT)
+                .is_ok(),
         })
         .await
         .unwrap_or(false)
