@@ -644,9 +644,7 @@ pub fn execute_with(
     let producer: Option<BaseProducer<Deliveries>> = if dry_run {
         None
     } else {
-        Some(
-            bulk_producer_config(kafka).create_with_context(Deliveries::default())?,
-        )
+        Some(bulk_producer_config(kafka).create_with_context(Deliveries::default())?)
     };
     let outcome = copy(
         &consumer,
@@ -918,8 +916,7 @@ fn copy(
             progress.matched.fetch_add(1, Ordering::Relaxed);
             if let Some(producer) = producer {
                 let headers = copy_headers(m.headers(), replay_id);
-                let mut record =
-                    BaseRecord::<[u8], [u8]>::to(&plan.target_topic).headers(headers);
+                let mut record = BaseRecord::<[u8], [u8]>::to(&plan.target_topic).headers(headers);
                 if let Some(k) = m.key() {
                     record = record.key(k);
                 }
@@ -1016,7 +1013,9 @@ fn drain(producer: &BaseProducer<Deliveries>, timeout: Duration) -> Result<(), E
     let deadline = Instant::now() + timeout;
     while producer.in_flight_count() > 0 {
         if Instant::now() > deadline {
-            return Err(Error::Kafka(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut)));
+            return Err(Error::Kafka(KafkaError::Flush(
+                RDKafkaErrorCode::OperationTimedOut,
+            )));
         }
         producer.poll(Duration::from_millis(2));
     }
@@ -1455,6 +1454,37 @@ mod tests {
         assert!(!r.time_matches(None));
         r.event_types.clear();
         assert!(r.type_matches(None), "no type filter: any record");
+    }
+
+    #[test]
+    fn a_copy_keeps_the_headers_in_order_and_carries_only_this_replays_id() {
+        let header = |key, value: Option<&'static str>| Header {
+            key,
+            value: value.map(str::as_bytes),
+        };
+        let original = OwnedHeaders::new()
+            .insert(header("ce_id", Some("e1")))
+            .insert(header(header::REPLAY_ID, Some("an-earlier-replay")))
+            .insert(header("ce_type", Some("agent.task.requested")))
+            .insert(header("empty", None));
+        let copied = copy_headers(Some(original.as_borrowed()), "r2");
+        let got: Vec<(&str, Option<&[u8]>)> = copied.iter().map(|h| (h.key, h.value)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("ce_id", Some(&b"e1"[..])),
+                ("ce_type", Some(&b"agent.task.requested"[..])),
+                ("empty", None),
+                (header::REPLAY_ID, Some(&b"r2"[..])),
+            ]
+        );
+        assert_eq!(
+            event_type_of(Some(original.as_borrowed())),
+            Some(&b"agent.task.requested"[..])
+        );
+        let bare = copy_headers(None, "r3");
+        assert_eq!(bare.count(), 1);
+        assert_eq!(event_type_of(None), None);
     }
 
     #[test]
