@@ -641,7 +641,10 @@ pub fn execute_with(
     let producer: Option<BaseProducer<Deliveries>> = if dry_run {
         None
     } else {
-        Some(bulk_producer_config(kafka).create_with_context(Deliveries::default())?)
+        Some(bulk_producer_config(kafka).create_with_context(Deliveries {
+            progress: Some(progress.clone()),
+            ..Deliveries::default()
+        })?)
     };
     let outcome = copy(
         &consumer,
@@ -669,15 +672,9 @@ pub fn execute_with(
 /// 205 000 records/s against 225 000 to 250 000 with every report).
 fn bulk_producer_config(kafka: &KafkaArgs) -> rdkafka::ClientConfig {
     let mut config = publish::producer_config(kafka, Duration::from_secs(60));
-    // As every default, each gives way to its AGENTBUS_KAFKA_* variable.
-    for (name, value) in [("linger.ms", "20")] {
-        let variable = format!(
-            "AGENTBUS_KAFKA_{}",
-            name.to_ascii_uppercase().replace('.', "_")
-        );
-        if std::env::var_os(variable).is_none() {
-            config.set(name, value);
-        }
+    // As every default, it gives way to its AGENTBUS_KAFKA_* variable.
+    if std::env::var_os("AGENTBUS_KAFKA_LINGER_MS").is_none() {
+        config.set("linger.ms", "20");
     }
     config
 }
