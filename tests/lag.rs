@@ -595,3 +595,99 @@ async fn a_partition_stuck_behind_an_open_transaction_is_not_caught_up_and_marke
         .unwrap();
     app.stop().await;
 }
+
+/// More groups than the collection asks at once (64): every group gets its own committed
+/// offsets and lag back, none another's, in one collection.
+#[tokio::test]
+async fn a_collection_over_many_groups_gives_each_group_its_own_offsets() {
+    const GROUPS: usize = 70;
+    let app = spawn(Options::default()).await;
+    let topic = own_topic(&app, "many-groups", 2).await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &app.brokers)
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let now = Utc::now().timestamp_millis();
+    let records = GROUPS as i64 + 10;
+    let mut sent = Vec::new();
+    for partition in 0..2 {
+        for i in 0..records {
+            let record = FutureRecord::<str, str>::to(&topic)
+                .partition(partition)
+                .key("k")
+                .payload("v")
+                .timestamp(now - (records - i) * 1_000);
+            sent.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+        }
+    }
+    for s in sent {
+        s.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+    // Group g sits at offset g on partition 0 and 2g/3 on partition 1: every group and
+    // partition at an offset of its own.
+    let offsets = |g: usize| [g as i64, 2 * g as i64 / 3];
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let groups: Vec<String> = (0..GROUPS).map(|g| format!("many-{run}-{g}")).collect();
+    let (brokers, t, names) = (app.brokers.clone(), topic.clone(), groups.clone());
+    tokio::task::spawn_blocking(move || {
+        for chunk in names.chunks(16).enumerate() {
+            std::thread::scope(|scope| {
+                for (i, group) in chunk.1.iter().enumerate() {
+                    let (brokers, t) = (&brokers, &t);
+                    let at = offsets(chunk.0 * 16 + i);
+                    scope.spawn(move || {
+                        let consumer: BaseConsumer = ClientConfig::new()
+                            .set("bootstrap.servers", brokers)
+                            .set("group.id", group)
+                            .create()
+                            .unwrap();
+                        let mut tpl = TopicPartitionList::new();
+                        for (p, o) in at.iter().enumerate() {
+                            tpl.add_partition_offset(t, p as i32, Offset::Offset(*o))
+                                .unwrap();
+                        }
+                        consumer.commit(&tpl, CommitMode::Sync).unwrap();
+                    });
+                }
+            });
+        }
+    })
+    .await
+    .unwrap();
+
+    let monitor = agentbus::lag::LagMonitor::new(
+        app.kafka_args(),
+        agentbus::lag::LagSettings {
+            groups: groups.clone(),
+            ..agentbus::lag::LagSettings::default()
+        },
+        Vec::new(),
+    );
+    let snapshot = monitor.collect(None).await.unwrap();
+    assert_eq!(snapshot.groups.len(), GROUPS);
+    for (g, name) in groups.iter().enumerate() {
+        let lag = snapshot
+            .groups
+            .iter()
+            .find(|l| &l.group == name)
+            .unwrap_or_else(|| panic!("{name} missing"));
+        let got: Vec<(i64, i64)> = lag
+            .partitions
+            .iter()
+            .map(|p| (p.committed_offset, p.lag))
+            .collect();
+        let want: Vec<(i64, i64)> = offsets(g).iter().map(|o| (*o, records - o)).collect();
+        assert_eq!(got, want, "{name}");
+        // Each lag in seconds from the record at its own committed offset.
+        for (p, partition) in lag.partitions.iter().enumerate() {
+            let at = partition.oldest_unconsumed_at.map(|t| t.timestamp_millis());
+            assert_eq!(
+                at,
+                Some(now - (records - offsets(g)[p]) * 1_000),
+                "{name}/{p}"
+            );
+        }
+    }
+    app.stop().await;
+}

@@ -249,8 +249,9 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// time); on Apache Kafka every collection asks.
 const DESCRIBE_RETRY: Duration = Duration::from_secs(600);
 
-/// Groups whose committed offsets are fetched at once.
-const GROUP_CONCURRENCY: usize = 16;
+/// Groups whose committed offsets are fetched at once (each a thread waiting on its
+/// group's client).
+const GROUP_CONCURRENCY: usize = 64;
 
 /// Partitions of one read round, each with the positions (offsets) to read there.
 type Round = Vec<((String, i32), Vec<i64>)>;
@@ -417,55 +418,75 @@ impl LagMonitor {
             };
             asks.insert((*name).clone(), (tpl, full));
         }
-        for chunk in names.chunks(GROUP_CONCURRENCY) {
-            if self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
-                return Err(Error::Stopping);
-            }
-            let answers: Vec<Result<TopicPartitionList, rdkafka::error::KafkaError>> =
-                std::thread::scope(|scope| {
-                    let asks: Vec<_> = chunk
-                        .iter()
-                        .map(|name| {
-                            let client = &cache.clients[name.as_str()];
-                            let tpl = &asks[name.as_str()].0;
-                            scope.spawn(move || {
-                                if tpl.count() == 0 {
-                                    Ok(TopicPartitionList::new())
-                                } else {
-                                    client.committed_offsets(tpl.clone(), TIMEOUT)
-                                }
-                            })
-                        })
-                        .collect();
-                    asks.into_iter()
-                        .map(|a| a.join().expect("an offset fetch does not panic"))
-                        .collect()
-                });
-            for (name, offsets) in chunk.iter().zip(answers) {
-                let mut mine = Vec::new();
-                for e in offsets?.elements() {
-                    if let Offset::Offset(o) = e.offset() {
-                        mine.push((e.topic().to_string(), e.partition(), o));
-                        used.insert((e.topic().to_string(), e.partition()));
+        // A pool of GROUP_CONCURRENCY workers takes the groups one after another: a fresh
+        // client's first answer waits for its coordinator (a lookup and a connection), so the
+        // time goes in waiting, and no group waits for the slowest of a batch.
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let answers: Vec<Mutex<Option<rdkafka::error::KafkaResult<TopicPartitionList>>>> =
+            names.iter().map(|_| Mutex::new(None)).collect();
+        std::thread::scope(|scope| {
+            for _ in 0..GROUP_CONCURRENCY.min(names.len()) {
+                scope.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= names.len()
+                            || self.stopping.load(std::sync::atomic::Ordering::Relaxed)
+                        {
+                            return;
+                        }
+                        let (client, tpl) = (
+                            &cache.clients[names[i].as_str()],
+                            &asks[names[i].as_str()].0,
+                        );
+                        let answer = if tpl.count() == 0 {
+                            Ok(TopicPartitionList::new())
+                        } else {
+                            client.committed_offsets(tpl.clone(), TIMEOUT)
+                        };
+                        *answers[i].lock().expect("offset answer lock") = Some(answer);
                     }
-                }
-                let full = asks[name.as_str()].1;
-                let entry = cache
-                    .group_topics
-                    .entry((*name).clone())
-                    .or_insert_with(|| (HashSet::new(), 0));
-                if full {
-                    *entry = (mine.iter().map(|(t, _, _)| t.clone()).collect(), 1);
-                } else {
-                    entry.1 += 1;
-                }
-                committed.insert((*name).clone(), mine);
+                });
             }
+        });
+        if self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Error::Stopping);
+        }
+        for (name, answer) in names.iter().zip(answers) {
+            let offsets = answer
+                .into_inner()
+                .expect("offset answer lock")
+                .expect("every group asked")?;
+            let mut mine = Vec::new();
+            for e in offsets.elements() {
+                if let Offset::Offset(o) = e.offset() {
+                    mine.push((e.topic().to_string(), e.partition(), o));
+                    used.insert((e.topic().to_string(), e.partition()));
+                }
+            }
+            let full = asks[name.as_str()].1;
+            let entry = cache
+                .group_topics
+                .entry((*name).clone())
+                .or_insert_with(|| (HashSet::new(), 0));
+            if full {
+                *entry = (mine.iter().map(|(t, _, _)| t.clone()).collect(), 1);
+            } else {
+                entry.1 += 1;
+            }
+            committed.insert((*name).clone(), mine);
         }
         // Keep clients of groups still watched only.
-        cache
+        let gone: Vec<String> = cache
             .clients
-            .retain(|k, _| k == "agentbus-lag" || described.contains_key(k));
+            .keys()
+            .filter(|k| *k != "agentbus-lag" && !described.contains_key(*k))
+            .cloned()
+            .collect();
+        tear_down(
+            gone.iter()
+                .filter_map(|k| cache.clients.remove(k))
+                .collect(),
+        );
         cache.group_topics.retain(|k, _| described.contains_key(k));
         // Watermarks of the partitions in use: one ListOffsets for the ends, one for the starts.
         let mut ends = TopicPartitionList::new();
@@ -689,6 +710,40 @@ impl LagMonitor {
         }
         Ok(&cache.clients[group])
     }
+}
+
+impl Drop for LagMonitor {
+    fn drop(&mut self) {
+        let cache = std::mem::take(
+            self.cache
+                .get_mut()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let mut clients: Vec<BaseConsumer> = cache.clients.into_values().collect();
+        clients.extend(cache.stable_client);
+        tear_down(clients);
+    }
+}
+
+/// Drops librdkafka clients on a thread of its own, 16 at a time. A consumer with a group id
+/// closes its group handle first, polling in steps of up to 100 ms: a few hundred group
+/// clients dropped one after another take many seconds (`agentbus lag` was slow to exit).
+/// Nothing waits for it: they commit nothing, and a process that exits meanwhile just ends.
+pub(crate) fn tear_down<T: Send + 'static>(clients: Vec<T>) {
+    if clients.is_empty() {
+        return;
+    }
+    std::thread::spawn(move || {
+        let mut clients = clients;
+        while !clients.is_empty() {
+            let batch: Vec<T> = clients.drain(..clients.len().min(16)).collect();
+            std::thread::scope(|scope| {
+                for client in batch {
+                    scope.spawn(move || drop(client));
+                }
+            });
+        }
+    });
 }
 
 /// The offsets that bound reading one partition.
@@ -1020,6 +1075,7 @@ pub(crate) fn oldest_unconsumed(
                 }
             }
         }
+        tear_down(vec![reader]);
     }
     // Second look, read uncommitted: where an open transaction holds the reading back, the
     // first record past the last stable offset; where a record could not be read, the
@@ -1082,6 +1138,7 @@ pub(crate) fn oldest_unconsumed(
             }
         }
     }
+    tear_down(vec![reader]);
     for ((t, p, o), found) in out.iter_mut() {
         let Some(&(offset, ts)) = later.get(&(t.clone(), *p)) else {
             continue;
