@@ -73,7 +73,8 @@ stop_broker() {
 
 # `ops/bench.sh callgrind [publish|agent] [agentbus-bench callgrind flags...]`: the work runs in
 # agentbus-bench under valgrind, counted between two marker functions (see
-# src/bin/bench/callgrind.rs): window 1 the work, window 2 as long idle. Instructions (Ir) and
+# src/bin/bench/callgrind.rs): part 1 start-up and warm-up (not counted), part 2 the work,
+# part 3 as long idle. Instructions (Ir) and
 # allocator calls are counts, the same run to run up to the idle threads' timer wake-ups
 # (window 2 shows their size).
 callgrind() {
@@ -87,22 +88,24 @@ callgrind() {
     [ "$w" = publish ] && { n=$((10 * 100)); unit="events (10 batches of 100)"; }
     echo "callgrind $w: valgrind --tool=callgrind, output in $out/$w.out.*"
     valgrind --tool=callgrind --callgrind-out-file="$out/$w.out" \
-      --zero-before='*callgrind_zero_here*' --dump-before='*callgrind_dump_here*' \
+      --dump-before='*callgrind_dump_here*' \
       target/release/agentbus-bench callgrind "$w" --brokers "$brokers" \
       --topic-prefix "${prefix}cg-$w." --agentbus target/release/agentbus "${flags[@]}" "$@" \
       2>"$out/$w.valgrind.log" | tee "$out/$w.bench.log"
-    local work idle
-    read -r work work_allocs < <(target/release/agentbus-bench callgrind-count "$out/$w.out.1")
-    read -r idle idle_allocs < <(target/release/agentbus-bench callgrind-count "$out/$w.out.2")
+    local work idle work_allocs idle_allocs
+    read -r work work_allocs < <(target/release/agentbus-bench callgrind-count "$out/$w.out.2")
+    read -r idle idle_allocs < <(target/release/agentbus-bench callgrind-count "$out/$w.out.3")
     echo "  window: $work instructions, $work_allocs allocator calls for $n $unit"
     echo "  idle window as long: $idle instructions, $idle_allocs allocator calls"
     echo "  per event: $((work / n)) instructions ($(((work - idle) / n)) less the idle window's), $((work_allocs / n)) allocations ($(((work_allocs - idle_allocs) / n)) less idle)"
-    echo "  top 5 functions, inclusive:"
-    callgrind_annotate --inclusive=yes "$out/$w.out.1" 2>/dev/null | tee "$out/$w.inclusive.txt" \
-      | grep -E '^ *[0-9,]+ ' | sed -n 2,6p | cut -c1-200
-    echo "  top 5 functions, self:"
-    callgrind_annotate "$out/$w.out.1" 2>/dev/null | tee "$out/$w.self.txt" \
-      | grep -E '^ *[0-9,]+ ' | sed -n 2,6p | cut -c1-200
+    # Inclusive: callgrind_annotate, agentbus's own functions (the thread and runtime frames
+    # above them include everything). Self: from the dump itself (see callgrind::count).
+    echo "  top 5 agentbus functions, inclusive (callgrind_annotate --inclusive=yes; all in $out/$w.inclusive.txt):"
+    callgrind_annotate --inclusive=yes --threshold=100 "$out/$w.out.2" 2>/dev/null >"$out/$w.inclusive.txt" || true
+    grep -E '^ *[0-9,]+ ' "$out/$w.inclusive.txt" | grep 'agentbus::' | head -5 | cut -c1-180 | sed 's/^/    /'
+    echo "  top 5 functions, self (all in $out/$w.self.txt):"
+    target/release/agentbus-bench callgrind-count --top 40 "$out/$w.out.2" | tail -n +2 >"$out/$w.self.txt"
+    head -5 "$out/$w.self.txt" | cut -c1-180 | sed 's/^/    /'
   done
 }
 

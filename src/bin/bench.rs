@@ -72,6 +72,9 @@ enum Command {
     CallgrindCount {
         /// The dump.
         file: PathBuf,
+        /// Functions of the largest self cost listed after the first line.
+        #[arg(long, default_value_t = 0)]
+        top: usize,
     },
 }
 
@@ -501,9 +504,15 @@ async fn main() -> anyhow::Result<()> {
         Command::Scale(args) => scale::scale(args).await?,
         Command::Overload(args) => overload::overload(args).await?,
         Command::Callgrind(args) => callgrind::callgrind(args).await?,
-        Command::CallgrindCount { file } => {
-            let (instructions, allocations) = callgrind::count(&file)?;
-            println!("{instructions} {allocations}");
+        Command::CallgrindCount { file, top } => {
+            let counts = callgrind::count(&file)?;
+            println!("{} {}", counts.instructions, counts.allocations);
+            for (name, cost) in counts.by_function.iter().take(top) {
+                println!(
+                    "{cost:>14} ({:>4.1}%)  {name}",
+                    *cost as f64 * 100.0 / counts.instructions.max(1) as f64
+                );
+            }
         }
         Command::Publish(args) => publish(args).await?,
     }

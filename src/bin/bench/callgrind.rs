@@ -1,12 +1,15 @@
 //! `agentbus-bench callgrind publish|agent`: the work `ops/bench.sh callgrind` runs under
-//! `valgrind --tool=callgrind`, in this process (agentbus as a library), between two marker
-//! functions: valgrind is started with `--zero-before=*callgrind_zero_here*` and
-//! `--dump-before=*callgrind_dump_here*`, so each dump holds exactly one measured window, over
-//! every thread (the HTTP server, the store's writer, librdkafka's threads), with the start-up,
-//! schema loading, connections and group joins of the warm-up left out.
+//! `valgrind --tool=callgrind`, in this process (agentbus as a library), between calls of a
+//! marker function: valgrind is started with `--dump-before=*callgrind_dump_here*`, so that
+//! every call ends one part of the profile (a dump also zeroes the counters), and each part
+//! holds one window, over every thread (the HTTP server, the store's writer, librdkafka's
+//! threads).
 //!
-//! Windows, in dump order: (1) the work, (2) as long doing nothing (the idle cost of the
-//! threads that wake on timers, to judge how much of (1) is not the work).
+//! Parts, in dump order: (1) start-up and the warm-up (schema loading, connections, group
+//! joins: not counted), (2) the work, (3) as long doing nothing (the idle cost of the threads
+//! that wake on timers, to judge how much of (2) is not the work).
+//! (`--zero-before` would do for the start of a window, but it leaves the part's summary and
+//! the inclusive cost of calls already running at the time uncleared; a dump clears both.)
 //!
 //! `agentbus-bench callgrind-count FILE` reads a dump: instructions, and calls to the C
 //! allocator (malloc, calloc, realloc, the aligned ones; Rust's allocations all go there).
@@ -48,14 +51,7 @@ pub struct CallgrindArgs {
     warm_up: usize,
 }
 
-/// Entering it zeroes callgrind's counters (`--zero-before`). Never inlined, so it exists.
-#[inline(never)]
-fn callgrind_zero_here(window: &str) {
-    std::hint::black_box(window);
-    std::hint::black_box(0x5a5a_u32);
-}
-
-/// Entering it dumps callgrind's counters (`--dump-before`).
+/// Entering it ends a part of the profile (`--dump-before`). Never inlined, so it exists.
 #[inline(never)]
 fn callgrind_dump_here(window: &str) {
     std::hint::black_box(window);
@@ -153,7 +149,6 @@ async fn post_all(client: &reqwest::Client, url: &str, bodies: Vec<Vec<u8>>) -> 
 
 /// The idle window: as long as the work took, doing nothing.
 async fn idle_window(took: Duration) {
-    callgrind_zero_here("idle");
     tokio::time::sleep(took).await;
     callgrind_dump_here("idle");
 }
@@ -194,7 +189,7 @@ async fn publish(
     post_all(client, &url, bodies(args.warm_up, args.batch, 0)).await?;
     let measured = bodies(args.batches, args.batch, 1_000_000);
     let started = Instant::now();
-    callgrind_zero_here("publish");
+    callgrind_dump_here("warm-up");
     post_all(client, &url, measured).await?;
     callgrind_dump_here("publish");
     let took = started.elapsed();
@@ -244,7 +239,7 @@ async fn agent(
     let measured = bodies(args.events.div_ceil(100), 100, 1_000_000);
     let events = args.events.div_ceil(100) * 100;
     let started = Instant::now();
-    callgrind_zero_here("agent");
+    callgrind_dump_here("warm-up");
     post_all(client, &publisher.url, measured).await?;
     wait_for((warm + events) as f64, "measured").await?;
     callgrind_dump_here("agent");
@@ -257,8 +252,21 @@ async fn agent(
     Ok(())
 }
 
-/// Instructions (`Ir`) and calls to the C allocator in a callgrind dump.
-pub fn count(file: &std::path::Path) -> anyhow::Result<(u64, u64)> {
+/// What a callgrind dump counted.
+pub struct Counts {
+    /// Instructions (`Ir`) of the part.
+    pub instructions: u64,
+    /// Calls to the C allocator (Rust's allocations all go there).
+    pub allocations: u64,
+    /// Self cost by function, largest first.
+    pub by_function: Vec<(String, u64)>,
+}
+
+/// Reads a callgrind dump (the format of `--dump-instr=no`, the default: `positions: line`).
+/// Self cost is every cost line of a function but those that follow a `calls=` line (they
+/// are the inclusive cost of that call). callgrind_annotate 3.19 is not used for it: on these
+/// dumps its self view shows inclusive figures.
+pub fn count(file: &std::path::Path) -> anyhow::Result<Counts> {
     // glibc's names for them too: callgrind shows one name of an address's aliases.
     const ALLOCATORS: &[&str] = &[
         "malloc",
@@ -273,39 +281,36 @@ pub fn count(file: &std::path::Path) -> anyhow::Result<(u64, u64)> {
         "__libc_memalign",
     ];
     let text = std::fs::read_to_string(file).with_context(|| format!("{}", file.display()))?;
-    let mut names = std::collections::HashMap::new();
+    let mut names: std::collections::HashMap<String, String> = Default::default();
+    let mut by_function: std::collections::HashMap<String, u64> = Default::default();
     let mut total = None;
     let mut allocations = 0u64;
+    let mut current = String::new();
     let mut callee_is_allocator = false;
+    let mut after_calls = false;
     for line in text.lines() {
-        if let Some(rest) = line
-            .strip_prefix("summary:")
-            .or_else(|| line.strip_prefix("totals:"))
-        {
+        if let Some(rest) = line.strip_prefix("totals:") {
             total = rest.split_whitespace().next().and_then(|n| n.parse().ok());
             continue;
         }
         // Names are compressed: `fn=(12) name` the first time, `fn=(12)` after.
-        let named = [
-            "fn=", "cfn=", "cfi=", "cfl=", "fl=", "fi=", "fe=", "ob=", "cob=",
-        ]
-        .iter()
-        .find_map(|p| line.strip_prefix(p).map(|rest| (*p, rest)));
+        let named = ["fn=", "cfn="]
+            .iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (*p, rest)));
         if let Some((prefix, rest)) = named {
-            let (id, name) = match rest.strip_prefix('(').and_then(|r| r.split_once(')')) {
-                Some((id, name)) => (Some(id.to_string()), name.trim().to_string()),
-                None => (None, rest.trim().to_string()),
-            };
-            let is_fn = prefix == "fn=" || prefix == "cfn=";
-            let name = match (id, name.is_empty()) {
-                (Some(id), true) => names.get(&(is_fn, id)).cloned().unwrap_or_default(),
-                (Some(id), false) => {
-                    names.insert((is_fn, id), name.clone());
-                    name
+            let name = match rest.strip_prefix('(').and_then(|r| r.split_once(')')) {
+                Some((id, name)) if name.trim().is_empty() => {
+                    names.get(id).cloned().unwrap_or_default()
                 }
-                (None, _) => name,
+                Some((id, name)) => {
+                    names.insert(id.to_string(), name.trim().to_string());
+                    name.trim().to_string()
+                }
+                None => rest.trim().to_string(),
             };
-            if prefix == "cfn=" {
+            if prefix == "fn=" {
+                current = name;
+            } else {
                 callee_is_allocator = ALLOCATORS.contains(&name.as_str());
             }
             continue;
@@ -318,20 +323,55 @@ pub fn count(file: &std::path::Path) -> anyhow::Result<(u64, u64)> {
                     .and_then(|n| n.parse::<u64>().ok())
                     .unwrap_or(0);
             }
+            after_calls = true;
             continue;
         }
+        let is_cost = line
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_digit() || matches!(c, '+' | '-' | '*'));
+        if is_cost {
+            if after_calls {
+                after_calls = false;
+            } else if let Some(cost) = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                *by_function.entry(current.clone()).or_insert(0) += cost;
+            }
+        }
     }
-    Ok((total.context("no summary: or totals: line")?, allocations))
+    let mut by_function: Vec<(String, u64)> = by_function.into_iter().collect();
+    by_function.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    Ok(Counts {
+        instructions: total.context("no totals: line")?,
+        allocations,
+        by_function,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn instructions_and_allocator_calls_of_a_dump() {
-        let dump = "events: Ir\nfn=(1) main\n0 5\ncfn=(2) malloc\ncalls=3 0\n0 30\ncfn=(3) free\ncalls=2 0\n0 4\nfn=(4) other\ncfn=(2)\ncalls=4 0\n0 40\nsummary: 79\n";
+        let dump = "events: Ir\nfn=(1) main\n0 5\ncfn=(2) malloc\ncalls=3 0\n0 30\ncfn=(3) free\ncalls=2 0\n0 4\nfn=(4) other\n+1 2\ncfn=(2)\ncalls=4 0\n0 40\nfn=(2)\n0 70\nfn=(3)\n0 4\ntotals: 81\n";
         let file = std::env::temp_dir().join(format!("callgrind-{}.out", uuid::Uuid::new_v4()));
         std::fs::write(&file, dump).unwrap();
-        assert_eq!(super::count(&file).unwrap(), (79, 7));
+        let counts = super::count(&file).unwrap();
+        assert_eq!((counts.instructions, counts.allocations), (81, 7));
+        let f = |name: &str| {
+            counts
+                .by_function
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|f| f.1)
+        };
+        assert_eq!(
+            (f("main"), f("other"), f("malloc"), f("free")),
+            (Some(5), Some(2), Some(70), Some(4))
+        );
+        assert_eq!(counts.by_function[0].0, "malloc");
         std::fs::remove_file(file).unwrap();
     }
 }
