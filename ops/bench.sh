@@ -102,7 +102,7 @@ callgrind() {
     # above them include everything). Self: from the dump itself (see callgrind::count).
     echo "  top 5 agentbus functions, inclusive (callgrind_annotate --inclusive=yes; all in $out/$w.inclusive.txt):"
     callgrind_annotate --inclusive=yes --threshold=100 "$out/$w.out.2" 2>/dev/null >"$out/$w.inclusive.txt" || true
-    grep -E '^ *[0-9,]+ ' "$out/$w.inclusive.txt" | grep 'agentbus::' | head -5 | cut -c1-180 | sed 's/^/    /'
+    { grep -E '^ *[0-9,]+ ' "$out/$w.inclusive.txt" | grep 'agentbus::' | head -5 | cut -c1-180 | sed 's/^/    /'; } || true
     echo "  top 5 functions, self (all in $out/$w.self.txt):"
     target/release/agentbus-bench callgrind-count --top 40 "$out/$w.out.2" | tail -n +2 >"$out/$w.self.txt"
     head -5 "$out/$w.self.txt" | cut -c1-180 | sed 's/^/    /'

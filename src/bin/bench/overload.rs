@@ -28,8 +28,9 @@ pub struct OverloadArgs {
     /// `--probe-concurrency` requests in flight for `--probe-duration`) when not given.
     #[arg(long, env = "AGENTBUS_BENCH_SUSTAINABLE_RATE")]
     sustainable: Option<f64>,
-    /// Requests in flight of the closed-loop run that finds the sustainable rate.
-    #[arg(long, default_value_t = 16)]
+    /// Requests in flight of the closed-loop run that finds the sustainable rate (as many as
+    /// the service's default limit lets through: fewer would measure latency, not capacity).
+    #[arg(long, default_value_t = 64)]
     probe_concurrency: usize,
     /// Duration of that run.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
