@@ -36,6 +36,8 @@ mod scale;
 mod service;
 #[path = "bench/soak.rs"]
 mod soak;
+#[path = "bench/store_soak.rs"]
+mod store_soak;
 
 use kafka_tools::ToolArgs;
 use service::Process;
@@ -66,6 +68,8 @@ enum Command {
     /// Single-event publishes at twice the sustainable rate, open loop: what is accepted,
     /// what is refused, and how fast.
     Overload(overload::OverloadArgs),
+    /// The idempotency store alone at the soak's rate, memory sampled (sled's cache).
+    StoreSoak(store_soak::StoreSoakArgs),
     /// The work `ops/bench.sh callgrind` counts under valgrind: `publish` or `agent`.
     Callgrind(callgrind::CallgrindArgs),
     /// Instructions and allocator calls of a callgrind dump (for `ops/bench.sh callgrind`).
@@ -144,6 +148,24 @@ struct PublishArgs {
     /// Partitions of the baseline topics (match the service's).
     #[arg(long, default_value_t = 3)]
     partitions: i32,
+}
+
+/// "HTTP 503 broker_unavailable: the service is at its limit..." of an error answer: the
+/// status, the contract's code and the message up to its first digit (so that answers that
+/// differ only in figures count as one reason).
+async fn refusal(response: reqwest::Response) -> String {
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    let message = body["error"]["message"].as_str().unwrap_or("");
+    let message: String = message
+        .chars()
+        .take_while(|c| !c.is_ascii_digit())
+        .collect();
+    format!(
+        "HTTP {status} {}: {}",
+        body["error"]["code"].as_str().unwrap_or("?"),
+        message.trim_end()
+    )
 }
 
 /// The median of some values (0 for none).
@@ -299,7 +321,7 @@ async fn latency(
             let response = client.post(endpoint.as_str()).json(&event(i)).send().await;
             let outcome = match response {
                 Ok(r) if r.status().is_success() => None,
-                Ok(r) => Some(format!("HTTP {}", r.status().as_u16())),
+                Ok(r) => Some(refusal(r).await),
                 Err(e) => Some(format!("{e}")),
             };
             (at.elapsed(), outcome)
@@ -504,6 +526,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Scale(args) => scale::scale(args).await?,
         Command::Overload(args) => overload::overload(args).await?,
         Command::Callgrind(args) => callgrind::callgrind(args).await?,
+        Command::StoreSoak(args) => store_soak::store_soak(args).await?,
         Command::CallgrindCount { file, top } => {
             let counts = callgrind::count(&file)?;
             println!("{} {}", counts.instructions, counts.allocations);
@@ -760,14 +783,23 @@ async fn publish_steadily(
                 "data": {"pattern_id": uuid::Uuid::new_v4(), "agent_id": "a", "pattern_type": "bench",
                          "description": "latency", "success_rate": 0.5, "sample_size": i as i32}
             });
-            client.post(endpoint).json(&body).send().await.map(|r| r.status().is_success()).unwrap_or(false)
+            match client.post(endpoint).json(&body).send().await {
+                Ok(r) if r.status().is_success() => None,
+                Ok(r) => Some(refusal(r).await),
+                Err(e) => Some(e.to_string()),
+            }
         }));
     }
     let mut published = 0;
+    let mut reasons = std::collections::BTreeMap::new();
     for s in sends {
-        if s.await? {
-            published += 1;
+        match s.await? {
+            None => published += 1,
+            Some(why) => *reasons.entry(why).or_insert(0) += 1,
         }
+    }
+    for (why, n) in reasons {
+        println!("      not published {n}x: {why}");
     }
     Ok(published)
 }

@@ -28,9 +28,9 @@ pub struct OverloadArgs {
     /// `--probe-concurrency` requests in flight for `--probe-duration`) when not given.
     #[arg(long, env = "AGENTBUS_BENCH_SUSTAINABLE_RATE")]
     sustainable: Option<f64>,
-    /// Requests in flight of the closed-loop run that finds the sustainable rate (as many as
-    /// the service's default limit lets through: fewer would measure latency, not capacity).
-    #[arg(long, default_value_t = 64)]
+    /// Requests in flight of the closed-loop run that finds the sustainable rate (enough that
+    /// the service's capacity, not the latency, bounds it).
+    #[arg(long, default_value_t = 128)]
     probe_concurrency: usize,
     /// Duration of that run.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -162,9 +162,17 @@ async fn open_loop(
                 }
                 Ok(r) if r.status() == 503 => {
                     let retry_after = r.headers().contains_key("retry-after");
-                    Outcome::Refused(at.elapsed().as_secs_f64() * 1000.0, retry_after)
+                    let ms = at.elapsed().as_secs_f64() * 1000.0;
+                    let why = super::refusal(r).await;
+                    // Shed (src/http/shed.rs), or a 503 of the publish itself (the broker's
+                    // acknowledgement did not come in time): only the first is a refusal.
+                    if why.contains("publishes in flight") {
+                        Outcome::Refused(ms, retry_after)
+                    } else {
+                        Outcome::Failed(why)
+                    }
                 }
-                Ok(r) => Outcome::Failed(format!("HTTP {}", r.status().as_u16())),
+                Ok(r) => Outcome::Failed(super::refusal(r).await),
                 Err(e) if e.is_timeout() => Outcome::Failed("no answer within 60 s".into()),
                 Err(e) => Outcome::Failed(format!("{e}")),
             };

@@ -49,7 +49,7 @@ struct Sample {
 }
 
 /// Bytes of the files under `dir`.
-fn disk_bytes(dir: &std::path::Path) -> u64 {
+pub fn disk_bytes(dir: &std::path::Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
