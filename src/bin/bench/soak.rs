@@ -175,7 +175,7 @@ pub async fn soak(args: SoakArgs) -> anyhow::Result<()> {
                     acked.fetch_add(n, Ordering::Relaxed);
                     return;
                 }
-                Ok(r) => format!("HTTP {}", r.status().as_u16()),
+                Ok(r) => super::refusal(r).await,
                 Err(e) => format!("{e}"),
             };
             refused.fetch_add(n, Ordering::Relaxed);
