@@ -166,7 +166,7 @@ async fn open_loop(
                     let why = super::refusal(r).await;
                     // Shed (src/http/shed.rs), or a 503 of the publish itself (the broker's
                     // acknowledgement did not come in time): only the first is a refusal.
-                    if why.contains("publishes in flight") {
+                    if why.contains("at its limit of") {
                         Outcome::Refused(ms, retry_after)
                     } else {
                         Outcome::Failed(why)
