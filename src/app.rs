@@ -171,6 +171,7 @@ impl App {
                 max_body_bytes: settings.max_body_bytes,
                 max_batch: settings.max_batch,
                 request_timeout: settings.request_timeout,
+                max_publishes_in_flight: settings.max_publishes_in_flight,
             },
             keys: Arc::new(keys),
             lag: LagMonitor::new(

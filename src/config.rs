@@ -386,6 +386,12 @@ pub struct ServeArgs {
     #[arg(long, env = "AGENTBUS_KEY_RATE", default_value_t = 1000.0)]
     pub key_rate: f64,
 
+    /// Most publish requests worked on at once; one more is refused at once (503 with
+    /// `Retry-After`, its body unread) rather than queued behind them. 256: at 1 000 single
+    /// events/s that rides out a 250 ms stall; 64 shed 9% of such a load on a busy machine.
+    #[arg(long, env = "AGENTBUS_MAX_PUBLISHES_IN_FLIGHT", default_value_t = 256)]
+    pub max_publishes_in_flight: usize,
+
     /// Longest a request may take before it is answered 503.
     #[arg(long, env = "AGENTBUS_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,

@@ -56,6 +56,12 @@ pub const LAG_COLLECTION_ERRORS: &str = "agentbus_lag_collection_errors_total";
 /// Records copied by replays, by `target` topic.
 pub const REPLAYED: &str = "agentbus_replayed_records_total";
 
+/// Publish requests refused at once because the service had its limit of publishes in
+/// flight (`--max-publishes-in-flight`); each was answered 503 with `Retry-After`.
+pub const HTTP_REQUESTS_SHED: &str = "agentbus_http_requests_shed_total";
+/// Publish requests being worked on now (at most `--max-publishes-in-flight`).
+pub const PUBLISHES_IN_FLIGHT: &str = "agentbus_publishes_in_flight";
+
 /// Outcomes of [`EVENTS_PUBLISHED`].
 pub mod outcome {
     /// Written to Kafka and acknowledged by the broker.
@@ -183,5 +189,13 @@ fn describe() {
     describe_gauge!(
         CIRCUIT_BREAKER_STATE,
         "Circuit breaker of an integration: 0 closed, 1 half-open, 2 open."
+    );
+    describe_counter!(
+        HTTP_REQUESTS_SHED,
+        "Publish requests refused with 503 because the service had its limit of publishes in flight."
+    );
+    describe_gauge!(
+        PUBLISHES_IN_FLIGHT,
+        "Publish requests being worked on (at most --max-publishes-in-flight)."
     );
 }

@@ -11,6 +11,7 @@ mod openapi;
 pub mod params;
 mod replays;
 mod schemas;
+pub mod shed;
 
 use std::sync::{
     Arc,
@@ -43,6 +44,9 @@ pub struct Limits {
     pub max_batch: usize,
     /// Longest a request may take (503 beyond).
     pub request_timeout: std::time::Duration,
+    /// Most publish requests worked on at once; one more is refused at once with 503 and
+    /// `Retry-After` (see [`shed`]).
+    pub max_publishes_in_flight: usize,
 }
 
 /// What `/readyz` checks.
@@ -145,6 +149,13 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             body::limit,
+        ))
+        // Publish load shedding: inside the access checks (added after, so they run first: an
+        // unknown key hears 401, a key over its own rate 429) and outside the body limit, so
+        // that an overloaded service refuses before it reads a body it will not take.
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(shed::PublishGate::new(state.limits.max_publishes_in_flight)),
+            shed::gate,
         ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -54,6 +54,17 @@ impl Process {
         consumers: Option<&Path>,
         wait_ready: bool,
     ) -> anyhow::Result<Process> {
+        Self::serve_with(agentbus, kafka, consumers, wait_ready, &[]).await
+    }
+
+    /// [`Process::serve`] with `env` on top.
+    pub async fn serve_with(
+        agentbus: &Path,
+        kafka: &KafkaArgs,
+        consumers: Option<&Path>,
+        wait_ready: bool,
+        env: &[(&str, String)],
+    ) -> anyhow::Result<Process> {
         let dir = temp_dir("serve")?;
         let consumers = match consumers {
             Some(c) => c.to_path_buf(),
@@ -68,6 +79,7 @@ impl Process {
             .arg("serve")
             .env("AGENTBUS_HTTP_ADDR", format!("127.0.0.1:{port}"))
             .env("AGENTBUS_CONSUMERS_DIR", &consumers)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .spawn()
             .with_context(|| format!("starting {}", agentbus.display()))?;
         let process = Process {
@@ -125,6 +137,16 @@ impl Process {
     /// Its process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Its data directory (sled stores).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// Its resident memory now (VmRSS), MiB.
+    pub fn rss_mib(&self) -> f64 {
+        super::status_mib(self.pid(), "VmRSS:")
     }
 
     /// Its peak resident memory (VmHWM), MiB.
