@@ -301,6 +301,8 @@ impl App {
         match listener {
             Some(listener) => {
                 tracing::info!(addr = %listener.local_addr()?, "agentbus listening");
+                let listener =
+                    http::connections::LimitedListener::new(listener, settings.max_connections);
                 let server = axum::serve(listener, http::router(state))
                     .with_graceful_shutdown(cancel.clone().cancelled_owned());
                 tokio::select! {

@@ -392,6 +392,13 @@ pub struct ServeArgs {
     #[arg(long, env = "AGENTBUS_MAX_PUBLISHES_IN_FLIGHT", default_value_t = 256)]
     pub max_publishes_in_flight: usize,
 
+    /// Most HTTP connections held open at once. One more is answered `503` with
+    /// `Retry-After` at once and closed: every connection costs memory (buffers, a task),
+    /// and clients that open one per request they wait on must not grow the service
+    /// without bound. 1024 idle connections cost about 20 MiB.
+    #[arg(long, env = "AGENTBUS_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+
     /// Longest a request may take before it is answered 503.
     #[arg(long, env = "AGENTBUS_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,

@@ -61,6 +61,9 @@ pub const REPLAYED: &str = "agentbus_replayed_records_total";
 pub const HTTP_REQUESTS_SHED: &str = "agentbus_http_requests_shed_total";
 /// Publish requests being worked on now (at most `--max-publishes-in-flight`).
 pub const PUBLISHES_IN_FLIGHT: &str = "agentbus_publishes_in_flight";
+/// Connections refused at once because the server had its limit of open connections
+/// (`--max-connections`); each was answered 503 with `Retry-After` and closed.
+pub const HTTP_CONNECTIONS_REFUSED: &str = "agentbus_http_connections_refused_total";
 
 /// Outcomes of [`EVENTS_PUBLISHED`].
 pub mod outcome {
@@ -197,5 +200,9 @@ fn describe() {
     describe_gauge!(
         PUBLISHES_IN_FLIGHT,
         "Publish requests being worked on (at most --max-publishes-in-flight)."
+    );
+    describe_counter!(
+        HTTP_CONNECTIONS_REFUSED,
+        "Connections answered 503 and closed because the server had its limit of open connections."
     );
 }

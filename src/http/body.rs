@@ -62,7 +62,7 @@ pub async fn limit(State(state): State<AppState>, request: Request, next: Next) 
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         } else if !expects_continue(&parts.headers) {
-            spawn_drain(rest, &mut response);
+            spawn_drain(rest, false, &mut response);
         }
         response
     };
@@ -94,10 +94,17 @@ pub fn refuse_unread(request: Request, mut response: Response) -> Response {
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     } else if !expects_continue(&parts.headers) {
-        spawn_drain(body.into_data_stream(), &mut response);
+        let small = content_length(&parts.headers).is_some_and(|n| n <= SMALL_BODY_BYTES);
+        spawn_drain(body.into_data_stream(), small, &mut response);
     }
     response
 }
+
+/// A declared body this small is always drained, without taking one of [`MOST_DRAINS`]: it
+/// costs little to read, and closing the connection instead would make the client
+/// reconnect, which under overload (publishes shed by the hundred a second) costs more than
+/// the drain.
+const SMALL_BODY_BYTES: u64 = 64 * 1024;
 
 /// Most refused bodies drained at once: beyond, a refusal closes the connection instead, so
 /// that clients sending large bodies to be refused cannot hold unbounded work.
@@ -105,8 +112,12 @@ pub const MOST_DRAINS: usize = 64;
 
 /// Drains `rest` in the background when fewer than [`MOST_DRAINS`] drains run; else marks
 /// `response` to close the connection (the client may then miss the answer, as before).
-fn spawn_drain(rest: axum::body::BodyDataStream, response: &mut Response) {
+fn spawn_drain(rest: axum::body::BodyDataStream, small: bool, response: &mut Response) {
     static DRAINS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MOST_DRAINS);
+    if small {
+        tokio::spawn(drain(rest));
+        return;
+    }
     match DRAINS.try_acquire() {
         Ok(permit) => {
             tokio::spawn(async move {

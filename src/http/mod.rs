@@ -2,6 +2,7 @@
 
 mod access;
 pub mod body;
+pub mod connections;
 mod consumers;
 mod demo;
 mod dlq;
