@@ -3,6 +3,7 @@
 //! after the broker acknowledged every event in it.
 
 pub mod idempotency;
+mod request_hash;
 pub mod size;
 
 use std::{
@@ -21,7 +22,6 @@ use rdkafka::{
     producer::{FutureProducer, FutureRecord, Producer},
 };
 use serde_json::Value as Json;
-use sha2::{Digest, Sha256};
 
 use crate::{
     broker::Quirks,
@@ -480,8 +480,17 @@ impl Publisher {
             idempotency_key,
             scope,
         } = request;
+        let mut scratch = Vec::new();
         for (i, item) in items.into_iter().enumerate() {
-            match self.prepare_one(item, i, batch, idempotency_key.as_deref(), scope.as_deref()) {
+            let hash = request_hash::request_hash(&item, &mut scratch);
+            match self.prepare_one(
+                item,
+                hash,
+                i,
+                batch,
+                idempotency_key.as_deref(),
+                scope.as_deref(),
+            ) {
                 Ok(p) => prepared.push(p),
                 Err(PrepareError::Rejected(kind, violations)) => {
                     first_kind.get_or_insert(kind);
@@ -517,6 +526,7 @@ impl Publisher {
     fn prepare_one(
         &self,
         item: Json,
+        hash: RequestHash,
         i: usize,
         batch: bool,
         header_key: Option<&str>,
@@ -537,7 +547,6 @@ impl Publisher {
         let rejected = |kind, path: String, message: String| {
             PrepareError::Rejected(kind, vec![Violation { path, message }])
         };
-        let hash = request_hash(&item);
         let envelope = Envelope::parse(item, &root)
             .map_err(|v| PrepareError::Rejected(Rejection::InvalidEnvelope, v))?;
         let event_type = self
@@ -675,26 +684,6 @@ const RENEW_AT_MOST_EVERY: Duration = Duration::from_secs(5);
 /// The size of `p` as a Kafka record (key, value, headers and record overhead).
 fn record_bytes(p: &Prepared) -> usize {
     size::record_size(p.record_key.len(), p.value.len(), []).saturating_add(p.header_bytes)
-}
-
-/// The request hash of one envelope as received: SHA-256 of its compact JSON text with
-/// object keys sorted (serde_json's maps are ordered), so the same body sent again, however
-/// spaced or ordered, is the same request. The text is streamed into the hash, never built;
-/// the hash is what earlier versions stored for the same body.
-fn request_hash(item: &Json) -> RequestHash {
-    struct Hashing(Sha256);
-    impl std::io::Write for Hashing {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.update(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut hashing = Hashing(Sha256::new());
-    serde_json::to_writer(&mut hashing, item).expect("a JSON value serializes");
-    hashing.0.finalize().into()
 }
 
 fn conflict(key: &str, why: &str) -> Error {
@@ -897,6 +886,7 @@ pub async fn watch_broker(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
 
     /// A publisher whose broker is nowhere: producers are created, nothing is sent.
     fn publisher(dir: &std::path::Path) -> Publisher {
@@ -975,6 +965,60 @@ mod tests {
         // A fatal idempotence error makes a producer unusable on any broker: renewed.
         p.delivery_failed_fatally(&p.current_producer(), "a delivery failed for good");
         assert_ne!(id(&p), first, "a producer that failed fatally was kept");
+    }
+
+    #[test]
+    fn the_request_hash_ignores_spacing_and_key_order_and_is_what_earlier_versions_stored() {
+        let item: Json = serde_json::from_str(
+            r#"{"event_type":"agent.created","source":"s","data":{"b":1,"a":"x\u00e9\n"}}"#,
+        )
+        .unwrap();
+        // Records written before the hash was streamed hold SHA-256 of the compact text.
+        let stored: RequestHash = Sha256::digest(item.to_string().as_bytes()).into();
+        let hash = |item: &Json| request_hash::request_hash(item, &mut Vec::new());
+        assert_eq!(hash(&item), stored);
+        let respaced: Json = serde_json::from_str(
+            "{ \"data\": {\"a\": \"x\u{e9}\\n\", \"b\": 1}, \"source\": \"s\",\n \"event_type\": \"agent.created\" }",
+        )
+        .unwrap();
+        assert_eq!(hash(&respaced), stored);
+        let other: Json = serde_json::from_str(
+            r#"{"event_type":"agent.created","source":"s","data":{"b":2,"a":"x\u00e9\n"}}"#,
+        )
+        .unwrap();
+        assert_ne!(hash(&other), stored);
+    }
+
+    #[test]
+    fn the_size_counted_for_the_headers_is_that_of_the_headers_sent() {
+        use rdkafka::message::Headers;
+        let dir = tempfile::tempdir().unwrap();
+        let p = publisher(dir.path());
+        let item = serde_json::json!({
+            "event_type": "agent.created", "source": "s", "ttl_ms": 1000,
+            "data": {"agent_id": "a", "type": "researcher", "cognitive_pattern": "systems", "created_by": "u"},
+            "metadata": {"correlation_id": "c", "causation_id": "cc", "tenant": "acme"}
+        });
+        let prepared = p
+            .prepare(Request {
+                items: vec![item],
+                batch: false,
+                idempotency_key: Some("k".into()),
+                scope: None,
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+        let sent = headers(&prepared[0]);
+        assert_eq!(sent.count(), 12, "8 fixed, 3 from metadata, ce_expiresat");
+        let bytes: usize = sent
+            .iter()
+            .map(|h| size::header_size(h.key.len(), h.value.map_or(0, <[u8]>::len)))
+            .sum();
+        assert_eq!(prepared[0].header_bytes, bytes);
+        let meta = sent
+            .iter()
+            .find(|h| h.key == "agentbus-meta-tenant")
+            .unwrap();
+        assert_eq!(meta.value, Some(&b"acme"[..]));
     }
 
     #[test]

@@ -5,13 +5,17 @@
 //! path that cost more than the encoding itself. Here named types come from the version's
 //! own map, built once at load ([`SchemaVersion::names`]), and a record's fields are taken in
 //! schema order, as [`super::json_to_avro`] produces them. Leaf kinds this module does not
-//! write itself (decimals, durations, UUIDs) go to apache-avro's writer, for which such a
+//! write itself (decimals, durations) go to apache-avro's writer, for which such a
 //! leaf has nothing to resolve; the output is byte for byte what apache-avro writes (a
 //! property test checks it).
 
 use std::collections::HashMap;
 
-use apache_avro::{Schema, types::Value};
+use apache_avro::{
+    Schema,
+    schema::{FixedSchema, UuidSchema},
+    types::Value,
+};
 
 use super::Error;
 
@@ -61,6 +65,20 @@ pub(crate) fn encode(
             | Schema::LocalTimestampNanos
             | Schema::TimeMicros,
         ) => long(*n, out),
+        (Value::Uuid(u), Schema::Uuid(UuidSchema::String) | Schema::String) => bytes(
+            u.hyphenated()
+                .encode_lower(&mut uuid::Uuid::encode_buffer())
+                .as_bytes(),
+            out,
+        ),
+        (Value::Uuid(u), Schema::Uuid(UuidSchema::Bytes) | Schema::Bytes) => {
+            bytes(u.as_bytes(), out)
+        }
+        (
+            Value::Uuid(u),
+            Schema::Uuid(UuidSchema::Fixed(FixedSchema { size: 16, .. }))
+            | Schema::Fixed(FixedSchema { size: 16, .. }),
+        ) => out.extend_from_slice(u.as_bytes()),
         (Value::Union(i, inner), Schema::Union(union)) => {
             let branch = union
                 .variants()
@@ -104,7 +122,7 @@ pub(crate) fn encode(
                 encode(value, &field.schema, names, out)?;
             }
         }
-        // Decimals, durations, UUIDs and whatever else: leaves without references.
+        // Decimals, durations and whatever else: leaves without references.
         (value, leaf) if is_leaf(leaf) => {
             apache_avro::writer::datum::GenericDatumWriter::builder(leaf)
                 .validate(false)
@@ -153,6 +171,30 @@ fn bytes(b: &[u8], out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn apache(value: &Value, schema: &Schema) -> Vec<u8> {
+        apache_avro::writer::datum::GenericDatumWriter::builder(schema)
+            .build()
+            .unwrap()
+            .write_value_to_vec(value.clone())
+            .unwrap()
+    }
+
+    #[test]
+    fn uuids_are_written_as_apache_avro_writes_them_in_every_representation() {
+        let value =
+            Value::Uuid(uuid::Uuid::parse_str("0192f6a2-7c3e-7a1b-9c2d-3e4f5a6b7c8d").unwrap());
+        for text in [
+            r#"{"type": "string", "logicalType": "uuid"}"#,
+            r#"{"type": "fixed", "name": "U", "size": 16, "logicalType": "uuid"}"#,
+            r#"{"type": "bytes", "logicalType": "uuid"}"#,
+        ] {
+            let schema = Schema::parse_str(text).unwrap();
+            let mut out = Vec::new();
+            encode(&value, &schema, &HashMap::new(), &mut out).unwrap();
+            assert_eq!(out, apache(&value, &schema), "{text}");
+        }
+    }
 
     #[test]
     fn longs_are_zigzag_varints() {
