@@ -57,7 +57,7 @@ fn compact(value: &Json, out: &mut Vec<u8>) {
 /// Appends `s` as a JSON string: as is between quotes when nothing in it needs escaping
 /// (serde_json escapes `"`, `\` and control characters only), else through serde_json.
 fn string(s: &str, out: &mut Vec<u8>) {
-    if s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+    if s.bytes().any(|b| ESCAPED[usize::from(b)]) {
         serde_json::to_writer(&mut *out, s).expect("a string serializes");
     } else {
         out.push(b'"');
@@ -65,6 +65,19 @@ fn string(s: &str, out: &mut Vec<u8>) {
         out.push(b'"');
     }
 }
+
+/// The bytes serde_json escapes in a string: control characters, `"` and `\`.
+static ESCAPED: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        table[b] = true;
+        b += 1;
+    }
+    table[b'"' as usize] = true;
+    table[b'\\' as usize] = true;
+    table
+};
 
 #[cfg(test)]
 mod tests {
