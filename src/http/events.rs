@@ -3,7 +3,6 @@
 use std::{sync::Arc, time::Instant};
 
 use axum::{
-    Json,
     body::Body,
     extract::{Extension, State},
     http::{HeaderMap, HeaderValue},
@@ -90,9 +89,9 @@ async fn handle(
     let all_duplicates = results.iter().all(|r| r.duplicate);
     let mut response = if batch {
         // Serialised straight from the results, not through a `serde_json::Value` copy.
-        Json(BatchAnswer { results: &results }).into_response()
+        json_response(&BatchAnswer { results: &results }, results.len())?
     } else {
-        Json(&results[0]).into_response()
+        json_response(&results[0], 1)?
     };
     if all_duplicates {
         response
@@ -101,6 +100,26 @@ async fn handle(
     }
     Ok(response)
 }
+
+/// `value` as an `application/json` response, written into a buffer sized for `results`
+/// results at once (axum's `Json` grows its buffer from 128 bytes, copying a batch's answer
+/// several times).
+fn json_response(value: &impl serde::Serialize, results: usize) -> Result<Response, ApiError> {
+    let mut body = Vec::with_capacity(16 + results * RESULT_BYTES);
+    serde_json::to_writer(&mut body, value)
+        .map_err(|e| ApiError::internal(format!("answer not serializable: {e}")))?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response())
+}
+
+/// About the length of one result as JSON.
+const RESULT_BYTES: usize = 200;
 
 /// A batch's answer: `{"results":[...]}`, in input order.
 #[derive(serde::Serialize)]
