@@ -107,9 +107,29 @@ async fn a_batch_is_written_whole_and_answered_in_input_order() {
         .collect();
     let response = app.post(&Value::Array(batch)).await;
     assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/json");
     let body: Value = response.json().await.unwrap();
     let results = body["results"].as_array().unwrap();
     assert_eq!(results.len(), 20);
+    let fields: Vec<&str> = results[0]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            "duplicate",
+            "event_id",
+            "event_type",
+            "event_version",
+            "offset",
+            "partition",
+            "topic"
+        ],
+        "the contract's result fields, nothing more"
+    );
     let offsets: Vec<i64> = results
         .iter()
         .map(|r| r["offset"].as_i64().unwrap())

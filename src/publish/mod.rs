@@ -3,6 +3,7 @@
 //! after the broker acknowledged every event in it.
 
 pub mod idempotency;
+mod request_hash;
 pub mod size;
 
 use std::{
@@ -17,11 +18,10 @@ use std::{
 use futures::future::join_all;
 use rdkafka::{
     error::{KafkaError, RDKafkaErrorCode},
-    message::{Header, Headers, OwnedHeaders},
+    message::{Header, OwnedHeaders},
     producer::{FutureProducer, FutureRecord, Producer},
 };
 use serde_json::Value as Json;
-use sha2::{Digest, Sha256};
 
 use crate::{
     broker::Quirks,
@@ -152,6 +152,22 @@ struct Prepared {
     /// The key under which the idempotency store keeps it (scoped by API key).
     store_key: String,
     hash: RequestHash,
+    /// Header values formatted once, for the record and for its size.
+    texts: HeaderTexts,
+    /// The headers' share of the record's size.
+    header_bytes: usize,
+}
+
+/// The header values that are not already strings in the envelope.
+struct HeaderTexts {
+    /// `ce_id`: the event id, hyphenated.
+    id: String,
+    /// `ce_time`.
+    time: String,
+    /// `ce_eventversion`.
+    version: String,
+    /// `ce_expiresat`, when the event expires.
+    expires: Option<String>,
 }
 
 enum PrepareError {
@@ -318,7 +334,7 @@ impl Publisher {
                 Ok((partition, offset)) => {
                     let p = &prepared[i];
                     answers[i] = Some(PublishResult {
-                        event_id: p.envelope.event_id.to_string(),
+                        event_id: p.texts.id.clone(),
                         event_type: p.envelope.event_type.clone(),
                         event_version: p.version.version,
                         topic: p.topic.clone(),
@@ -464,8 +480,17 @@ impl Publisher {
             idempotency_key,
             scope,
         } = request;
+        let mut scratch = Vec::new();
         for (i, item) in items.into_iter().enumerate() {
-            match self.prepare_one(item, i, batch, idempotency_key.as_deref(), scope.as_deref()) {
+            let hash = request_hash::request_hash(&item, &mut scratch);
+            match self.prepare_one(
+                item,
+                hash,
+                i,
+                batch,
+                idempotency_key.as_deref(),
+                scope.as_deref(),
+            ) {
                 Ok(p) => prepared.push(p),
                 Err(PrepareError::Rejected(kind, violations)) => {
                     first_kind.get_or_insert(kind);
@@ -501,6 +526,7 @@ impl Publisher {
     fn prepare_one(
         &self,
         item: Json,
+        hash: RequestHash,
         i: usize,
         batch: bool,
         header_key: Option<&str>,
@@ -521,7 +547,6 @@ impl Publisher {
         let rejected = |kind, path: String, message: String| {
             PrepareError::Rejected(kind, vec![Violation { path, message }])
         };
-        let hash: RequestHash = Sha256::digest(item.to_string().as_bytes()).into();
         let envelope = Envelope::parse(item, &root)
             .map_err(|v| PrepareError::Rejected(Rejection::InvalidEnvelope, v))?;
         let event_type = self
@@ -562,6 +587,16 @@ impl Publisher {
             Some(scope) => format!("{scope}\u{1f}{idempotency_key}"),
             None => idempotency_key.clone(),
         };
+        let texts = HeaderTexts {
+            id: envelope.event_id.hyphenated().to_string(),
+            time: format_time(&envelope.timestamp),
+            version: version.version.to_string(),
+            expires: envelope.expires_at().map(|t| format_time(&t)),
+        };
+        let mut header_bytes = 0;
+        each_header(&envelope, &idempotency_key, &texts, |prefix, key, value| {
+            header_bytes += size::header_size(prefix.len() + key.len(), value.len());
+        });
         Ok(Prepared {
             topic: self.kafka.events_topic(event_type.domain()),
             record_key: envelope.key(&idempotency_key),
@@ -571,6 +606,8 @@ impl Publisher {
             key: idempotency_key,
             store_key,
             hash,
+            texts,
+            header_bytes,
         })
     }
 
@@ -646,12 +683,7 @@ const RENEW_AT_MOST_EVERY: Duration = Duration::from_secs(5);
 
 /// The size of `p` as a Kafka record (key, value, headers and record overhead).
 fn record_bytes(p: &Prepared) -> usize {
-    let headers = headers(p);
-    size::record_size(
-        p.record_key.len(),
-        p.value.len(),
-        headers.iter().map(|h| (h.key, h.value.unwrap_or_default())),
-    )
+    size::record_size(p.record_key.len(), p.value.len(), []).saturating_add(p.header_bytes)
 }
 
 fn conflict(key: &str, why: &str) -> Error {
@@ -683,44 +715,68 @@ fn describe(e: KafkaError) -> Failure {
     }
 }
 
+/// Counts `which` events by type: one counter lookup per type, not per event (a batch is
+/// mostly of one type).
 fn count(prepared: &[Prepared], which: &[usize], outcome: &'static str) {
+    let mut runs: Vec<(&str, u64)> = Vec::new();
     for &i in which {
+        let event_type = prepared[i].envelope.event_type.as_str();
+        match runs.iter_mut().find(|(t, _)| *t == event_type) {
+            Some((_, n)) => *n += 1,
+            None => runs.push((event_type, 1)),
+        }
+    }
+    for (event_type, n) in runs {
         metrics::counter!(
             telemetry::EVENTS_PUBLISHED,
-            "event_type" => prepared[i].envelope.event_type.clone(),
+            "event_type" => event_type.to_owned(),
             "outcome" => outcome
         )
-        .increment(1);
+        .increment(n);
     }
 }
 
-/// CloudEvents 1.0 Kafka binary-mode headers (CONTRACT.md §3). Metadata other than the
-/// correlation and causation ids travels as `agentbus-meta-<key>`.
+/// Calls `f(key prefix, key, value)` for each CloudEvents 1.0 Kafka binary-mode header of
+/// the event (CONTRACT.md §3). Metadata other than the correlation and causation ids
+/// travels as `agentbus-meta-<key>`, the one key with a prefix.
+fn each_header(e: &Envelope, key: &str, texts: &HeaderTexts, mut f: impl FnMut(&str, &str, &str)) {
+    f("", "ce_specversion", "1.0");
+    f("", "ce_id", &texts.id);
+    f("", "ce_type", &e.event_type);
+    f("", "ce_source", &e.source);
+    f("", "ce_time", &texts.time);
+    f("", "content-type", "application/avro");
+    f("", "ce_eventversion", &texts.version);
+    f("", "ce_idempotencykey", key);
+    for (name, value) in &e.metadata {
+        match name.as_str() {
+            "correlation_id" => f("", "ce_correlationid", value),
+            "causation_id" => f("", "ce_causationid", value),
+            other => f(META_PREFIX, other, value),
+        }
+    }
+    if let Some(expires) = &texts.expires {
+        f("", "ce_expiresat", expires);
+    }
+}
+
+/// The header key prefix of metadata entries without a CloudEvents extension.
+const META_PREFIX: &str = "agentbus-meta-";
+
+/// The record headers of `p` (see [`each_header`]).
 fn headers(p: &Prepared) -> OwnedHeaders {
-    let e = &p.envelope;
-    let id = e.event_id.to_string();
-    let time = format_time(&e.timestamp);
-    let version = p.version.version.to_string();
-    let mut h = OwnedHeaders::new_with_capacity(12)
-        .insert(header("ce_specversion", "1.0"))
-        .insert(header("ce_id", &id))
-        .insert(header("ce_type", &e.event_type))
-        .insert(header("ce_source", &e.source))
-        .insert(header("ce_time", &time))
-        .insert(header("content-type", "application/avro"))
-        .insert(header("ce_eventversion", &version))
-        .insert(header("ce_idempotencykey", &p.key));
-    for (key, value) in &e.metadata {
-        h = match key.as_str() {
-            "correlation_id" => h.insert(header("ce_correlationid", value)),
-            "causation_id" => h.insert(header("ce_causationid", value)),
-            other => h.insert(header(&format!("agentbus-meta-{other}"), value)),
-        };
-    }
-    if let Some(expires) = e.expires_at() {
-        h = h.insert(header("ce_expiresat", &format_time(&expires)));
-    }
-    h
+    let mut h = Some(OwnedHeaders::new_with_capacity(
+        10 + p.envelope.metadata.len(),
+    ));
+    each_header(&p.envelope, &p.key, &p.texts, |prefix, key, value| {
+        let headers = h.take().expect("put back below");
+        h = Some(if prefix.is_empty() {
+            headers.insert(header(key, value))
+        } else {
+            headers.insert(header(&format!("{prefix}{key}"), value))
+        });
+    });
+    h.expect("put back above")
 }
 
 fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
@@ -740,9 +796,15 @@ pub fn producer_config(kafka: &KafkaArgs, timeout: Duration) -> rdkafka::ClientC
         ("acks", "all".into()),
         // librdkafka's own bound on a delivery: past it the delivery fails and we answer 503.
         ("message.timeout.ms", timeout.as_millis().to_string()),
-        // A few ms of lingering fills batches; lower makes librdkafka's broker thread wake for
-        // nearly every event and spend the CPU the broker needs.
-        ("linger.ms", "5".into()),
+        // How long a lone event waits for company before its produce request goes out: a
+        // single-event publish waits this long for nothing, so it is kept at 1 ms (the
+        // default 5 ms was most of a single publish's latency). Batches do not need the
+        // wait: a batch's events are queued together, and while a request is in flight the
+        // next ones queue up behind it and leave together anyway.
+        ("linger.ms", "1".into()),
+        // Produce requests are small and answered one by one: Nagle's algorithm would hold
+        // a request back until the previous one's segment is acknowledged.
+        ("socket.nagle.disable", "true".into()),
         // Refuse quickly (queue full → 503) instead of buffering without bound.
         ("queue.buffering.max.messages", "200000".into()),
     ]);
@@ -851,6 +913,7 @@ pub async fn watch_broker(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
 
     /// A publisher whose broker is nowhere: producers are created, nothing is sent.
     fn publisher(dir: &std::path::Path) -> Publisher {
@@ -929,6 +992,60 @@ mod tests {
         // A fatal idempotence error makes a producer unusable on any broker: renewed.
         p.delivery_failed_fatally(&p.current_producer(), "a delivery failed for good");
         assert_ne!(id(&p), first, "a producer that failed fatally was kept");
+    }
+
+    #[test]
+    fn the_request_hash_ignores_spacing_and_key_order_and_is_what_earlier_versions_stored() {
+        let item: Json = serde_json::from_str(
+            r#"{"event_type":"agent.created","source":"s","data":{"b":1,"a":"x\u00e9\n"}}"#,
+        )
+        .unwrap();
+        // Records written before the hash was streamed hold SHA-256 of the compact text.
+        let stored: RequestHash = Sha256::digest(item.to_string().as_bytes()).into();
+        let hash = |item: &Json| request_hash::request_hash(item, &mut Vec::new());
+        assert_eq!(hash(&item), stored);
+        let respaced: Json = serde_json::from_str(
+            "{ \"data\": {\"a\": \"x\u{e9}\\n\", \"b\": 1}, \"source\": \"s\",\n \"event_type\": \"agent.created\" }",
+        )
+        .unwrap();
+        assert_eq!(hash(&respaced), stored);
+        let other: Json = serde_json::from_str(
+            r#"{"event_type":"agent.created","source":"s","data":{"b":2,"a":"x\u00e9\n"}}"#,
+        )
+        .unwrap();
+        assert_ne!(hash(&other), stored);
+    }
+
+    #[test]
+    fn the_size_counted_for_the_headers_is_that_of_the_headers_sent() {
+        use rdkafka::message::Headers;
+        let dir = tempfile::tempdir().unwrap();
+        let p = publisher(dir.path());
+        let item = serde_json::json!({
+            "event_type": "agent.created", "source": "s", "ttl_ms": 1000,
+            "data": {"agent_id": "a", "type": "researcher", "cognitive_pattern": "systems", "created_by": "u"},
+            "metadata": {"correlation_id": "c", "causation_id": "cc", "tenant": "acme"}
+        });
+        let prepared = p
+            .prepare(Request {
+                items: vec![item],
+                batch: false,
+                idempotency_key: Some("k".into()),
+                scope: None,
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+        let sent = headers(&prepared[0]);
+        assert_eq!(sent.count(), 12, "8 fixed, 3 from metadata, ce_expiresat");
+        let bytes: usize = sent
+            .iter()
+            .map(|h| size::header_size(h.key.len(), h.value.map_or(0, <[u8]>::len)))
+            .sum();
+        assert_eq!(prepared[0].header_bytes, bytes);
+        let meta = sent
+            .iter()
+            .find(|h| h.key == "agentbus-meta-tenant")
+            .unwrap();
+        assert_eq!(meta.value, Some(&b"acme"[..]));
     }
 
     #[test]

@@ -104,6 +104,12 @@ impl Limit {
     }
 }
 
+/// The bytes one header takes in a record: its name and value, each with its length varint
+/// at its widest.
+pub fn header_size(name: usize, value: usize) -> usize {
+    (5 + name).saturating_add(5).saturating_add(value)
+}
+
 /// The bytes a record takes against the limits: key, value, headers (each name and value
 /// with their length varints at their widest) and [`RECORD_OVERHEAD`].
 pub fn record_size<'a>(
@@ -113,7 +119,7 @@ pub fn record_size<'a>(
 ) -> usize {
     let headers: usize = headers
         .into_iter()
-        .map(|(k, v)| 5 + k.len() + 5 + v.len())
+        .map(|(k, v)| header_size(k.len(), v.len()))
         .sum();
     RECORD_OVERHEAD
         .saturating_add(key)

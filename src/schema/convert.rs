@@ -623,7 +623,7 @@ fn minimal_twos_complement(bytes: &[u8; 16]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schema::{decode_avro, encode_wire, split_wire};
+    use crate::schema::{decode_avro, decode_avro_with, encode_wire, split_wire};
     use proptest::prelude::*;
     use serde_json::json;
 
@@ -656,6 +656,17 @@ mod tests {
       ]
     }"#;
 
+    /// `avro` as apache-avro's own writer encodes it (validating it first).
+    fn apache_encoded(v: &SchemaVersion, avro: &Value) -> Vec<u8> {
+        let mut out = Vec::new();
+        apache_avro::writer::datum::GenericDatumWriter::builder(&v.schema)
+            .build()
+            .unwrap()
+            .write_value_ref(&mut out, avro)
+            .unwrap();
+        out
+    }
+
     fn rich() -> SchemaVersion {
         SchemaVersion::parse("t.rich", 1, RICH).unwrap()
     }
@@ -679,6 +690,11 @@ mod tests {
         let wire = encode_wire(&v, &avro).unwrap();
         let (id, body) = split_wire(&wire).unwrap();
         assert_eq!(id, v.id);
+        assert_eq!(
+            body,
+            apache_encoded(&v, &avro),
+            "not what apache-avro writes"
+        );
         let back = decode_avro(&v.schema, body).unwrap();
         let Value::Record(fields) = back else {
             panic!()
@@ -823,18 +839,22 @@ mod tests {
             if let Ok(avro) = json_to_avro(&v, &near_valid, "data") {
                 let wire = encode_wire(&v, &avro).unwrap();
                 let (_, body) = split_wire(&wire).unwrap();
-                decode_avro(&v.schema, body).unwrap();
+                let apache = apache_encoded(&v, &avro);
+                prop_assert_eq!(body, apache.as_slice());
+                let back = decode_avro(&v.schema, body).unwrap();
+                prop_assert_eq!(decode_avro_with(&v, body).unwrap(), back);
             }
         }
 
-        /// Arbitrary bytes never panic the decoder.
+        /// Arbitrary bytes never panic the decoder, and both decoders agree on them.
         #[test]
         fn random_bytes_never_panic_the_decoder(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
             let v = rich();
             if let Ok((_, body)) = split_wire(&bytes) {
                 let _ = decode_avro(&v.schema, body);
             }
-            let _ = decode_avro(&v.schema, &bytes);
+            let by_schema = decode_avro(&v.schema, &bytes).ok();
+            prop_assert_eq!(decode_avro_with(&v, &bytes).ok(), by_schema);
         }
     }
 }

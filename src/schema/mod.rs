@@ -2,6 +2,7 @@
 //! version can read the one before, stable schema ids, and the Confluent wire format.
 
 mod convert;
+mod encode;
 mod registry;
 mod to_json;
 
@@ -53,18 +54,15 @@ pub const WIRE_MAGIC: u8 = 0;
 
 /// Encodes an already-converted value as Confluent wire format:
 /// `0x00`, the schema id (4 bytes, big-endian), the Avro binary body.
+///
+/// The value must be of `version`'s schema, as [`json_to_avro`] makes it: it is not
+/// validated again. Nothing about the schema is resolved per call (see the `encode` module).
 pub fn encode_wire(version: &SchemaVersion, value: &Value) -> Result<Vec<u8>, Error> {
-    let writer = apache_avro::writer::datum::GenericDatumWriter::builder(&version.schema)
-        // `json_to_avro` has validated the value against this very schema.
-        .validate(false)
-        .build()
-        .map_err(|e| Error::Encode(e.to_string()))?;
-    let mut out = Vec::with_capacity(64);
+    let mut out = Vec::with_capacity(5 + version.encoded_size_hint());
     out.push(WIRE_MAGIC);
     out.extend_from_slice(&version.id.to_be_bytes());
-    writer
-        .write_value_ref(&mut out, value)
-        .map_err(|e| Error::Encode(e.to_string()))?;
+    encode::encode(value, &version.schema, &version.names, &mut out)?;
+    version.note_encoded_size(out.len() - 5);
     Ok(out)
 }
 
@@ -84,8 +82,25 @@ pub fn split_wire(bytes: &[u8]) -> Result<(u32, &[u8]), Error> {
 /// collection: a corrupt length prefix must not make it ask for gigabytes.
 const MAX_DECODE_ALLOCATION: usize = 16 * 1024 * 1024;
 
-/// Decodes an Avro body written with `schema`.
-pub fn decode_avro(schema: &Schema, mut body: &[u8]) -> Result<Value, Error> {
+/// Decodes an Avro body written with `schema`. [`decode_avro_with`] decodes with a loaded
+/// version and resolves its schema only once instead of twice.
+pub fn decode_avro(schema: &Schema, body: &[u8]) -> Result<Value, Error> {
+    let resolved = apache_avro::schema::ResolvedSchema::try_from(schema)
+        .map_err(|e| Error::Decode(e.to_string()))?;
+    decode_checked(schema, body, resolved.get_names())
+}
+
+/// Decodes an Avro body written with `version`'s schema; the check of the decoded value
+/// uses the named types resolved when the version was loaded.
+pub fn decode_avro_with(version: &SchemaVersion, body: &[u8]) -> Result<Value, Error> {
+    decode_checked(&version.schema, body, &version.resolved_names)
+}
+
+fn decode_checked<S: std::borrow::Borrow<Schema> + std::fmt::Debug>(
+    schema: &Schema,
+    mut body: &[u8],
+    names: &std::collections::HashMap<apache_avro::schema::Name, S>,
+) -> Result<Value, Error> {
     apache_avro::util::max_allocation_bytes(MAX_DECODE_ALLOCATION);
     let reader = apache_avro::reader::datum::GenericDatumReader::builder(schema)
         .build()
@@ -101,7 +116,7 @@ pub fn decode_avro(schema: &Schema, mut body: &[u8]) -> Result<Value, Error> {
     }
     // apache-avro 0.22 answers some bodies cut short (a string's length with no bytes, an
     // empty body for a boolean) with a value that is not of the schema: refuse those.
-    if !value.validate(schema) {
+    if !value.validate_with_names(schema, names) {
         return Err(Error::Decode(
             "the Avro body is cut short or does not match the schema".into(),
         ));

@@ -3,10 +3,17 @@
 use std::{
     collections::{BTreeMap, HashMap},
     path::Path,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
-use apache_avro::{Schema, schema_compatibility::SchemaCompatibility};
+use apache_avro::{
+    Schema,
+    schema::{Name, ResolvedSchema},
+    schema_compatibility::SchemaCompatibility,
+};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -54,6 +61,11 @@ pub struct SchemaVersion {
     pub text: String,
     /// Named types inside it (records, enums, fixed), for resolving references.
     pub(crate) names: HashMap<String, Schema>,
+    /// The same, keyed as apache-avro resolves them, for checking decoded values without
+    /// resolving the schema again per record.
+    pub(crate) resolved_names: HashMap<Name, Schema>,
+    /// The size of the last value encoded with it: the next one's buffer starts that large.
+    last_encoded: AtomicUsize,
 }
 
 /// All versions of one event type.
@@ -81,6 +93,12 @@ impl SchemaVersion {
         let mut names = HashMap::new();
         collect_names(&schema, &mut names)?;
         let compact: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let resolved_names = ResolvedSchema::try_from(&schema)
+            .map_err(|e| e.to_string())?
+            .get_names()
+            .iter()
+            .map(|(name, schema)| (name.clone(), (*schema).clone()))
+            .collect();
         Ok(SchemaVersion {
             event_type: event_type.to_string(),
             version,
@@ -88,7 +106,21 @@ impl SchemaVersion {
             schema,
             text: compact.to_string(),
             names,
+            resolved_names,
+            last_encoded: AtomicUsize::new(64),
         })
+    }
+
+    /// How large a buffer an encoded value likely needs.
+    pub(crate) fn encoded_size_hint(&self) -> usize {
+        self.last_encoded.load(Ordering::Relaxed)
+    }
+
+    /// Remembers how large an encoded value was (see [`SchemaVersion::encoded_size_hint`]).
+    pub(crate) fn note_encoded_size(&self, bytes: usize) {
+        // Bounded, so that one huge event does not make every later buffer huge.
+        self.last_encoded
+            .store(bytes.min(64 * 1024), Ordering::Relaxed);
     }
 }
 
