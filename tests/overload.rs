@@ -215,3 +215,105 @@ async fn reads_are_answered_while_publishes_are_at_their_limit() {
     let (status, body) = held.finish().await;
     assert!(status.contains(" 200 "), "{status}: {body}");
 }
+
+/// One `GET /healthz` on `stream` (kept alive): the status code and the body of the answer.
+async fn healthz_on(stream: &mut TcpStream) -> (u16, String, String) {
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: agentbus\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        loop {
+            let text = String::from_utf8_lossy(&got).to_string();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let head = text[..end].to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map(|v| v.trim().parse().unwrap())
+                    .unwrap_or(0);
+                if text.len() >= end + 4 + length {
+                    let status = text[9..12].parse().unwrap();
+                    return (status, head, text[end + 4..end + 4 + length].to_string());
+                }
+            }
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "the connection closed before a whole answer: {text:?}"
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("an answer within 10 s")
+}
+
+/// Past its limit of open connections the server answers a new one at once with the JSON
+/// 503 and `Retry-After`, and closes it; the connections it holds keep working, and a
+/// connection closed frees its slot.
+#[tokio::test]
+async fn past_its_open_connections_a_new_one_is_answered_503_at_once_and_the_others_keep_working() {
+    let app = spawn(Options {
+        extra: vec!["--max-connections".into(), "3".into()],
+        ..Options::default()
+    })
+    .await;
+    let addr = app.url.trim_start_matches("http://").to_string();
+    // The test's own HTTP client may hold a pooled connection or two: open connections, each
+    // answered on keep-alive, until one is refused.
+    let mut held = Vec::new();
+    let refused = loop {
+        assert!(
+            held.len() <= 3,
+            "more connections than the limit were served"
+        );
+        let mut stream = TcpStream::connect(&addr).await.unwrap();
+        let sent = Instant::now();
+        let (status, head, body) = healthz_on(&mut stream).await;
+        if status == 503 {
+            break (head, body, sent.elapsed(), stream);
+        }
+        assert_eq!(status, 200, "{head}");
+        held.push(stream);
+    };
+    let (head, body, took, mut stream) = refused;
+    assert!(!held.is_empty(), "not one connection was served");
+    assert!(took < Duration::from_secs(1), "refused after {took:?}");
+    assert!(head.contains("retry-after: 2"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"]["code"], "broker_unavailable", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("limit of 3 open connections"),
+        "{body}"
+    );
+    // The refused connection is closed by the server.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the refused connection stayed open");
+    // The held ones still answer.
+    for stream in &mut held {
+        assert_eq!(healthz_on(stream).await.0, 200);
+    }
+    // One closed: its slot goes to a new connection.
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut stream = TcpStream::connect(&addr).await.unwrap();
+        if healthz_on(&mut stream).await.0 == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a freed slot was never taken again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
