@@ -165,7 +165,7 @@ impl App {
         let state = AppState {
             publisher,
             registry,
-            kafka: settings.kafka.clone(),
+            kafka: Arc::new(settings.kafka.clone()),
             readiness,
             limits: Limits {
                 max_body_bytes: settings.max_body_bytes,

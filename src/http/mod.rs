@@ -84,8 +84,9 @@ pub struct AppState {
     pub publisher: Arc<Publisher>,
     /// The loaded schemas.
     pub registry: Arc<Registry>,
-    /// Topic naming.
-    pub kafka: KafkaArgs,
+    /// Topic naming (shared: the state is cloned for every request, and `KafkaArgs` holds
+    /// many strings).
+    pub kafka: Arc<KafkaArgs>,
     /// Readiness checks.
     pub readiness: Arc<Readiness>,
     /// Request limits.

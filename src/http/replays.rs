@@ -93,7 +93,7 @@ pub async fn start(State(state): State<AppState>, body: Bytes) -> Result<Respons
     super::broker_reachable(&state)?;
     let job = state
         .replays
-        .start(state.kafka.clone(), request)
+        .start((*state.kafka).clone(), request)
         .await
         .map_err(replay_error)?;
     Ok((
