@@ -8,6 +8,7 @@ pub mod changelog;
 pub mod definition;
 pub mod dlq;
 pub mod fault;
+mod record;
 mod tracker;
 mod unreadable;
 
@@ -43,6 +44,7 @@ use crate::{
 };
 use changelog::Changelog;
 use definition::AgentDefinition;
+use record::Record;
 use tracker::Tracker;
 
 /// Errors that stop an agent.
@@ -151,7 +153,7 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// A record handed to a lane.
 struct Work {
-    message: OwnedMessage,
+    message: Record,
     /// Attempts made before this delivery (from a retry record's header).
     attempts: u32,
     /// When it may be tried (retry records).
@@ -412,6 +414,7 @@ pub async fn run_agent(
     lane_tasks.spawn(sweep_dedup(shared.clone(), stop.clone()));
     lane_tasks.spawn(checkpoint_own_records(shared.clone(), stop.clone()));
     let mut unreadable = unreadable::Prober::new(&settings, &shared.agent.name);
+    let mut topic_names = record::Topics::default();
 
     loop {
         let message = tokio::select! {
@@ -442,8 +445,8 @@ pub async fn run_agent(
             shared.fail(why);
             break;
         }
-        let message = match message {
-            Ok(m) => m.detach(),
+        let m = match message {
+            Ok(m) => m,
             Err(e) => {
                 tracing::warn!(agent = %shared.agent.name, error = %e, "consumer error");
                 // A record librdkafka cannot hand over stops its partition: find it and
@@ -460,13 +463,13 @@ pub async fn run_agent(
                 continue;
             }
         };
-        tracker.begin(message.topic(), message.partition(), message.offset());
-        let from_retry = message.topic() == retry_topic;
+        tracker.begin(m.topic(), m.partition(), m.offset());
+        let from_retry = m.topic() == retry_topic;
         let work = Work {
             attempts: if from_retry {
                 // A header is input: clamped to the policy (at most one attempt is left),
                 // so that counting on from it cannot overflow.
-                header_str(&message, header::ATTEMPTS)
+                header_str(&m, header::ATTEMPTS)
                     .and_then(|a| a.trim().parse::<u32>().ok())
                     .unwrap_or(0)
                     .min(shared.agent.retry.attempts.saturating_sub(1))
@@ -474,14 +477,16 @@ pub async fn run_agent(
                 0
             },
             not_before: if from_retry {
-                header_str(&message, header::NOT_BEFORE)
+                header_str(&m, header::NOT_BEFORE)
                     .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
                     .map(|t| t.to_utc())
             } else {
                 None
             },
-            message,
+            message: Record::copy(&m, topic_names.intern(m.topic())),
         };
+        // Librdkafka's message goes back at once (the copy is all the lane needs).
+        drop(m);
         let lane = if from_retry {
             lane_count
         } else {
@@ -615,14 +620,17 @@ async fn follow_assignment(shared: &Shared) -> Result<(), String> {
 }
 
 /// Moves the checkpoints of the changelog partitions this process alone writes up to its
-/// acknowledged records, once a second.
+/// acknowledged records, once a second, and sets `agentbus_dedup_keys` then (not per event:
+/// a gauge a scrape reads every few seconds needs no more).
 async fn checkpoint_own_records(shared: Arc<Shared>, cancel: CancellationToken) {
+    let keys = metrics::gauge!(telemetry::DEDUP_KEYS, "group" => shared.agent.name.clone());
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(CHECKPOINT_EVERY) => {}
         }
         write_checkpoints(&shared).await;
+        keys.set(shared.dedup.len() as f64);
     }
 }
 
@@ -734,16 +742,14 @@ impl<'a> Known<'a> {
         header::REPLAY_ID,
     ];
 
-    fn of(message: &'a OwnedMessage) -> Self {
+    fn of(message: &'a Record) -> Self {
         let mut values: [Option<Option<std::borrow::Cow<'a, str>>>; Known::NAMES.len()] =
             Default::default();
-        if let Some(headers) = message.headers() {
-            for h in headers.iter() {
-                if let Some(i) = Self::NAMES.iter().position(|n| *n == h.key)
-                    && values[i].is_none()
-                {
-                    values[i] = Some(h.value.map(String::from_utf8_lossy));
-                }
+        for (name, value) in message.headers() {
+            if let Some(i) = Self::NAMES.iter().position(|n| *n == name)
+                && values[i].is_none()
+            {
+                values[i] = Some(value.map(String::from_utf8_lossy));
             }
         }
         Known { values }
@@ -762,7 +768,6 @@ struct LaneMetrics {
     group: String,
     consumed: std::collections::HashMap<String, Vec<(&'static str, metrics::Counter)>>,
     handler_duration: metrics::Histogram,
-    dedup_keys: metrics::Gauge,
     in_flight: metrics::Gauge,
 }
 
@@ -772,7 +777,6 @@ impl LaneMetrics {
             group: group.to_string(),
             consumed: Default::default(),
             handler_duration: metrics::histogram!(telemetry::HANDLER_DURATION, "group" => group.to_string()),
-            dedup_keys: metrics::gauge!(telemetry::DEDUP_KEYS, "group" => group.to_string()),
             in_flight: metrics::gauge!(telemetry::IN_FLIGHT, "group" => group.to_string()),
         }
     }
@@ -830,7 +834,7 @@ async fn run_lane(shared: Arc<Shared>, mut work: mpsc::Receiver<Work>, cancel: C
         }
         lane.in_flight.increment(1.0);
         let (topic, partition, offset) = (
-            w.message.topic().to_string(),
+            w.message.topic_arc(),
             w.message.partition(),
             w.message.offset(),
         );
@@ -1060,7 +1064,6 @@ async fn process(
                     .changelog
                     .send(&dedup_key, message.topic(), message.partition(), expires_ms)
                     .ok();
-                lane.dedup_keys.set(shared.dedup.len() as f64);
                 lane.count(&event.event_type, outcome::PROCESSED);
                 return Outcome::Handled(Recording {
                     durable,
@@ -1128,7 +1131,7 @@ fn time_after(wait: Duration) -> DateTime<Utc> {
 /// A final failure: to the dead-letter topic, or dropped when the agent has none.
 async fn finish_failed(
     shared: &Shared,
-    message: &OwnedMessage,
+    message: &Record,
     attempts: u32,
     failure: &Failure,
     event_type: &str,
@@ -1164,8 +1167,8 @@ async fn finish_failed(
 }
 
 /// Where a record came from. A record already forwarded keeps its first origin.
-fn origin_headers(message: &OwnedMessage, group: &str) -> Vec<(&'static str, String)> {
-    if header_str(message, header::ORIGINAL_TOPIC).is_some() {
+fn origin_headers(message: &Record, group: &str) -> Vec<(&'static str, String)> {
+    if message.header_str(header::ORIGINAL_TOPIC).is_some() {
         return vec![(header::GROUP, group.to_string())];
     }
     let timestamp = message.timestamp().to_millis().unwrap_or(-1);
@@ -1184,12 +1187,12 @@ fn origin_headers(message: &OwnedMessage, group: &str) -> Vec<(&'static str, Str
 /// stopped first.
 async fn forward(
     shared: &Shared,
-    message: &OwnedMessage,
+    message: &Record,
     topic: &str,
     extra: &[(&'static str, String)],
     cancel: &CancellationToken,
 ) -> bool {
-    let headers = copied_headers(message, &[], extra);
+    let headers = message.copied_headers(&[], extra);
     let mut wait = Duration::from_millis(200);
     loop {
         // While the broker is known to be away, nothing is sent: deliveries that time out
@@ -1200,7 +1203,7 @@ async fn forward(
             }
             continue;
         }
-        let record = copy_of(message, topic, headers.clone());
+        let record = message.copy_to(topic, headers.clone());
         // The publisher's producer: renewed after a delivery on it failed for good, or timed
         // out on tansu (see `Publisher::renew_producer`), so forwarding recovers with
         // publishing.
@@ -1279,7 +1282,7 @@ pub fn copy_of<'a>(
 
 /// Decodes a record written by agentbus (or any Confluent-framed Avro producer whose
 /// schema is in the registry).
-fn decode(shared: &Shared, message: &OwnedMessage, known: &Known<'_>) -> Result<Event, String> {
+fn decode(shared: &Shared, message: &Record, known: &Known<'_>) -> Result<Event, String> {
     let payload = message.payload().ok_or("the record has no value")?;
     let (id, body) = schema::split_wire(payload).map_err(|e| e.to_string())?;
     let version = shared
