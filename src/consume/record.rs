@@ -61,13 +61,10 @@ impl Record {
         let key = message.key();
         let payload = message.payload();
         let headers = message.headers();
-        let mut size = key.map_or(0, <[u8]>::len) + payload.map_or(0, <[u8]>::len);
         let count = headers.map_or(0, |h| h.count());
-        if let Some(h) = headers {
-            for header in h.iter() {
-                size += header.key.len() + header.value.map_or(0, <[u8]>::len);
-            }
-        }
+        // One pass over the headers (each read from librdkafka checks its name's UTF-8):
+        // room for agentbus's usual headers (about 40 bytes each), grown if need be.
+        let size = key.map_or(0, <[u8]>::len) + payload.map_or(0, <[u8]>::len) + 48 * count;
         let mut data = Vec::with_capacity(size);
         let mut put = |bytes: &[u8]| {
             let start = data.len() as u32;
@@ -150,11 +147,18 @@ impl Record {
         })
     }
 
+    /// The headers, in order, with their names as bytes (no UTF-8 check: for comparing).
+    pub(crate) fn raw_headers(&self) -> impl Iterator<Item = (&[u8], Option<&[u8]>)> {
+        self.headers
+            .iter()
+            .map(|h| (self.bytes(h.name), h.value.map(|v| self.bytes(v))))
+    }
+
     /// The value of the first header named `name`, as (lossy) UTF-8, as
     /// [`super::header_str`] reads it.
     pub(crate) fn header_str(&self, name: &str) -> Option<String> {
-        self.headers()
-            .find(|(n, _)| *n == name)
+        self.raw_headers()
+            .find(|(n, _)| *n == name.as_bytes())
             .and_then(|(_, v)| v)
             .map(|v| String::from_utf8_lossy(v).into_owned())
     }
