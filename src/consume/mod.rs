@@ -884,8 +884,6 @@ fn finish(shared: &Shared, topic: &str, partition: i32, offset: i64) {
 struct Recording {
     /// The local write.
     durable: Durable,
-    /// The changelog write, when it could be sent at once.
-    delivery: Option<rdkafka::producer::DeliveryFuture>,
     key: String,
     expires_ms: u64,
 }
@@ -894,9 +892,12 @@ impl Recording {
     /// Waits until the record is durable in both places, then marks the offset final.
     ///
     /// The order, and why it is safe: (1) the handler succeeded; (2) the key is handed to
-    /// the local store (`put_partitioned`, which `get` sees at once) and then the record is
-    /// sent to the changelog (idempotent, acks=all); (3) the local write is flushed and (4)
-    /// the changelog acknowledges; only then (5) the offset is stored, and committed later.
+    /// the local store (`put_partitioned`, which `get` sees at once) and (3) flushed there;
+    /// only then is the record sent to the changelog (idempotent, acks=all), and once (4)
+    /// the changelog acknowledges, (5) the offset is stored, and committed later. A record
+    /// whose local write failed never reaches the changelog: the agent stops, and the event
+    /// is handled again by whoever takes the partition (the chaos test of an unwritable
+    /// store counts on it).
     /// So a committed offset never runs ahead of a record that is not on disk here and on
     /// every in-sync replica: whoever gets the partition next (this process after a restart
     /// from its disk, another one from the changelog) skips every event before that offset
@@ -925,7 +926,7 @@ impl Recording {
                 topic,
                 partition,
                 self.expires_ms,
-                self.delivery,
+                None,
                 cancel,
             )
             .await
@@ -1065,15 +1066,9 @@ async fn process(
                         return Outcome::GivenBack;
                     }
                 };
-                // A send refused at once (queue full) is sent again while recording.
-                let delivery = shared
-                    .changelog
-                    .send(&dedup_key, message.topic(), message.partition(), expires_ms)
-                    .ok();
                 lane.count(&event.event_type, outcome::PROCESSED);
                 return Outcome::Handled(Recording {
                     durable,
-                    delivery,
                     key: dedup_key,
                     expires_ms,
                 });
