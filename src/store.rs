@@ -67,7 +67,23 @@ pub struct ExpiringStore {
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-type Pending = Arc<Mutex<std::collections::HashMap<String, Vec<u8>>>>;
+type Pending = Arc<Mutex<std::collections::HashMap<Arc<str>, PendingValue>>>;
+
+/// A value written but not yet applied. A partitioned key's value is its partition: kept as
+/// the number (no allocation per key), turned into bytes only when read.
+enum PendingValue {
+    Bytes(Vec<u8>),
+    Partition(i32),
+}
+
+impl PendingValue {
+    fn to_vec(&self) -> Vec<u8> {
+        match self {
+            PendingValue::Bytes(bytes) => bytes.clone(),
+            PendingValue::Partition(p) => p.to_be_bytes().to_vec(),
+        }
+    }
+}
 type Broken = Arc<std::sync::OnceLock<String>>;
 
 enum Job {
@@ -80,7 +96,7 @@ enum Job {
     /// partition's new checkpoint once they are in.
     PutPartitioned {
         partition: i32,
-        keys: Vec<(String, u64)>,
+        keys: Vec<(Arc<str>, u64)>,
         checkpoint: Option<i64>,
         reply: oneshot::Sender<Result<usize, String>>,
     },
@@ -174,7 +190,7 @@ impl ExpiringStore {
     pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {
         self.check()?;
         if let Some(value) = self.pending.lock().expect("not poisoned").get(key) {
-            return Ok(Some(value.clone()));
+            return Ok(Some(value.to_vec()));
         }
         let raw = self.entries.get(key).map_err(|source| Error::Sled {
             path: self.path.clone(),
@@ -229,7 +245,7 @@ impl ExpiringStore {
     fn add_pending(&self, records: &[(String, Vec<u8>)]) {
         let mut pending = self.pending.lock().expect("not poisoned");
         for (key, value) in records {
-            pending.insert(key.clone(), value.clone());
+            pending.insert(Arc::from(key.as_str()), PendingValue::Bytes(value.clone()));
         }
     }
 
@@ -243,14 +259,15 @@ impl ExpiringStore {
     pub async fn put_partitioned(
         &self,
         partition: i32,
-        keys: Vec<(String, u64)>,
+        keys: Vec<(Arc<str>, u64)>,
         checkpoint: Option<i64>,
     ) -> Result<Durable, Error> {
         self.check()?;
         {
             let mut pending = self.pending.lock().expect("not poisoned");
             for (key, _) in &keys {
-                pending.insert(key.clone(), partition.to_be_bytes().to_vec());
+                // The key itself is shared with the job: no copy per key.
+                pending.insert(key.clone(), PendingValue::Partition(partition));
             }
         }
         let (reply, done) = oneshot::channel();
@@ -377,7 +394,7 @@ impl Writer {
                         // Now in the tree (or failed, and then not to be seen either).
                         let mut pending = self.pending.lock().expect("not poisoned");
                         for (key, _) in records {
-                            pending.remove(key);
+                            pending.remove(key.as_str());
                         }
                         applied
                     }
@@ -392,7 +409,7 @@ impl Writer {
                             .map(|()| keys.len());
                         let mut pending = self.pending.lock().expect("not poisoned");
                         for (key, _) in keys {
-                            pending.remove(key);
+                            pending.remove(&**key);
                         }
                         applied
                     }
@@ -449,7 +466,7 @@ impl Writer {
     fn put_partitioned(
         &self,
         partition: i32,
-        keys: &[(String, u64)],
+        keys: &[(Arc<str>, u64)],
         checkpoint: Option<i64>,
         index: &mut GroupIndex,
     ) -> Result<(), sled::Error> {
@@ -711,7 +728,7 @@ mod tests {
         {
             let store = ExpiringStore::open(dir.path()).unwrap();
             assert_eq!(store.checkpoint(0).unwrap(), None);
-            let keys = |names: &[&str]| names.iter().map(|n| (n.to_string(), later)).collect();
+            let keys = |names: &[&str]| names.iter().map(|n| (Arc::from(*n), later)).collect();
             store
                 .put_partitioned(0, keys(&["a", "b"]), Some(7))
                 .await
@@ -769,12 +786,9 @@ mod tests {
         let soon = now_ms() + 30;
         let later = now_ms() + 3_600_000;
         for (p, keys) in [
-            (
-                2,
-                vec![("gone".to_string(), soon), ("stays".to_string(), later)],
-            ),
-            (5, vec![("gone too".to_string(), soon)]),
-            (7, vec![("stays too".to_string(), later)]),
+            (2, vec![("gone".into(), soon), ("stays".into(), later)]),
+            (5, vec![("gone too".into(), soon)]),
+            (7, vec![("stays too".into(), later)]),
         ] {
             store
                 .put_partitioned(p, keys, Some(1))
@@ -802,7 +816,8 @@ mod tests {
         let later = now_ms() + 3_600_000;
         {
             let store = ExpiringStore::open(dir.path()).unwrap();
-            let keys: Vec<(String, u64)> = (0..100).map(|i| (format!("k{i}"), later)).collect();
+            let keys: Vec<(Arc<str>, u64)> =
+                (0..100).map(|i| (format!("k{i}").into(), later)).collect();
             store
                 .put_partitioned(4, keys, None)
                 .await

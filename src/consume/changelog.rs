@@ -421,7 +421,7 @@ impl Changelog {
                 && expires_ms > now
                 && let Ok(key) = std::str::from_utf8(key)
             {
-                s.batch.push((key.to_string(), expires_ms));
+                s.batch.push((key.into(), expires_ms));
                 s.records += 1;
             }
             if s.batch.len() >= RESTORE_BATCH {
@@ -465,7 +465,7 @@ struct Restoring {
     from: i64,
     end: i64,
     records: u64,
-    batch: Vec<(String, u64)>,
+    batch: Vec<(std::sync::Arc<str>, u64)>,
     done: bool,
 }
 

@@ -884,7 +884,7 @@ fn finish(shared: &Shared, topic: &str, partition: i32, offset: i64) {
 struct Recording {
     /// The local write.
     durable: Durable,
-    key: String,
+    key: Arc<str>,
     expires_ms: u64,
 }
 
@@ -921,14 +921,7 @@ impl Recording {
         // Stopping before the acknowledgement: the offset stays unstored.
         let Some((changelog_partition, changelog_offset)) = shared
             .changelog
-            .record(
-                &self.key,
-                topic,
-                partition,
-                self.expires_ms,
-                None,
-                cancel,
-            )
+            .record(&self.key, topic, partition, self.expires_ms, None, cancel)
             .await
         else {
             return;
@@ -999,9 +992,10 @@ async fn process(
         return Outcome::Final;
     }
     let replay = known.get(header::REPLAY_ID).map(str::to_string);
-    let dedup_key = match &replay {
-        Some(replay) => format!("{}|{replay}", event.idempotency_key),
-        None => event.idempotency_key.clone(),
+    // Shared by the store's job, its pending entry and the changelog record: one copy.
+    let dedup_key: Arc<str> = match &replay {
+        Some(replay) => format!("{}|{replay}", event.idempotency_key).into(),
+        None => event.idempotency_key.as_str().into(),
     };
     match shared.dedup.get(&dedup_key) {
         Ok(Some(_)) => {
