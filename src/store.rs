@@ -4,8 +4,9 @@
 //!
 //! An agent's dedup store also keeps its keys by partition (the changelog partition of the
 //! dedup changelog, see `crate::consume::changelog`): their index is ordered by
-//! `partition ‖ expiry ‖ key` instead, so that one index serves both a revoked partition's
-//! drop (a prefix) and the sweep (a range per partition), and a checkpoint per partition
+//! `partition ‖ expiry` instead, so that one index serves both a revoked partition's drop (a
+//! prefix) and the sweep (a range per partition); one index entry holds the keys of a
+//! partition written in one group commit (see `indexed_keys`), and a checkpoint per partition
 //! ("restored through changelog offset c") lets a restart restore only what is newer.
 //!
 //! Every write goes through one writer thread that applies what has queued up and then
