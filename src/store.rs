@@ -4,8 +4,9 @@
 //!
 //! An agent's dedup store also keeps its keys by partition (the changelog partition of the
 //! dedup changelog, see `crate::consume::changelog`): their index is ordered by
-//! `partition ‖ expiry ‖ key` instead, so that one index serves both a revoked partition's
-//! drop (a prefix) and the sweep (a range per partition), and a checkpoint per partition
+//! `partition ‖ expiry` instead, so that one index serves both a revoked partition's drop (a
+//! prefix) and the sweep (a range per partition); one index entry holds the keys of a
+//! partition written in one group commit (see `indexed_keys`), and a checkpoint per partition
 //! ("restored through changelog offset c") lets a restart restore only what is newer.
 //!
 //! Every write goes through one writer thread that applies what has queued up and then
@@ -67,7 +68,23 @@ pub struct ExpiringStore {
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-type Pending = Arc<Mutex<std::collections::HashMap<String, Vec<u8>>>>;
+type Pending = Arc<Mutex<std::collections::HashMap<Arc<str>, PendingValue>>>;
+
+/// A value written but not yet applied. A partitioned key's value is its partition: kept as
+/// the number (no allocation per key), turned into bytes only when read.
+enum PendingValue {
+    Bytes(Vec<u8>),
+    Partition(i32),
+}
+
+impl PendingValue {
+    fn to_vec(&self) -> Vec<u8> {
+        match self {
+            PendingValue::Bytes(bytes) => bytes.clone(),
+            PendingValue::Partition(p) => p.to_be_bytes().to_vec(),
+        }
+    }
+}
 type Broken = Arc<std::sync::OnceLock<String>>;
 
 enum Job {
@@ -80,7 +97,7 @@ enum Job {
     /// partition's new checkpoint once they are in.
     PutPartitioned {
         partition: i32,
-        keys: Vec<(String, u64)>,
+        keys: Vec<(Arc<str>, u64)>,
         checkpoint: Option<i64>,
         reply: oneshot::Sender<Result<usize, String>>,
     },
@@ -174,7 +191,7 @@ impl ExpiringStore {
     pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {
         self.check()?;
         if let Some(value) = self.pending.lock().expect("not poisoned").get(key) {
-            return Ok(Some(value.clone()));
+            return Ok(Some(value.to_vec()));
         }
         let raw = self.entries.get(key).map_err(|source| Error::Sled {
             path: self.path.clone(),
@@ -229,7 +246,7 @@ impl ExpiringStore {
     fn add_pending(&self, records: &[(String, Vec<u8>)]) {
         let mut pending = self.pending.lock().expect("not poisoned");
         for (key, value) in records {
-            pending.insert(key.clone(), value.clone());
+            pending.insert(Arc::from(key.as_str()), PendingValue::Bytes(value.clone()));
         }
     }
 
@@ -243,14 +260,15 @@ impl ExpiringStore {
     pub async fn put_partitioned(
         &self,
         partition: i32,
-        keys: Vec<(String, u64)>,
+        keys: Vec<(Arc<str>, u64)>,
         checkpoint: Option<i64>,
     ) -> Result<Durable, Error> {
         self.check()?;
         {
             let mut pending = self.pending.lock().expect("not poisoned");
             for (key, _) in &keys {
-                pending.insert(key.clone(), partition.to_be_bytes().to_vec());
+                // The key itself is shared with the job: no copy per key.
+                pending.insert(key.clone(), PendingValue::Partition(partition));
             }
         }
         let (reply, done) = oneshot::channel();
@@ -359,7 +377,16 @@ impl Writer {
                 }
             }
             let mut applied = Vec::with_capacity(group.len());
+            // The partitioned keys' index entries of this group, one per partition, written
+            // before anything that reads the index and before the flush.
+            let mut index = GroupIndex::default();
+            let mut index_failure: Option<String> = None;
             for job in group {
+                if matches!(job, Job::DropPartition { .. } | Job::Sweep { .. })
+                    && let Err(e) = self.write_index(&mut index)
+                {
+                    index_failure.get_or_insert(e.to_string());
+                }
                 let outcome = match &job {
                     Job::Put {
                         records, expires, ..
@@ -368,7 +395,7 @@ impl Writer {
                         // Now in the tree (or failed, and then not to be seen either).
                         let mut pending = self.pending.lock().expect("not poisoned");
                         for (key, _) in records {
-                            pending.remove(key);
+                            pending.remove(key.as_str());
                         }
                         applied
                     }
@@ -379,11 +406,11 @@ impl Writer {
                         ..
                     } => {
                         let applied = self
-                            .put_partitioned(*partition, keys, *checkpoint)
+                            .put_partitioned(*partition, keys, *checkpoint, &mut index)
                             .map(|()| keys.len());
                         let mut pending = self.pending.lock().expect("not poisoned");
                         for (key, _) in keys {
-                            pending.remove(key);
+                            pending.remove(&**key);
                         }
                         applied
                     }
@@ -393,7 +420,14 @@ impl Writer {
                 };
                 applied.push((job, outcome.map_err(|e| e.to_string())));
             }
-            let flushed = self.db.flush().map(|_| ()).map_err(|e| e.to_string());
+            // An index not written fails the whole group, as a failed flush does: its keys
+            // would never be swept or dropped.
+            let indexed = match index_failure {
+                Some(why) => Err(why),
+                None => self.write_index(&mut index).map_err(|e| e.to_string()),
+            };
+            let flushed =
+                indexed.and_then(|()| self.db.flush().map(|_| ()).map_err(|e| e.to_string()));
             let failed = flushed.clone().err().or_else(|| {
                 applied
                     .iter()
@@ -433,20 +467,19 @@ impl Writer {
     fn put_partitioned(
         &self,
         partition: i32,
-        keys: &[(String, u64)],
+        keys: &[(Arc<str>, u64)],
         checkpoint: Option<i64>,
+        index: &mut GroupIndex,
     ) -> Result<(), sled::Error> {
         let p = partition.to_be_bytes();
         for (key, expires) in keys {
-            let mut stored = Vec::with_capacity(12);
-            stored.extend_from_slice(&expires.to_be_bytes());
-            stored.extend_from_slice(&p);
-            if self.entries.insert(key.as_bytes(), stored)?.is_none() {
+            let mut stored = [0u8; 12];
+            stored[..8].copy_from_slice(&expires.to_be_bytes());
+            stored[8..].copy_from_slice(&p);
+            if self.entries.insert(key.as_bytes(), &stored)?.is_none() {
                 self.count.fetch_add(1, Ordering::Relaxed);
             }
-            // One index for the drop and the sweep: a sled insert is most of a key's cost.
-            self.by_partition
-                .insert(partition_index(&p, *expires, key.as_bytes()), &[])?;
+            index.add(partition, key.as_bytes(), *expires);
         }
         if let Some(offset) = checkpoint {
             let current = self
@@ -460,18 +493,30 @@ impl Writer {
         Ok(())
     }
 
+    /// Writes the group's index entries (one per partition) and empties `index`.
+    fn write_index(&self, index: &mut GroupIndex) -> Result<(), sled::Error> {
+        for ((partition, _), entry) in index.entries.drain(..) {
+            let id = self.db.generate_id()?;
+            let mut key = partition_index(&partition.to_be_bytes(), entry.latest, &[]);
+            key.extend_from_slice(&id.to_be_bytes());
+            self.by_partition.insert(key, entry.keys)?;
+        }
+        Ok(())
+    }
+
     fn drop_partition(&self, partition: i32) -> Result<usize, sled::Error> {
         let p = partition.to_be_bytes();
         let mut removed = 0;
         for entry in self.by_partition.scan_prefix(p) {
-            let (index_key, _) = entry?;
-            let key = &index_key[12..];
-            // Written again since under another partition: that partition's now.
-            if let Some(raw) = self.entries.get(key)?
-                && raw.get(8..) == Some(&p[..])
-            {
-                self.entries.remove(key)?;
-                removed += 1;
+            let (index_key, keys) = entry?;
+            for key in indexed_keys(&index_key, &keys) {
+                // Written again since under another partition: that partition's now.
+                if let Some(raw) = self.entries.get(key)?
+                    && raw.get(8..) == Some(&p[..])
+                {
+                    self.entries.remove(key)?;
+                    removed += 1;
+                }
             }
             self.by_partition.remove(index_key)?;
         }
@@ -508,19 +553,20 @@ impl Writer {
                 .expect("index keys start with 4 bytes");
             let upto = partition_index(&p, now, &[]);
             for entry in self.by_partition.range(first.to_vec()..upto) {
-                let (index_key, _) = entry?;
-                let key = &index_key[12..];
-                // Written again since (a later expiry, or another partition): kept then.
-                if let Some(raw) = self.entries.get(key)?
-                    && raw.get(8..) == Some(&p[..])
-                    && raw
-                        .get(..8)
-                        .and_then(|b| b.try_into().ok())
-                        .map(u64::from_be_bytes)
-                        <= Some(now)
-                {
-                    self.entries.remove(key)?;
-                    removed += 1;
+                let (index_key, keys) = entry?;
+                for key in indexed_keys(&index_key, &keys) {
+                    // Written again since (a later expiry, or another partition): kept then.
+                    if let Some(raw) = self.entries.get(key)?
+                        && raw.get(8..) == Some(&p[..])
+                        && raw
+                            .get(..8)
+                            .and_then(|b| b.try_into().ok())
+                            .map(u64::from_be_bytes)
+                            <= Some(now)
+                    {
+                        self.entries.remove(key)?;
+                        removed += 1;
+                    }
                 }
                 self.by_partition.remove(index_key)?;
             }
@@ -546,6 +592,79 @@ fn partition_index(partition: &[u8; 4], expires: u64, key: &[u8]) -> Vec<u8> {
     index.extend_from_slice(&expires.to_be_bytes());
     index.extend_from_slice(key);
     index
+}
+
+/// The keys an entry of the `by_partition` index stands for. Two forms share the index:
+/// - one key: `partition ‖ expiry ‖ key` → empty value (stores written before the grouped
+///   form, still read);
+/// - a group: `partition ‖ latest expiry ‖ id` (8 bytes, unique) → the keys, each as a
+///   4-byte big-endian length and its bytes. One sled insert per partition and group commit
+///   instead of one per key: a sled insert was about as costly as the entry's own.
+///
+/// A group's entry carries the latest expiry of its keys (which expire within
+/// [`INDEX_SPAN_MS`] of each other), so a sweep takes it only once every key in it expired
+/// (or was written again since, under a later entry).
+fn indexed_keys<'a>(index_key: &'a [u8], value: &'a [u8]) -> Vec<&'a [u8]> {
+    if value.is_empty() {
+        return index_key.get(12..).into_iter().collect();
+    }
+    let mut keys = Vec::new();
+    let mut rest = value;
+    while let Some((len, tail)) = rest.split_first_chunk::<4>() {
+        let len = u32::from_be_bytes(*len) as usize;
+        let Some((key, tail)) = tail.split_at_checked(len) else {
+            // A torn value cannot come from sled (an insert is atomic): stop at it.
+            break;
+        };
+        keys.push(key);
+        rest = tail;
+    }
+    keys
+}
+
+/// Keys whose expiries fall in one span of this many milliseconds share an index entry: a
+/// key is swept at most this long after it expired. Live keys of one group commit expire
+/// within a few milliseconds of each other (one entry); a restore's batch spans the whole
+/// window, and would otherwise keep its oldest keys until its newest expired.
+const INDEX_SPAN_MS: u64 = 1000;
+
+/// The `by_partition` index entries of one group commit, per partition and span of
+/// expiries ([`INDEX_SPAN_MS`]).
+#[derive(Default)]
+struct GroupIndex {
+    entries: Vec<((i32, u64), IndexEntry)>,
+}
+
+impl GroupIndex {
+    /// Adds `key` of `partition`, expiring at `expires`.
+    fn add(&mut self, partition: i32, key: &[u8], expires: u64) {
+        let at = (partition, expires / INDEX_SPAN_MS);
+        // Most groups hold one partition's keys of one span: the last entry, or a short scan.
+        let i = match self.entries.iter().rposition(|(a, _)| *a == at) {
+            Some(i) => i,
+            None => {
+                self.entries.push((at, IndexEntry::default()));
+                self.entries.len() - 1
+            }
+        };
+        self.entries[i].1.add(key, expires);
+    }
+}
+
+/// One partition's keys of a group commit, and the latest of their expiries.
+#[derive(Default)]
+struct IndexEntry {
+    keys: Vec<u8>,
+    latest: u64,
+}
+
+impl IndexEntry {
+    fn add(&mut self, key: &[u8], expires: u64) {
+        self.keys
+            .extend_from_slice(&(key.len() as u32).to_be_bytes());
+        self.keys.extend_from_slice(key);
+        self.latest = self.latest.max(expires);
+    }
 }
 
 #[cfg(test)]
@@ -610,7 +729,7 @@ mod tests {
         {
             let store = ExpiringStore::open(dir.path()).unwrap();
             assert_eq!(store.checkpoint(0).unwrap(), None);
-            let keys = |names: &[&str]| names.iter().map(|n| (n.to_string(), later)).collect();
+            let keys = |names: &[&str]| names.iter().map(|n| (Arc::from(*n), later)).collect();
             store
                 .put_partitioned(0, keys(&["a", "b"]), Some(7))
                 .await
@@ -668,12 +787,9 @@ mod tests {
         let soon = now_ms() + 30;
         let later = now_ms() + 3_600_000;
         for (p, keys) in [
-            (
-                2,
-                vec![("gone".to_string(), soon), ("stays".to_string(), later)],
-            ),
-            (5, vec![("gone too".to_string(), soon)]),
-            (7, vec![("stays too".to_string(), later)]),
+            (2, vec![("gone".into(), soon), ("stays".into(), later)]),
+            (5, vec![("gone too".into(), soon)]),
+            (7, vec![("stays too".into(), later)]),
         ] {
             store
                 .put_partitioned(p, keys, Some(1))
@@ -692,6 +808,83 @@ mod tests {
         assert_eq!(store.drop_partition(5).await.unwrap(), 0);
         assert_eq!(store.drop_partition(2).await.unwrap(), 1);
         assert_eq!(store.drop_partition(7).await.unwrap(), 1);
+        assert!(store.is_empty());
+    }
+
+    #[tokio::test]
+    async fn keys_of_one_group_commit_share_an_index_entry_per_partition_and_span() {
+        let dir = tempfile::tempdir().unwrap();
+        let later = now_ms() + 3_600_000;
+        {
+            let store = ExpiringStore::open(dir.path()).unwrap();
+            let keys: Vec<(Arc<str>, u64)> =
+                (0..100).map(|i| (format!("k{i}").into(), later)).collect();
+            store
+                .put_partitioned(4, keys, None)
+                .await
+                .unwrap()
+                .wait()
+                .await
+                .unwrap();
+            // Expiries a day apart (a restore's batch) do not share an entry.
+            store
+                .put_partitioned(4, vec![("old".into(), now_ms() + 10_000)], None)
+                .await
+                .unwrap()
+                .wait()
+                .await
+                .unwrap();
+            assert_eq!(store.len(), 101);
+        }
+        let db = sled::open(dir.path()).unwrap();
+        let index = db.open_tree("entries_by_partition").unwrap();
+        // One sled insert for the index of 100 keys, instead of 100.
+        assert_eq!(index.len(), 2);
+        drop((index, db));
+        let store = ExpiringStore::open(dir.path()).unwrap();
+        assert_eq!(store.drop_partition(4).await.unwrap(), 101);
+        assert!(store.is_empty());
+    }
+
+    #[tokio::test]
+    async fn index_entries_of_one_key_each_from_earlier_versions_are_still_dropped_and_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let later = now_ms() + 3_600_000;
+        let past = now_ms() - 1;
+        {
+            // The layout earlier versions wrote: an entry and an index entry per key.
+            let db = sled::open(dir.path()).unwrap();
+            let entries = db.open_tree("entries").unwrap();
+            let index = db.open_tree("entries_by_partition").unwrap();
+            for (p, key, expires) in [(1i32, "a", later), (1, "b", past), (2, "c", later)] {
+                let mut value = expires.to_be_bytes().to_vec();
+                value.extend_from_slice(&p.to_be_bytes());
+                entries.insert(key, value).unwrap();
+                index
+                    .insert(
+                        partition_index(&p.to_be_bytes(), expires, key.as_bytes()),
+                        &[],
+                    )
+                    .unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let store = ExpiringStore::open(dir.path()).unwrap();
+        assert_eq!(store.len(), 3);
+        assert_eq!(store.sweep().await.unwrap(), 1);
+        assert_eq!(store.get("b").unwrap(), None);
+        assert_eq!(store.drop_partition(1).await.unwrap(), 1);
+        assert_eq!(store.get("a").unwrap(), None);
+        assert!(store.get("c").unwrap().is_some());
+        // New keys beside the old entries: one drop takes both forms.
+        store
+            .put_partitioned(2, vec![("d".into(), later)], None)
+            .await
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
+        assert_eq!(store.drop_partition(2).await.unwrap(), 2);
         assert!(store.is_empty());
     }
 }

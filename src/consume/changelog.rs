@@ -12,9 +12,11 @@
 //!   owner restores and writes that partition) and costs only a larger restore.
 //! - Input partitions `p` of several topics share changelog partition `p`. The record key
 //!   is the dedup key (the idempotency key, or `key|replay-id` for a replayed record), so
-//!   compaction keeps one record per key; the value is JSON
-//!   `{"topic","partition","expires_ms"}`: the input record's topic and partition, and when
-//!   the record stops counting. With `range` assignment and input topics of equal partition
+//!   compaction keeps one record per key; the value is binary: `expires_ms` (8 bytes,
+//!   big-endian: when the record stops counting), the input partition (4 bytes, big-endian)
+//!   and the input topic (the rest, UTF-8). Records written as JSON
+//!   `{"topic","partition","expires_ms"}` by earlier versions are still read: a binary value
+//!   starts with a zero byte (an `expires_ms` below 2^56), never with `{`. With `range` assignment and input topics of equal partition
 //!   counts (the default: all get `--topic-partitions`), one process holds partition p of
 //!   every input topic, so it is the only writer of changelog partition p.
 //! - Retention is `cleanup.policy=compact,delete` with `retention.ms` = the dedup window:
@@ -45,7 +47,7 @@ use rdkafka::{
     error::KafkaError,
     producer::{DeliveryFuture, FutureProducer, FutureRecord},
 };
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::{
     config::KafkaArgs,
@@ -91,12 +93,31 @@ pub enum Error {
     },
 }
 
-/// The value of a changelog record.
-#[derive(Debug, Serialize, Deserialize)]
-struct Value<'a> {
-    topic: &'a str,
-    partition: i32,
+/// The value of a changelog record written as JSON by earlier versions (see the module's
+/// doc); only `expires_ms` is read back.
+#[derive(Debug, Deserialize)]
+struct JsonValue {
     expires_ms: u64,
+}
+
+/// The binary value of a changelog record (see the module's doc). Built in one buffer: the
+/// JSON value's serialiser cost more than the rest of a record's sending.
+fn encode_value(topic: &str, partition: i32, expires_ms: u64) -> Vec<u8> {
+    let mut value = Vec::with_capacity(12 + topic.len());
+    value.extend_from_slice(&expires_ms.to_be_bytes());
+    value.extend_from_slice(&partition.to_be_bytes());
+    value.extend_from_slice(topic.as_bytes());
+    value
+}
+
+/// When a changelog record stops counting, from either form of its value.
+fn expires_of(value: &[u8]) -> Option<u64> {
+    if value.first() == Some(&b'{') {
+        return serde_json::from_slice::<JsonValue>(value)
+            .ok()
+            .map(|v| v.expires_ms);
+    }
+    Some(u64::from_be_bytes(value.get(..8)?.try_into().ok()?))
 }
 
 /// How long metadata and offset calls may take.
@@ -190,7 +211,7 @@ impl Changelog {
                 ("acks", "all".into()),
                 // Records of many events share a request; an event waits this long at most.
                 ("linger.ms", "2".into()),
-                // Uncompressed: a record is ~100 bytes of key and JSON, and a batch holds a
+                // Uncompressed: a record is ~80 bytes of key and value, and a batch holds a
                 // few of them; starting an LZ4 frame (a 64 KiB table, zeroed) for each batch
                 // cost more instructions than the rest of an event's recording.
                 ("compression.type", "none".into()),
@@ -255,12 +276,7 @@ impl Changelog {
         partition: i32,
         expires_ms: u64,
     ) -> Result<DeliveryFuture, KafkaError> {
-        let value = serde_json::to_vec(&Value {
-            topic,
-            partition,
-            expires_ms,
-        })
-        .expect("a plain struct serialises");
+        let value = encode_value(topic, partition, expires_ms);
         let record = FutureRecord::to(&self.topic)
             .partition(self.partition_of(partition))
             .key(key)
@@ -401,11 +417,11 @@ impl Changelog {
             }
             let now = now_ms();
             if let (Some(key), Some(value)) = (message.key(), message.payload())
-                && let Ok(value) = serde_json::from_slice::<Value>(value)
-                && value.expires_ms > now
+                && let Some(expires_ms) = expires_of(value)
+                && expires_ms > now
                 && let Ok(key) = std::str::from_utf8(key)
             {
-                s.batch.push((key.to_string(), value.expires_ms));
+                s.batch.push((key.into(), expires_ms));
                 s.records += 1;
             }
             if s.batch.len() >= RESTORE_BATCH {
@@ -449,7 +465,7 @@ struct Restoring {
     from: i64,
     end: i64,
     records: u64,
-    batch: Vec<(String, u64)>,
+    batch: Vec<(std::sync::Arc<str>, u64)>,
     done: bool,
 }
 
@@ -516,4 +532,22 @@ fn ranges(
         out.push((p, (start, high)));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_value_reads_back_its_expiry_in_the_binary_and_the_earlier_json_form() {
+        let expires = now_ms() + 86_400_000;
+        let binary = encode_value("p.knowledge.events", 7, expires);
+        assert_eq!(binary.len(), 12 + "p.knowledge.events".len());
+        assert_eq!(binary[0], 0, "a binary value never starts with `{{`");
+        assert_eq!(expires_of(&binary), Some(expires));
+        let json = format!(r#"{{"topic":"t","partition":2,"expires_ms":{expires}}}"#);
+        assert_eq!(expires_of(json.as_bytes()), Some(expires));
+        assert_eq!(expires_of(b"short"), None);
+        assert_eq!(expires_of(b"{not json"), None);
+    }
 }
