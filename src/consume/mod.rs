@@ -1284,7 +1284,7 @@ fn decode(shared: &Shared, message: &Record, known: &Known<'_>) -> Result<Event,
         .registry
         .by_id(id)
         .ok_or_else(|| format!("unknown schema id {id}"))?;
-    let value = schema::decode_avro(&version.schema, body).map_err(|e| e.to_string())?;
+    let value = schema::decode_avro_with(version, body).map_err(|e| e.to_string())?;
     let data = schema::avro_to_json(version, &value);
     let text = |name: &str| known.get(name).map(str::to_string);
     let id = text(header::ID).unwrap_or_else(|| {
