@@ -66,7 +66,7 @@ pub fn openapi() -> Value {
                     "413": error_response("payload_too_large: body or batch over the limit, or an event larger than the broker takes (the smaller of the producer's message.max.bytes and the topic's max.message.bytes, less record overhead; the message names it)."),
                     "422": error_response("unknown_event_type, unknown_event_version or schema_violation; nothing written."),
                     "500": error_response("internal: a fault of the service (its disk), never of the input."),
-                    "503": {"description": "broker_unavailable: the broker did not acknowledge in time, or the service is at its limit of publishes in flight or of open connections; nothing was written unless acknowledged: retry after Retry-After seconds with the same idempotency keys.",
+                    "503": {"description": "broker_unavailable (the broker did not acknowledge in time, or the service is at its limit of publishes in flight or of open connections); retry after Retry-After seconds with the same idempotency keys.",
                         "headers": {"Retry-After": {"schema": {"type": "integer"}}},
                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
                 }
