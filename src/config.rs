@@ -387,16 +387,21 @@ pub struct ServeArgs {
     pub key_rate: f64,
 
     /// Most publish requests worked on at once; one more is refused at once (503 with
-    /// `Retry-After`, its body unread) rather than queued behind them. 256: at 1 000 single
-    /// events/s that rides out a 250 ms stall; 64 shed 9% of such a load on a busy machine.
-    #[arg(long, env = "AGENTBUS_MAX_PUBLISHES_IN_FLIGHT", default_value_t = 256)]
+    /// `Retry-After`, its body unread) rather than queued behind them. 1024: publishes wait
+    /// on the broker through a leader failover (a SIGKILLed broker stalls its partitions'
+    /// writes until it is fenced, seconds), and at 200 single events/s a 2.6 s stall already
+    /// held over 500 in flight: 256 shed them while two of three brokers were up. 64 shed 9%
+    /// of 1 000 single events/s on a busy machine.
+    #[arg(long, env = "AGENTBUS_MAX_PUBLISHES_IN_FLIGHT", default_value_t = 1024)]
     pub max_publishes_in_flight: usize,
 
     /// Most HTTP connections held open at once. One more is answered `503` with
     /// `Retry-After` at once and closed: every connection costs memory (buffers, a task),
     /// and clients that open one per request they wait on must not grow the service
-    /// without bound. 1024 idle connections cost about 20 MiB.
-    #[arg(long, env = "AGENTBUS_MAX_CONNECTIONS", default_value_t = 1024)]
+    /// without bound. Above the publishes in flight, since HTTP/1.1 carries one request at
+    /// a time per connection; 2048 idle connections cost about 40 MiB. Mind the process's
+    /// file descriptor limit (`ulimit -n`).
+    #[arg(long, env = "AGENTBUS_MAX_CONNECTIONS", default_value_t = 2048)]
     pub max_connections: usize,
 
     /// Longest a request may take before it is answered 503.
