@@ -343,28 +343,7 @@ fn agentbus(brokers: &str, prefix: &str, data: &Path, consumers: &Path) -> Comma
 async fn serve(brokers: &str, prefix: &str, data: &Path) -> (Proc, String) {
     let mut cmd = agentbus(brokers, prefix, data, &data.join("no-agents"));
     cmd.args(["serve", "--http-addr", "127.0.0.1:0"]);
-    let proc = Proc::spawn(cmd);
-    let line = proc
-        .line_with("agentbus listening", Duration::from_secs(30))
-        .await
-        .unwrap_or_else(|| panic!("agentbus serve did not listen: {:?}", proc.log()));
-    let line: Value = serde_json::from_str(&line).unwrap();
-    let url = format!("http://{}", line["fields"]["addr"].as_str().unwrap());
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(r) = client.get(format!("{url}/readyz")).send().await
-            && r.status() == 200
-        {
-            return (proc, url);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "agentbus serve not ready: {:?}",
-            proc.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::cluster::spawn_serve(cmd).await
 }
 
 // ---------------------------------------------------------------------------------------------

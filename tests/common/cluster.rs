@@ -337,6 +337,12 @@ pub async fn serve(brokers: &str, prefix: &str, data: &Path, extra: &[&str]) -> 
     let mut cmd = agentbus(brokers, prefix, data, &data.join("no-agents"));
     cmd.args(["serve", "--http-addr", "127.0.0.1:0"])
         .args(extra);
+    spawn_serve(cmd).await
+}
+
+/// Spawns `cmd` (an `agentbus serve` on port 0); returns once `/readyz` answers 200, with
+/// its URL.
+pub async fn spawn_serve(cmd: Command) -> (Proc, String) {
     let proc = Proc::spawn(cmd);
     let line = proc
         .line_with("agentbus listening", Duration::from_secs(30))
