@@ -165,7 +165,11 @@ async fn an_expired_event_is_not_delivered() {
     let name = format!("ttl-{}", uuid::Uuid::new_v4().simple());
     let (app, _c) = app_with_agent(&url, &name).await;
     let mut stale = task("t", "stale");
-    stale["timestamp"] = json!("2026-01-01T00:00:00Z");
+    // A minute old: past its TTL, but well inside the topic's retention. An older fixed date
+    // would be CreateTime-expired by Kafka's retention check and could vanish before the agent
+    // reads it, which is not what this test is about.
+    let minute_ago = chrono::Utc::now() - chrono::TimeDelta::seconds(60);
+    stale["timestamp"] = json!(minute_ago.to_rfc3339());
     stale["ttl_ms"] = json!(1000);
     assert_eq!(app.post(&stale).await.status(), 200);
     assert_eq!(app.post(&task("t", "fresh")).await.status(), 200);

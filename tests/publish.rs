@@ -24,6 +24,13 @@ async fn a_published_event_lands_in_kafka_with_the_contracts_key_timestamp_heade
 {
     let app = spawn_app().await;
     let event_id = "0192f6a2-7c3e-7a1b-9c2d-3e4f5a6b7c8d";
+    // An hour ago, to the second: a fixed date would fall out of the topic's retention (30
+    // days) one day, and Kafka would delete the record before the test reads it.
+    let at = chrono::DateTime::from_timestamp(chrono::Utc::now().timestamp() - 3600, 0).unwrap();
+    let ce_time = at.format("%Y-%m-%dT%H:%M:%S.000Z").to_string();
+    let expires_at = (at + chrono::TimeDelta::days(1))
+        .format("%Y-%m-%dT%H:%M:%S.000Z")
+        .to_string();
     let response = app
         .post(&json!({
             "event_type": "agent.created",
@@ -31,7 +38,7 @@ async fn a_published_event_lands_in_kafka_with_the_contracts_key_timestamp_heade
             "source": "daa-service",
             "data": {"agent_id": "a1b2", "type": "researcher", "cognitive_pattern": "systems", "created_by": "user123"},
             "event_id": event_id,
-            "timestamp": "2026-11-21T10:30:00Z",
+            "timestamp": at.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
             "partition_key": "a1b2",
             "idempotency_key": "req_abc123",
             "ttl_ms": 86400000,
@@ -55,20 +62,22 @@ async fn a_published_event_lands_in_kafka_with_the_contracts_key_timestamp_heade
         body["partition"].as_i64().unwrap() as i32
     );
     assert_eq!(record.offset(), body["offset"].as_i64().unwrap());
-    let expected_ms = 1_795_257_000_000; // 2026-11-21T10:30:00Z
-    assert_eq!(record.timestamp(), Timestamp::CreateTime(expected_ms));
+    assert_eq!(
+        record.timestamp(),
+        Timestamp::CreateTime(at.timestamp_millis())
+    );
     for (name, value) in [
         ("ce_specversion", "1.0"),
         ("ce_id", event_id),
         ("ce_type", "agent.created"),
         ("ce_source", "daa-service"),
-        ("ce_time", "2026-11-21T10:30:00.000Z"),
+        ("ce_time", ce_time.as_str()),
         ("content-type", "application/avro"),
         ("ce_eventversion", "1"),
         ("ce_idempotencykey", "req_abc123"),
         ("ce_correlationid", "req_abc123"),
         ("ce_causationid", "evt_xyz789"),
-        ("ce_expiresat", "2026-11-22T10:30:00.000Z"),
+        ("ce_expiresat", expires_at.as_str()),
         ("agentbus-meta-tenant", "acme"),
     ] {
         assert_eq!(
