@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::FutureProducer;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -144,8 +144,11 @@ impl App {
         let producer: FutureProducer =
             publish::producer_config(&settings.kafka, settings.publish_timeout).create()?;
         let readiness = Arc::new(Readiness::default());
+        let single: FutureProducer =
+            publish::single_producer_config(&settings.kafka, settings.publish_timeout).create()?;
         let publisher = Arc::new(Publisher::new(
             producer,
+            single,
             registry.clone(),
             store.clone(),
             settings.kafka.clone(),
@@ -316,8 +319,8 @@ impl App {
         }
         replays.cancel_all();
         tasks.wait().await;
-        let producer = publisher.producer();
-        let flushed = tokio::task::spawn_blocking(move || producer.flush(grace)).await?;
+        let flushing = publisher.clone();
+        let flushed = tokio::task::spawn_blocking(move || flushing.flush_blocking(grace)).await?;
         if let Err(e) = flushed {
             tracing::warn!(error = %e, "producer flush incomplete at shutdown");
         }

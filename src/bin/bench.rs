@@ -300,6 +300,75 @@ async fn agentbus_batches(
     Ok(args.events as f64 / started.elapsed().as_secs_f64())
 }
 
+/// The baseline of the single-event run: a raw librdkafka producer with the settings of
+/// agentbus's single-event producer ([`agentbus::publish::single_producer_config`]) writes one
+/// record (agentbus's headers, ~300 bytes) at a time at `--rate`, open loop; latency from the
+/// scheduled send to the acknowledgement. Sorted p50, p99, p99.9 and failures.
+async fn raw_single_latency(args: &PublishArgs) -> anyhow::Result<(f64, f64, f64, usize)> {
+    let topic = format!(
+        "{}bench-single-raw-{}",
+        args.kafka.topic_prefix,
+        uuid::Uuid::new_v4().simple()
+    );
+    topics::ensure(
+        &args.kafka,
+        &[TopicSpec {
+            name: topic.clone(),
+            partitions: args.partitions,
+            replication: 1,
+            retention: Duration::from_secs(3600),
+            configs: Vec::new(),
+        }],
+    )
+    .await?;
+    let producer: FutureProducer =
+        agentbus::publish::single_producer_config(&args.kafka, Duration::from_secs(5)).create()?;
+    let value = Arc::new(vec![b'v'; 300]);
+    // Warm-up: connections and metadata, outside the measurement.
+    for i in 0..20 {
+        let record = FutureRecord::to(&topic)
+            .key("warm-up")
+            .payload(value.as_slice())
+            .headers(cloudevents_headers(i));
+        producer
+            .send(record, Duration::from_secs(5))
+            .await
+            .map_err(|(e, _)| e)?;
+    }
+    let total = (args.rate as f64 * args.latency_duration.as_secs_f64()) as usize;
+    let period = Duration::from_secs_f64(1.0 / args.rate as f64);
+    let start = tokio::time::Instant::now();
+    let mut handles = Vec::with_capacity(total);
+    for i in 0..total {
+        let at = start + period * i as u32;
+        tokio::time::sleep_until(at).await;
+        let (producer, topic, value) = (producer.clone(), topic.clone(), value.clone());
+        handles.push(tokio::spawn(async move {
+            let key = format!("agent-{}", i % 64);
+            let record = FutureRecord::to(&topic)
+                .key(&key)
+                .payload(value.as_slice())
+                .headers(cloudevents_headers(i));
+            let sent = producer.send(record, Duration::from_secs(5)).await;
+            (at.elapsed(), sent.is_err())
+        }));
+    }
+    let mut latencies = Vec::with_capacity(total);
+    let mut failures = 0;
+    for h in handles {
+        let (elapsed, failed) = h.await?;
+        failures += usize::from(failed);
+        latencies.push(elapsed.as_secs_f64() * 1000.0);
+    }
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    Ok((
+        percentile(&latencies, 0.50),
+        percentile(&latencies, 0.99),
+        percentile(&latencies, 0.999),
+        failures,
+    ))
+}
+
 /// Open-loop single-event publishes at a fixed rate: latency measured from the scheduled
 /// send time, so a slow answer cannot hide the queueing it causes.
 async fn latency(
@@ -500,10 +569,22 @@ async fn publish(args: PublishArgs) -> anyhow::Result<()> {
         );
     }
     let service = last.context("no rounds")?;
+    // The floor first: what librdkafka itself takes for one record at the same rate, with the
+    // producer settings agentbus uses for single events.
+    let (r50, r99, r999, raw_failures) = raw_single_latency(&args).await?;
+    println!(
+        "raw producer, single records at {}/s for {:?} (agentbus's single-event producer settings): p50 {r50:.1} ms, p99 {r99:.1} ms, p99.9 {r999:.1} ms, {raw_failures} failed",
+        args.rate, args.latency_duration
+    );
     let (p50, p99, p999, failures) = latency(&args, &client, &service.url).await?;
     println!(
         "single-event publish at {}/s for {:?}: p50 {p50:.1} ms, p99 {p99:.1} ms, p99.9 {p999:.1} ms, {failures} failed (target p50 <= 2 ms, p99 <= 5 ms, none failed)",
         args.rate, args.latency_duration
+    );
+    println!(
+        "  above the raw producer: p50 +{:.1} ms, p99 +{:.1} ms",
+        p50 - r50,
+        p99 - r99
     );
     println!(
         "agentbus peak memory (VmHWM, last round's service): {:.1} MiB",

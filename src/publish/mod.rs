@@ -116,19 +116,29 @@ pub struct Publisher {
     created: Instant,
 }
 
-/// The publisher's producer, and whether it must be replaced (a delivery on it failed
+/// The publisher's producers, and whether they must be replaced (a delivery on one failed
 /// fatally, or timed out on a broker with [`Quirks::renew_producer_after_timeout`]).
+///
+/// Two producers, because one `linger.ms` cannot serve both kinds of request: a lone event
+/// should leave at once (a request of one event waits for nothing else), while the events of
+/// a batch, and of many requests at once, travel best in fuller produce requests. Ordering
+/// is not at stake: the events of one request all go through one producer, in order, and a
+/// client that needs two requests in order waits for the first's answer, which comes only
+/// after the broker acknowledged it.
 #[derive(Clone)]
 pub struct CurrentProducer {
-    /// Send with this one.
+    /// Send batches (and agents' follow-ups) with this one ([`producer_config`]).
     pub producer: FutureProducer,
+    /// Send a request's lone event with this one ([`single_producer_config`]).
+    pub single: FutureProducer,
     spoiled: Arc<AtomicBool>,
 }
 
 impl CurrentProducer {
-    fn new(producer: FutureProducer) -> Self {
+    fn new(producer: FutureProducer, single: FutureProducer) -> Self {
         CurrentProducer {
             producer,
+            single,
             spoiled: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -176,9 +186,11 @@ enum PrepareError {
 }
 
 impl Publisher {
-    /// A publisher over `producer` (see [`producer_config`]).
+    /// A publisher over `producer` (see [`producer_config`]) for batches and `single` (see
+    /// [`single_producer_config`]) for lone events.
     pub fn new(
         producer: FutureProducer,
+        single: FutureProducer,
         registry: Arc<Registry>,
         store: Arc<IdempotencyStore>,
         kafka: KafkaArgs,
@@ -187,7 +199,7 @@ impl Publisher {
     ) -> Self {
         Publisher {
             sizes: size::SizeLimits::new(&producer_config(&kafka, timeout)),
-            producer: std::sync::RwLock::new(CurrentProducer::new(producer)),
+            producer: std::sync::RwLock::new(CurrentProducer::new(producer, single)),
             renewed: std::sync::Mutex::new(None),
             registry,
             store,
@@ -217,9 +229,20 @@ impl Publisher {
         self.broker_up.load(Ordering::Relaxed)
     }
 
-    /// The producer, for flushing at shutdown and probing the broker.
+    /// The batch producer, for probing the broker.
     pub fn producer(&self) -> FutureProducer {
         self.current_producer().producer
+    }
+
+    /// Waits up to `grace` for both producers to deliver what they hold (at shutdown).
+    /// Blocking: call it off the runtime's workers.
+    pub fn flush_blocking(&self, grace: Duration) -> Result<(), KafkaError> {
+        let current = self.current_producer();
+        let deadline = Instant::now() + grace;
+        current.producer.flush(grace)?;
+        current
+            .single
+            .flush(deadline.saturating_duration_since(Instant::now()))
     }
 
     /// The producer in use, to send with and to mark when a delivery on it timed out.
@@ -243,11 +266,17 @@ impl Publisher {
         {
             return;
         }
-        match producer_config(&self.kafka, self.timeout).create::<FutureProducer>() {
-            Ok(fresh) => {
+        let fresh = producer_config(&self.kafka, self.timeout)
+            .create::<FutureProducer>()
+            .and_then(|batch| {
+                let single = single_producer_config(&self.kafka, self.timeout).create()?;
+                Ok((batch, single))
+            });
+        match fresh {
+            Ok((batch, single)) => {
                 let old = std::mem::replace(
                     &mut *self.producer.write().expect("producer lock"),
-                    CurrentProducer::new(fresh),
+                    CurrentProducer::new(batch, single),
                 );
                 *renewed = Some(Instant::now());
                 tracing::warn!(why, "renewed the Kafka producer");
@@ -620,7 +649,11 @@ impl Publisher {
     ) -> Vec<Result<(i32, i64), Failure>> {
         let deadline = Instant::now() + self.timeout + Duration::from_secs(1);
         let current = self.current_producer();
-        let producer = &current.producer;
+        let producer = if which.len() == 1 {
+            &current.single
+        } else {
+            &current.producer
+        };
         let mut pending = Vec::with_capacity(which.len());
         for &i in which {
             let p = &prepared[i];
@@ -786,9 +819,32 @@ fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
     }
 }
 
-/// The producer's settings. Each one matters for "answered 200 means durably written";
-/// any can be overridden with `AGENTBUS_KAFKA_<NAME>` (say, `AGENTBUS_KAFKA_LINGER_MS`).
+/// The batch producer's settings. Each one matters for "answered 200 means durably written";
+/// any can be overridden with `AGENTBUS_KAFKA_<NAME>` (say, `AGENTBUS_KAFKA_LINGER_MS`, which
+/// then applies to the single-event producer too).
 pub fn producer_config(kafka: &KafkaArgs, timeout: Duration) -> rdkafka::ClientConfig {
+    // How long a lone event waits for company before its produce request goes out.
+    // librdkafka's 5 ms, measured against 1 and 2 ms in `ops/bench.sh publish` on a quiet
+    // machine (one run each): batches of 100 reached 0.69 / 0.43 / 0.53 of the raw producer
+    // with the same headers, at 33 / 44 / 43 µs of CPU per event (fewer, fuller produce
+    // requests). Requests of one event go through the single-event producer instead.
+    producer_config_lingering(kafka, timeout, "5")
+}
+
+/// The settings of the producer of requests that write one event: [`producer_config`]'s,
+/// with `linger.ms` 0. A lone event has no company to wait for; with 5 ms of linger single
+/// events at 1 000/s answered p50 6.2 ms, p99 11.2 ms (`ops/bench.sh publish`, quiet
+/// machine). Under many concurrent single-event requests librdkafka still batches what
+/// queues up while earlier produce requests are in flight.
+pub fn single_producer_config(kafka: &KafkaArgs, timeout: Duration) -> rdkafka::ClientConfig {
+    producer_config_lingering(kafka, timeout, "0")
+}
+
+fn producer_config_lingering(
+    kafka: &KafkaArgs,
+    timeout: Duration,
+    linger_ms: &str,
+) -> rdkafka::ClientConfig {
     let mut config = kafka.client_config_with(&[
         // No duplicates or reordering from the producer's own retries.
         ("enable.idempotence", "true".into()),
@@ -796,14 +852,9 @@ pub fn producer_config(kafka: &KafkaArgs, timeout: Duration) -> rdkafka::ClientC
         ("acks", "all".into()),
         // librdkafka's own bound on a delivery: past it the delivery fails and we answer 503.
         ("message.timeout.ms", timeout.as_millis().to_string()),
-        // How long a lone event waits for company before its produce request goes out.
-        // librdkafka's 5 ms, measured against 1 and 2 ms in `ops/bench.sh publish` on a
-        // quiet machine (one run each): batches of 100 reached 0.69 / 0.43 / 0.53 of the
-        // raw producer with the same headers, at 33 / 44 / 43 µs of CPU per event (fewer,
-        // fuller produce requests), while single events at 1 000/s answered p50 6.2 / 3.9 /
-        // 4.6 ms and p99 11.2 / 9.8 / 8.7 ms. Throughput wins the default; a latency-bound
-        // single-event publisher sets `AGENTBUS_KAFKA_LINGER_MS=1`.
-        ("linger.ms", "5".into()),
+        // How long an event waits for company before its produce request goes out (see
+        // the two callers).
+        ("linger.ms", linger_ms.into()),
         // Produce requests are small and answered one by one: Nagle's algorithm would hold
         // a request back until the previous one's segment is acknowledged.
         ("socket.nagle.disable", "true".into()),
@@ -933,6 +984,9 @@ mod tests {
         let schemas = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
         Publisher::new(
             producer_config(&kafka, Duration::from_secs(5))
+                .create()
+                .unwrap(),
+            single_producer_config(&kafka, Duration::from_secs(5))
                 .create()
                 .unwrap(),
             Arc::new(Registry::load(&schemas).unwrap()),
