@@ -151,6 +151,7 @@ impl App {
             settings.kafka.clone(),
             settings.publish_timeout,
             readiness.broker.clone(),
+            settings.topics.retention,
         ));
         let listener =
             match mode {
