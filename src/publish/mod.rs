@@ -333,6 +333,8 @@ impl Publisher {
         let mut written = Vec::new();
         // The item that failed, and why.
         let mut failure: Option<(usize, Failure)> = None;
+        // Topics whose configuration was read again for a refused timestamp.
+        let mut read_again: Vec<&str> = Vec::new();
         for (&i, delivery) in to_write.iter().zip(deliveries) {
             match delivery {
                 Ok((partition, offset)) => {
@@ -350,11 +352,9 @@ impl Publisher {
                 }
                 Err(e) => {
                     let e = self.judge_too_large(&prepared[i], e).await;
-                    if matches!(e, Failure::InvalidTimestamp(_)) {
-                        // The topic's bounds as cached let it through: stale, or the broker
-                        // is stricter. Read them again before the next publish to the topic.
-                        self.limits.forget(&prepared[i].topic);
-                    }
+                    let e = self
+                        .judge_invalid_timestamp(&prepared[i], e, &mut read_again)
+                        .await;
                     // A record the broker can never take wins: a retry would fail the same way.
                     if e.is_final() || !failure.as_ref().is_some_and(|(_, f)| f.is_final()) {
                         failure = Some((i, e));
@@ -400,7 +400,17 @@ impl Publisher {
                         },
                         message: why.clone(),
                     }],
-                    message: why,
+                    // Unlike a refusal before producing, the broker's comes after the rest of
+                    // the batch may have been written: say so, and that a retry is safe.
+                    message: if written.is_empty() {
+                        why
+                    } else {
+                        format!(
+                            "{why}; {} other event(s) of the batch were written and are recorded \
+                             (a retry with the same idempotency keys does not write them again)",
+                            written.len()
+                        )
+                    },
                 },
             });
         }
@@ -446,6 +456,40 @@ impl Publisher {
              takes; retry (a batch.size below the topic's max.message.bytes avoids this)",
             limit.explain(&p.topic)
         ))
+    }
+
+    /// A delivery refused for its timestamp (INVALID_TIMESTAMP) is about the event only when
+    /// its own timestamp is outside the topic's bounds as read again now: the broker refuses a
+    /// whole record batch for one record's timestamp, and a batch mixes the events of every
+    /// request to one partition, so an event that travelled with a bad one fails with it.
+    /// Such an event is fine alone: 503, retry. The topic's configuration is read again first
+    /// (once per request and topic), since a stale one (it changed within the cache's minute)
+    /// is why the check before producing let the bad event through.
+    async fn judge_invalid_timestamp<'p>(
+        &self,
+        p: &'p Prepared,
+        failure: Failure,
+        read_again: &mut Vec<&'p str>,
+    ) -> Failure {
+        let Failure::InvalidTimestamp(why) = failure else {
+            return failure;
+        };
+        if !read_again.contains(&p.topic.as_str()) {
+            self.limits.forget(&p.topic);
+            read_again.push(&p.topic);
+        }
+        let limits = self.limits.of(&p.topic, self.broker_up()).await;
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let at_ms = p.envelope.timestamp.timestamp_millis();
+        match limits.timestamps.refuse(at_ms, now_ms, &p.topic) {
+            Some(own) => Failure::InvalidTimestamp(format!("{own} ({why})")),
+            None => Failure::Unavailable(format!(
+                "the broker refused the record batch this event travelled in for a timestamp \
+                 ({why}), but this event's timestamp is within what topic {} takes: another \
+                 event of the batch was the cause; retry",
+                p.topic
+            )),
+        }
     }
 
     /// Refuses the request when an event could never be written or kept, so that it is not
@@ -758,7 +802,8 @@ enum Failure {
     TooLarge(String),
     /// The broker refused the record's timestamp (INVALID_TIMESTAMP): outside the topic's
     /// `message.timestamp.before.max.ms` / `after.max.ms` by the broker's clock. A retry
-    /// cannot help: `400 invalid_envelope`.
+    /// cannot help: `400 invalid_envelope` (once [`Publisher::judge_invalid_timestamp`] found
+    /// the event's own timestamp at fault).
     InvalidTimestamp(String),
 }
 
@@ -782,9 +827,9 @@ fn describe(e: KafkaError) -> Failure {
             ))
         }
         Some(RDKafkaErrorCode::InvalidTimestamp) => Failure::InvalidTimestamp(format!(
-            "the broker refused the event's timestamp as outside what the topic takes by the \
-             broker's clock (message.timestamp.before.max.ms, message.timestamp.after.max.ms); \
-             a retry cannot help: {e}"
+            "the broker refused the event's timestamp as outside what the topic takes \
+             (message.timestamp.before.max.ms, message.timestamp.after.max.ms by the broker's \
+             clock); a retry cannot help: {e}"
         )),
         _ => Failure::Unavailable(format!("the broker did not accept the event: {e}")),
     }

@@ -276,12 +276,8 @@ fn human(ms: i64) -> String {
         return format!("{ms}ms");
     }
     let secs = ms / 1000;
-    let (days, hours, minutes, seconds) = (
-        secs / 86_400,
-        secs / 3600 % 24,
-        secs / 60 % 60,
-        secs % 60,
-    );
+    let (days, hours, minutes, seconds) =
+        (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
     let mut parts = Vec::new();
     match days {
         0 => {}
