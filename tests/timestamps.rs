@@ -72,10 +72,26 @@ async fn assert_refused(response: reqwest::Response, at_paths: &[&str], says: &s
     assert!(message(&error).contains(says), "{error}");
 }
 
+/// `agentbus_events_published_total{event_type="agent.created",outcome="rejected"}`, as the
+/// app's `/metrics` tells it (0 before the first).
+async fn rejected(app: &TestApp) -> f64 {
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("agentbus_events_published_total{")
+                && l.contains("event_type=\"agent.created\"")
+                && l.contains("outcome=\"rejected\"")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// The bug as found: 2030-01-01 on Kafka 4 was answered 503 with Retry-After, forever.
 #[tokio::test]
 async fn a_timestamp_more_than_an_hour_ahead_is_refused_at_timestamp_and_nothing_is_written() {
     let app = spawn_app().await;
+    let before = rejected(&app).await;
     let far = DateTime::parse_from_rfc3339("2030-01-01T00:00:00Z")
         .unwrap()
         .to_utc();
@@ -95,6 +111,8 @@ async fn a_timestamp_more_than_an_hour_ahead_is_refused_at_timestamp_and_nothing
     )
     .await;
     assert_eq!(record_count(&app.brokers, &app.topic("agent")), 0);
+    // Counted like every refusal (other tests of this binary count there too: at least).
+    assert!(rejected(&app).await >= before + 2.0);
 }
 
 #[tokio::test]
