@@ -7,7 +7,6 @@ use std::{
     time::Duration,
 };
 
-use rdkafka::producer::FutureProducer;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -141,19 +140,16 @@ impl App {
             &settings.data_dir.join("idempotency"),
             settings.idempotency_ttl,
         )?;
-        let producer: FutureProducer =
-            publish::producer_config(&settings.kafka, settings.publish_timeout).create()?;
+        let producers = publish::Producers::create(&settings.kafka, settings.publish_timeout)?;
         let readiness = Arc::new(Readiness::default());
-        let single: FutureProducer =
-            publish::single_producer_config(&settings.kafka, settings.publish_timeout).create()?;
         let publisher = Arc::new(Publisher::new(
-            producer,
-            single,
+            producers,
             registry.clone(),
             store.clone(),
             settings.kafka.clone(),
             settings.publish_timeout,
             readiness.broker.clone(),
+            settings.topics.retention,
         ));
         let listener =
             match mode {

@@ -17,7 +17,7 @@ use std::{
 
 use futures::future::join_all;
 use rdkafka::{
-    error::{KafkaError, RDKafkaErrorCode},
+    error::{KafkaError, KafkaResult, RDKafkaErrorCode},
     message::{Header, OwnedHeaders},
     producer::{FutureProducer, FutureRecord, Producer},
 };
@@ -109,8 +109,8 @@ pub struct Publisher {
     kafka: KafkaArgs,
     timeout: Duration,
     broker_up: Arc<AtomicBool>,
-    /// The largest record each topic takes.
-    sizes: size::SizeLimits,
+    /// What each topic takes: the largest record, and the timestamps it takes and keeps.
+    limits: size::TopicLimits,
     /// When the broker last acknowledged a delivery: ms since `created` (0: never).
     last_ack_ms: std::sync::atomic::AtomicU64,
     created: Instant,
@@ -135,16 +135,34 @@ pub struct CurrentProducer {
 }
 
 impl CurrentProducer {
-    fn new(producer: FutureProducer, single: FutureProducer) -> Self {
+    fn new(producers: Producers) -> Self {
         CurrentProducer {
-            producer,
-            single,
+            producer: producers.batch,
+            single: producers.single,
             spoiled: Arc::new(AtomicBool::new(false)),
         }
     }
 
     fn is_spoiled(&self) -> bool {
         self.spoiled.load(Ordering::Relaxed)
+    }
+}
+
+/// The two producers a [`Publisher`] writes with (see [`CurrentProducer`]).
+pub struct Producers {
+    /// For batches ([`producer_config`]).
+    pub batch: FutureProducer,
+    /// For requests of one event ([`single_producer_config`]).
+    pub single: FutureProducer,
+}
+
+impl Producers {
+    /// Both producers, for the brokers of `kafka`, deliveries bounded by `timeout`.
+    pub fn create(kafka: &KafkaArgs, timeout: Duration) -> KafkaResult<Producers> {
+        Ok(Producers {
+            batch: producer_config(kafka, timeout).create()?,
+            single: single_producer_config(kafka, timeout).create()?,
+        })
     }
 }
 
@@ -186,20 +204,21 @@ enum PrepareError {
 }
 
 impl Publisher {
-    /// A publisher over `producer` (see [`producer_config`]) for batches and `single` (see
-    /// [`single_producer_config`]) for lone events.
+    /// A publisher over `producers`. `retention` is the one agentbus gives the
+    /// topics it creates (`--topic-retention`): it bounds the age of an event's timestamp on a
+    /// topic whose `retention.ms` the broker does not tell.
     pub fn new(
-        producer: FutureProducer,
-        single: FutureProducer,
+        producers: Producers,
         registry: Arc<Registry>,
         store: Arc<IdempotencyStore>,
         kafka: KafkaArgs,
         timeout: Duration,
         broker_up: Arc<AtomicBool>,
+        retention: Duration,
     ) -> Self {
         Publisher {
-            sizes: size::SizeLimits::new(&producer_config(&kafka, timeout)),
-            producer: std::sync::RwLock::new(CurrentProducer::new(producer, single)),
+            limits: size::TopicLimits::new(&producer_config(&kafka, timeout), retention),
+            producer: std::sync::RwLock::new(CurrentProducer::new(producers)),
             renewed: std::sync::Mutex::new(None),
             registry,
             store,
@@ -266,17 +285,11 @@ impl Publisher {
         {
             return;
         }
-        let fresh = producer_config(&self.kafka, self.timeout)
-            .create::<FutureProducer>()
-            .and_then(|batch| {
-                let single = single_producer_config(&self.kafka, self.timeout).create()?;
-                Ok((batch, single))
-            });
-        match fresh {
-            Ok((batch, single)) => {
+        match Producers::create(&self.kafka, self.timeout) {
+            Ok(fresh) => {
                 let old = std::mem::replace(
                     &mut *self.producer.write().expect("producer lock"),
-                    CurrentProducer::new(batch, single),
+                    CurrentProducer::new(fresh),
                 );
                 *renewed = Some(Instant::now());
                 tracing::warn!(why, "renewed the Kafka producer");
@@ -313,7 +326,7 @@ impl Publisher {
     pub async fn publish(&self, request: Request) -> Result<Vec<PublishResult>, Error> {
         let batch = request.batch;
         let prepared = self.prepare(request)?;
-        self.check_sizes(&prepared, batch).await?;
+        self.check_limits(&prepared, batch).await?;
 
         // Idempotency: repeats answer their first result, conflicts refuse the request.
         let mut claim = Claim::new(&self.store);
@@ -357,7 +370,10 @@ impl Publisher {
 
         let deliveries = self.write(&prepared, &to_write).await;
         let mut written = Vec::new();
-        let mut failure: Option<Failure> = None;
+        // The item that failed, and why.
+        let mut failure: Option<(usize, Failure)> = None;
+        // Topics whose configuration was read again for a refused timestamp.
+        let mut read_again: Vec<&str> = Vec::new();
         for (&i, delivery) in to_write.iter().zip(deliveries) {
             match delivery {
                 Ok((partition, offset)) => {
@@ -375,11 +391,12 @@ impl Publisher {
                 }
                 Err(e) => {
                     let e = self.judge_too_large(&prepared[i], e).await;
+                    let e = self
+                        .judge_invalid_timestamp(&prepared[i], e, &mut read_again)
+                        .await;
                     // A record the broker can never take wins: a retry would fail the same way.
-                    if matches!(e, Failure::TooLarge(_))
-                        || !matches!(failure, Some(Failure::TooLarge(_)))
-                    {
-                        failure = Some(e);
+                    if e.is_final() || !failure.as_ref().is_some_and(|(_, f)| f.is_final()) {
+                        failure = Some((i, e));
                     }
                 }
             }
@@ -399,7 +416,7 @@ impl Publisher {
         drop(claim);
         count(&prepared, &written, outcome::WRITTEN);
 
-        if let Some(e) = failure {
+        if let Some((i, e)) = failure {
             let failed: Vec<usize> = to_write
                 .iter()
                 .copied()
@@ -411,6 +428,28 @@ impl Publisher {
                 Failure::TooLarge(why) => Error::TooLarge {
                     message: why,
                     details: Vec::new(),
+                },
+                Failure::InvalidTimestamp(why) => Error::Rejected {
+                    kind: Rejection::InvalidEnvelope,
+                    details: vec![Violation {
+                        path: if batch {
+                            format!("[{i}].timestamp")
+                        } else {
+                            "timestamp".into()
+                        },
+                        message: why.clone(),
+                    }],
+                    // Unlike a refusal before producing, the broker's comes after the rest of
+                    // the batch may have been written: say so, and that a retry is safe.
+                    message: if written.is_empty() {
+                        why
+                    } else {
+                        format!(
+                            "{why}; {} other event(s) of the batch were written and are recorded \
+                             (a retry with the same idempotency keys does not write them again)",
+                            written.len()
+                        )
+                    },
                 },
             });
         }
@@ -439,10 +478,13 @@ impl Publisher {
         let Failure::TooLarge(why) = failure else {
             return failure;
         };
-        self.sizes.forget(&p.topic);
+        self.limits.forget(&p.topic);
         // With a codec on, the check before producing knew only the producer's limit: here
         // the topic's counts too, or such an event would be answered 503 and retried forever.
-        let limit = self.sizes.of_uncompressed(&p.topic, self.broker_up()).await;
+        let limit = self
+            .limits
+            .of_uncompressed(&p.topic, self.broker_up())
+            .await;
         let bytes = record_bytes(p);
         if bytes > limit.max_record {
             return Failure::TooLarge(why);
@@ -455,45 +497,116 @@ impl Publisher {
         ))
     }
 
-    /// Refuses the request when an event is larger than its topic takes: it could never be
-    /// written, so it is not retried into the broker (and not answered 503).
-    async fn check_sizes(&self, prepared: &[Prepared], batch: bool) -> Result<(), Error> {
-        let mut details = Vec::new();
-        let mut first = None;
+    /// A delivery refused for its timestamp (INVALID_TIMESTAMP) is about the event only when
+    /// its own timestamp is outside the topic's bounds as read again now: the broker refuses a
+    /// whole record batch for one record's timestamp, and a batch mixes the events of every
+    /// request to one partition, so an event that travelled with a bad one fails with it.
+    /// Such an event is fine alone: 503, retry. The topic's configuration is read again first
+    /// (once per request and topic), since a stale one (it changed within the cache's minute)
+    /// is why the check before producing let the bad event through.
+    async fn judge_invalid_timestamp<'p>(
+        &self,
+        p: &'p Prepared,
+        failure: Failure,
+        read_again: &mut Vec<&'p str>,
+    ) -> Failure {
+        let Failure::InvalidTimestamp(why) = failure else {
+            return failure;
+        };
+        if !read_again.contains(&p.topic.as_str()) {
+            self.limits.forget(&p.topic);
+            read_again.push(&p.topic);
+        }
+        let limits = self.limits.of(&p.topic, self.broker_up()).await;
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let at_ms = p.envelope.timestamp.timestamp_millis();
+        match limits.timestamps.refuse(at_ms, now_ms, &p.topic) {
+            Some(own) => Failure::InvalidTimestamp(format!("{own} ({why})")),
+            None => Failure::Unavailable(format!(
+                "the broker refused the record batch this event travelled in for a timestamp \
+                 ({why}), but this event's timestamp is within what topic {} takes: another \
+                 event of the batch was the cause; retry",
+                p.topic
+            )),
+        }
+    }
+
+    /// Refuses the request when an event could never be written or kept, so that it is not
+    /// retried into the broker (and not answered 503) and nothing of the request is written:
+    /// its timestamp is outside what its topic takes or keeps (`400 invalid_envelope` at
+    /// `timestamp`; see [`size::Timestamps`]: the broker would refuse it, or delete it at its
+    /// next retention check after a 200), or it is larger than the topic takes (413). The
+    /// topic cache is looked at once per run of events of one topic; per event, the checks are
+    /// a few integer comparisons.
+    async fn check_limits(&self, prepared: &[Prepared], batch: bool) -> Result<(), Error> {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let path = |i: usize, field: &str| {
+            if batch {
+                format!("[{i}].{field}")
+            } else {
+                field.to_string()
+            }
+        };
+        let mut too_large = Vec::new();
+        let mut timestamps = Vec::new();
+        let mut current: Option<(&str, size::Limits)> = None;
         for (i, p) in prepared.iter().enumerate() {
-            let bytes = record_bytes(p);
-            let limit = self.sizes.of(&p.topic, self.broker_up()).await;
-            if bytes > limit.max_record {
-                let why = format!(
-                    "the event is {bytes} bytes as a Kafka record (key, Avro value, headers); {}",
-                    limit.explain(&p.topic)
-                );
-                first.get_or_insert_with(|| why.clone());
-                details.push(Violation {
-                    path: if batch {
-                        format!("[{i}].data")
-                    } else {
-                        "data".into()
-                    },
+            if current.as_ref().is_none_or(|(topic, _)| *topic != p.topic) {
+                let limits = self.limits.of(&p.topic, self.broker_up()).await;
+                current = Some((&p.topic, limits));
+            }
+            let (_, limits) = current.as_ref().expect("set above");
+            let at_ms = p.envelope.timestamp.timestamp_millis();
+            if let Some(why) = limits.timestamps.refuse(at_ms, now_ms, &p.topic) {
+                timestamps.push(Violation {
+                    path: path(i, "timestamp"),
                     message: why,
                 });
             }
+            let bytes = record_bytes(p);
+            if bytes > limits.size.max_record {
+                too_large.push(Violation {
+                    path: path(i, "data"),
+                    message: format!(
+                        "the event is {bytes} bytes as a Kafka record (key, Avro value, headers); {}",
+                        limits.size.explain(&p.topic)
+                    ),
+                });
+            }
         }
-        let Some(first) = first else {
+        // An envelope the topic cannot take is the more basic fault: it wins over a size.
+        let (details, what, of_envelope) = if !timestamps.is_empty() {
+            (
+                timestamps,
+                "have a timestamp their topic does not take or keep",
+                true,
+            )
+        } else if !too_large.is_empty() {
+            (too_large, "are larger than the broker takes", false)
+        } else {
             return Ok(());
         };
         let which: Vec<usize> = (0..prepared.len()).collect();
         count(prepared, &which, outcome::REJECTED);
+        let first = &details[0].message;
         let message = if batch {
             format!(
-                "{} event(s) of the batch are larger than the broker takes; nothing in the batch \
-                 was written; the first: {first}",
+                "{} event(s) of the batch {what}; nothing in the batch was written; the first: \
+                 {first}",
                 details.len()
             )
         } else {
-            first
+            first.clone()
         };
-        Err(Error::TooLarge { message, details })
+        Err(if of_envelope {
+            Error::Rejected {
+                kind: Rejection::InvalidEnvelope,
+                message,
+                details,
+            }
+        } else {
+            Error::TooLarge { message, details }
+        })
     }
 
     /// Checks envelopes, resolves schemas, converts and encodes every item; on any failure
@@ -730,6 +843,18 @@ enum Failure {
     Unavailable(String),
     /// Never fits (413): librdkafka or the broker found the record or batch too large.
     TooLarge(String),
+    /// The broker refused the record's timestamp (INVALID_TIMESTAMP): outside the topic's
+    /// `message.timestamp.before.max.ms` / `after.max.ms` by the broker's clock. A retry
+    /// cannot help: `400 invalid_envelope` (once [`Publisher::judge_invalid_timestamp`] found
+    /// the event's own timestamp at fault).
+    InvalidTimestamp(String),
+}
+
+impl Failure {
+    /// Whether a retry would fail the same way.
+    fn is_final(&self) -> bool {
+        matches!(self, Failure::TooLarge(_) | Failure::InvalidTimestamp(_))
+    }
 }
 
 fn describe(e: KafkaError) -> Failure {
@@ -744,6 +869,11 @@ fn describe(e: KafkaError) -> Failure {
                  topic's max.message.bytes): {e}"
             ))
         }
+        Some(RDKafkaErrorCode::InvalidTimestamp) => Failure::InvalidTimestamp(format!(
+            "the broker refused the event's timestamp as outside what the topic takes \
+             (message.timestamp.before.max.ms, message.timestamp.after.max.ms by the broker's \
+             clock); a retry cannot help: {e}"
+        )),
         _ => Failure::Unavailable(format!("the broker did not accept the event: {e}")),
     }
 }
@@ -983,17 +1113,13 @@ mod tests {
         };
         let schemas = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
         Publisher::new(
-            producer_config(&kafka, Duration::from_secs(5))
-                .create()
-                .unwrap(),
-            single_producer_config(&kafka, Duration::from_secs(5))
-                .create()
-                .unwrap(),
+            Producers::create(&kafka, Duration::from_secs(5)).unwrap(),
             Arc::new(Registry::load(&schemas).unwrap()),
             IdempotencyStore::open(dir, Duration::from_secs(60)).unwrap(),
             kafka,
             Duration::from_secs(5),
             Arc::new(AtomicBool::new(true)),
+            Duration::from_secs(30 * 24 * 3600),
         )
     }
 
@@ -1119,6 +1245,19 @@ mod tests {
             describe(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)),
             Failure::Unavailable(_)
         ));
+    }
+
+    #[test]
+    fn a_timestamp_the_broker_refuses_is_final_never_a_503() {
+        let failure = describe(KafkaError::MessageProduction(
+            RDKafkaErrorCode::InvalidTimestamp,
+        ));
+        assert!(
+            matches!(&failure, Failure::InvalidTimestamp(why) if why.contains("after.max.ms")),
+            "{failure:?}"
+        );
+        assert!(failure.is_final());
+        assert!(!Failure::Unavailable(TIMED_OUT.into()).is_final());
     }
 
     #[test]
