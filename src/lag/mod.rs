@@ -702,24 +702,16 @@ impl LagMonitor {
                 .filter_map(|k| cache.clients.remove(k))
                 .collect(),
         );
-        let mut temporary: HashMap<String, BaseConsumer> = HashMap::new();
+        // New groups get a kept client while there is room; the others one of their own in
+        // the worker that asks for them, dropped there after the answer: at most
+        // GROUP_CLIENTS kept and GROUP_CONCURRENCY more at any moment.
         for name in names {
-            if cache.clients.contains_key(name.as_str()) {
-                continue;
-            }
             let kept =
                 cache.clients.len() - usize::from(cache.clients.contains_key("agentbus-lag"));
-            let created = if kept < GROUP_CLIENTS {
-                self.client(cache, name).map(|_| ())
-            } else {
-                self.new_client(name).map(|c| {
-                    temporary.insert((*name).clone(), c);
-                })
-            };
-            if let Err(e) = created {
-                tear_down(temporary.into_values().collect());
-                return Err(e);
+            if kept >= GROUP_CLIENTS {
+                break;
             }
+            self.client(cache, name)?;
         }
         // What to ask each group about: every partition at a full look, else the partitions
         // of the topics it had offsets on (one OffsetFetch for all partitions of all topics,
@@ -761,22 +753,20 @@ impl LagMonitor {
                             return;
                         }
                         let name = names[i].as_str();
-                        let client = clients
-                            .get(name)
-                            .or_else(|| temporary.get(name))
-                            .expect("a client for every group");
                         let tpl = &asks[name].0;
                         let answer = if tpl.count() == 0 {
                             Ok(TopicPartitionList::new())
-                        } else {
+                        } else if let Some(client) = clients.get(name) {
                             client.committed_offsets(tpl.clone(), TIMEOUT)
+                        } else {
+                            self.new_client(name)
+                                .and_then(|client| client.committed_offsets(tpl.clone(), TIMEOUT))
                         };
                         *answers[i].lock().expect("offset answer lock") = Some(answer);
                     }
                 });
             }
         });
-        tear_down(temporary.into_values().collect());
         if self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(Error::Stopping);
         }
@@ -815,27 +805,24 @@ impl LagMonitor {
         Ok(&cache.clients[group])
     }
 
-    fn new_client(&self, group: &str) -> Result<BaseConsumer, Error> {
-        {
-            // The metadata client reads uncommitted: its ListOffsets answer the log end
-            // offsets, the end Kafka's own tools count the lag to (read committed answers
-            // the last stable offset, which an open transaction holds back).
-            let isolation = if group == "agentbus-lag" {
-                "read_uncommitted"
-            } else {
-                "read_committed"
-            };
-            let client: BaseConsumer = self
-                .kafka
-                .client_config_with(&[
-                    ("group.id", group.to_string()),
-                    ("enable.auto.commit", "false".into()),
-                    ("enable.partition.eof", "false".into()),
-                    ("isolation.level", isolation.into()),
-                ])
-                .create()?;
-            Ok(client)
-        }
+    /// A client with `group` for its `group.id` (committed offsets are asked as the group).
+    fn new_client(&self, group: &str) -> rdkafka::error::KafkaResult<BaseConsumer> {
+        // The metadata client reads uncommitted: its ListOffsets answer the log end offsets,
+        // the end Kafka's own tools count the lag to (read committed answers the last stable
+        // offset, which an open transaction holds back).
+        let isolation = if group == "agentbus-lag" {
+            "read_uncommitted"
+        } else {
+            "read_committed"
+        };
+        self.kafka
+            .client_config_with(&[
+                ("group.id", group.to_string()),
+                ("enable.auto.commit", "false".into()),
+                ("enable.partition.eof", "false".into()),
+                ("isolation.level", isolation.into()),
+            ])
+            .create()
     }
 }
 
