@@ -682,7 +682,8 @@ impl LagMonitor {
     /// Committed offsets of `names` through librdkafka: one OffsetFetch per group, on a
     /// consumer whose `group.id` is the group (librdkafka has no other way), up to
     /// [`GROUP_CONCURRENCY`] at a time. Clients of at most [`GROUP_CLIENTS`] groups are kept
-    /// between collections; the other groups get one for this collection, torn down after.
+    /// between collections; each other group gets one in the worker that asks for it, dropped
+    /// there after the answer.
     fn offsets_per_group(
         &self,
         cache: &mut Cache,
