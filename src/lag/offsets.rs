@@ -28,6 +28,12 @@ use std::{
 /// A committed offset: (topic, partition, offset).
 pub(crate) type Committed = (String, i32, i64);
 
+/// Per group, its coordinator's `host:port` or the error code found for it.
+type Coordinators = Vec<(String, Result<String, i16>)>;
+
+/// Per group, its committed offsets or its error code.
+type GroupOffsets = Vec<(String, Result<Vec<Committed>, i16>)>;
+
 const API_VERSIONS: i16 = 18;
 const FIND_COORDINATOR: i16 = 10;
 const OFFSET_FETCH: i16 = 9;
@@ -234,7 +240,7 @@ impl Fetcher {
         bootstrap: &[String],
         groups: &[String],
         deadline: Instant,
-    ) -> Result<Vec<(String, Result<String, i16>)>, FetchError> {
+    ) -> Result<Coordinators, FetchError> {
         let mut body = vec![0u8]; // key type: group
         compact_array_len(&mut body, groups.len());
         for g in groups {
@@ -257,7 +263,7 @@ impl Fetcher {
         addr: &str,
         groups: &[String],
         deadline: Instant,
-    ) -> Result<Vec<(String, Result<Vec<Committed>, i16>)>, FetchError> {
+    ) -> Result<GroupOffsets, FetchError> {
         let mut body = Vec::new();
         compact_array_len(&mut body, groups.len());
         for g in groups {
@@ -473,7 +479,7 @@ fn parse_api_versions_v0(body: &[u8]) -> Result<Vec<(i16, i16, i16)>, String> {
 }
 
 /// FindCoordinator v4: per key, its coordinator's `host:port` or the error code.
-fn parse_find_coordinator_v4(body: &[u8]) -> Result<Vec<(String, Result<String, i16>)>, String> {
+fn parse_find_coordinator_v4(body: &[u8]) -> Result<Coordinators, String> {
     let mut r = Reader(body);
     let _throttle = r.i32()?;
     let n = r.compact_array_len()?;
@@ -502,9 +508,7 @@ fn parse_find_coordinator_v4(body: &[u8]) -> Result<Vec<(String, Result<String, 
 /// OffsetFetch v8: per group, its committed offsets, or the group's error code. A group the
 /// broker does not know has none; partitions without a committed offset (-1) or of a topic
 /// gone are left out; another partition error is the group's error.
-fn parse_offset_fetch_v8(
-    body: &[u8],
-) -> Result<Vec<(String, Result<Vec<Committed>, i16>)>, String> {
+fn parse_offset_fetch_v8(body: &[u8]) -> Result<GroupOffsets, String> {
     let mut r = Reader(body);
     let _throttle = r.i32()?;
     let groups = r.compact_array_len()?;
@@ -634,7 +638,10 @@ impl Reader<'_> {
 mod tests {
     use super::*;
 
-    fn offset_fetch_answer(groups: &[(&str, &[(&str, i32, i64, i16)], i16)]) -> Vec<u8> {
+    /// (group, its partitions as (topic, partition, offset, error), its error).
+    type Answer<'a> = (&'a str, &'a [(&'a str, i32, i64, i16)], i16);
+
+    fn offset_fetch_answer(groups: &[Answer]) -> Vec<u8> {
         let mut b = 0i32.to_be_bytes().to_vec();
         compact_array_len(&mut b, groups.len());
         for (group, partitions, error) in groups {
