@@ -313,9 +313,22 @@ impl Fetcher {
         body: &[u8],
         deadline: Instant,
     ) -> Result<Vec<u8>, FetchError> {
-        let io = |source| FetchError::Io {
-            addr: addr.to_string(),
-            source,
+        // Out of time is a timeout however it shows (a read timed out, no time left to
+        // connect): the collection fails instead of asking group by group for as long again.
+        let io = |source: std::io::Error| {
+            if Instant::now() >= deadline
+                || matches!(
+                    source.kind(),
+                    std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+                )
+            {
+                FetchError::Timeout
+            } else {
+                FetchError::Io {
+                    addr: addr.to_string(),
+                    source,
+                }
+            }
         };
         for fresh in [false, true] {
             if fresh || !self.conns.contains_key(addr) {
@@ -340,11 +353,9 @@ impl Fetcher {
                 }
                 Err(e) => {
                     self.conns.remove(addr);
-                    if Instant::now() >= deadline {
-                        return Err(FetchError::Timeout);
-                    }
-                    if fresh {
-                        return Err(io(e));
+                    let e = io(e);
+                    if fresh || matches!(e, FetchError::Timeout) {
+                        return Err(e);
                     }
                 }
             }
@@ -764,5 +775,111 @@ mod tests {
             unsigned_varint(&mut b, v);
             assert_eq!(Reader(&b).unsigned_varint().unwrap(), v);
         }
+    }
+
+    /// A broker that answers ApiVersions, FindCoordinator (itself, for every key) and
+    /// OffsetFetch: NOT_COORDINATOR the first time, then offset 7 on t/0 for every group.
+    /// Returns its address and the count of each request seen.
+    fn fake_broker() -> (
+        String,
+        std::sync::Arc<std::sync::Mutex<HashMap<i16, usize>>>,
+    ) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(HashMap::<i16, usize>::new()));
+        let (me, counts) = (addr.clone(), seen.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let mut stream = stream.unwrap();
+                let (me, counts) = (me.clone(), counts.clone());
+                std::thread::spawn(move || {
+                    loop {
+                        let mut size = [0u8; 4];
+                        if stream.read_exact(&mut size).is_err() {
+                            return;
+                        }
+                        let mut request = vec![0u8; i32::from_be_bytes(size) as usize];
+                        stream.read_exact(&mut request).unwrap();
+                        let key = i16::from_be_bytes([request[0], request[1]]);
+                        let correlation = &request[4..8];
+                        let n = {
+                            let mut c = counts.lock().unwrap();
+                            let n = c.entry(key).or_default();
+                            *n += 1;
+                            *n
+                        };
+                        let mut answer = correlation.to_vec();
+                        if key != API_VERSIONS {
+                            answer.push(0);
+                        }
+                        match key {
+                            API_VERSIONS => {
+                                answer.extend_from_slice(&0i16.to_be_bytes());
+                                answer.extend_from_slice(&2i32.to_be_bytes());
+                                for v in [FIND_COORDINATOR, 0, 4, OFFSET_FETCH, 0, 8] {
+                                    answer.extend_from_slice(&v.to_be_bytes());
+                                }
+                            }
+                            FIND_COORDINATOR => {
+                                let (host, port) = me.split_once(':').unwrap();
+                                answer.extend_from_slice(&0i32.to_be_bytes());
+                                compact_array_len(&mut answer, 1);
+                                compact_string(&mut answer, "g");
+                                answer.extend_from_slice(&1i32.to_be_bytes());
+                                compact_string(&mut answer, host);
+                                answer
+                                    .extend_from_slice(&port.parse::<i32>().unwrap().to_be_bytes());
+                                answer.extend_from_slice(&0i16.to_be_bytes());
+                                answer.extend_from_slice(&[0, 0, 0]);
+                            }
+                            _ => {
+                                let body = if n == 1 {
+                                    offset_fetch_answer(&[("g", &[], NOT_COORDINATOR)])
+                                } else {
+                                    offset_fetch_answer(&[("g", &[("t", 0, 7, 0)], 0)])
+                                };
+                                answer.extend_from_slice(&body);
+                            }
+                        }
+                        let mut framed = (answer.len() as i32).to_be_bytes().to_vec();
+                        framed.extend_from_slice(&answer);
+                        stream.write_all(&framed).unwrap();
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    #[test]
+    fn a_moved_coordinator_is_found_again_once_and_asked_again() {
+        let (addr, seen) = fake_broker();
+        let mut fetcher = Fetcher::default();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let got = fetcher
+            .committed(std::slice::from_ref(&addr), &["g".to_string()], deadline)
+            .unwrap();
+        assert_eq!(got["g"], vec![("t".to_string(), 0, 7)]);
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen[&FIND_COORDINATOR], 2, "{seen:?}");
+        assert_eq!(seen[&OFFSET_FETCH], 2, "{seen:?}");
+        // The connection is kept: the next collection asks on it, no lookup.
+        let again = fetcher
+            .committed(&[addr], &["g".to_string()], deadline)
+            .unwrap();
+        assert_eq!(again["g"], vec![("t".to_string(), 0, 7)]);
+    }
+
+    #[test]
+    fn a_broker_that_never_answers_times_out_by_the_deadline() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let held = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
+        let started = Instant::now();
+        let deadline = started + Duration::from_millis(300);
+        let got = Fetcher::default().committed(&[addr], &["g".to_string()], deadline);
+        assert!(matches!(got, Err(FetchError::Timeout)), "{got:?}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        drop(held.join());
     }
 }
