@@ -116,7 +116,9 @@ pub fn describe_with<C: rdkafka::consumer::ConsumerContext>(
         .collect())
 }
 
-fn plaintext(kafka: &KafkaArgs) -> bool {
+/// Whether the cluster is reached without TLS or SASL: the requests written by hand here and
+/// in [`super::offsets`] speak plaintext only.
+pub(crate) fn plaintext(kafka: &KafkaArgs) -> bool {
     kafka
         .client_config()
         .get("security.protocol")

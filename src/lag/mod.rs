@@ -3,8 +3,9 @@
 //! kafka-lag-exporter's metric names (CONTRACT.md §5).
 //!
 //! One collection: list the groups ([`groups`]), read the topics' partitions (one metadata
-//! request), every group's committed offsets (one OffsetFetch per group, on a client kept per
-//! group), the low and high watermarks of all partitions (one ListOffsets each way), then for
+//! request), every group's committed offsets (batched OffsetFetch requests on one plaintext
+//! connection per broker, [`offsets`]; else one OffsetFetch per group through librdkafka, on
+//! a bounded set of clients), the low and high watermarks of all partitions (one ListOffsets each way), then for
 //! each lagging partition the timestamp of the record at the committed offset: one small
 //! fetch, and only when the committed offset moved since the last collection (the answer is
 //! cached by position), at most [`LagSettings::fetch_concurrency`] partitions at a time.
@@ -17,6 +18,7 @@
 //! lower bound and `agentbus_lag_seconds_unknown` is 1.
 
 pub mod groups;
+mod offsets;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -72,6 +74,16 @@ pub struct LagSettings {
     /// can take.
     #[arg(long = "lag-read-timeout", env = "AGENTBUS_LAG_READ_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub read_timeout: Duration,
+
+    /// Fetch committed offsets group by group through librdkafka even where batched requests
+    /// work (the path TLS and SASL clusters take): for tests of that path and for comparing
+    /// the two. Hidden: nothing else needs it.
+    #[arg(
+        long = "lag-per-group-offsets",
+        env = "AGENTBUS_LAG_PER_GROUP_OFFSETS",
+        hide = true
+    )]
+    pub per_group_offsets: bool,
 }
 
 impl Default for LagSettings {
@@ -82,6 +94,7 @@ impl Default for LagSettings {
             groups: Vec::new(),
             fetch_concurrency: 64,
             read_timeout: Duration::from_secs(3),
+            per_group_offsets: false,
         }
     }
 }
@@ -200,6 +213,9 @@ pub enum Error {
     /// The groups could not be listed.
     #[error("listing consumer groups: {0}")]
     Groups(String),
+    /// The committed offsets could not be fetched in time.
+    #[error("committed offsets: {0}")]
+    Offsets(String),
     /// The process is stopping.
     #[error("stopping")]
     Stopping,
@@ -210,8 +226,11 @@ pub(crate) type Position = (String, i32, i64);
 
 #[derive(Default)]
 struct Cache {
-    /// One client per group, for its committed offsets.
+    /// The metadata client (`agentbus-lag`) and, where committed offsets cannot be fetched
+    /// in batches, a client for each of at most [`GROUP_CLIENTS`] groups.
     clients: HashMap<String, BaseConsumer>,
+    /// Committed offsets of many groups per request, on one connection per broker.
+    fetcher: offsets::Fetcher,
     /// The timestamp of the record at (topic, partition, offset), for unmoved positions.
     timestamps: HashMap<Position, i64>,
     /// Per group, the topics it had committed offsets on at the last full look, and the
@@ -250,8 +269,14 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 const DESCRIBE_RETRY: Duration = Duration::from_secs(600);
 
 /// Groups whose committed offsets are fetched at once (each a thread waiting on its
-/// group's client).
+/// group's client), where they are fetched group by group.
 const GROUP_CONCURRENCY: usize = 64;
+
+/// Per-group clients kept between collections, where committed offsets are fetched group by
+/// group: each holds about four threads and its own copy of the cluster's metadata (0.5 MiB
+/// on a cluster of a few topics, 3 to 4 MiB on one of thousands), so an unbounded set grew
+/// with the groups of the cluster. The groups past these get a client for one collection.
+const GROUP_CLIENTS: usize = 64;
 
 /// Partitions of one read round, each with the positions (offsets) to read there.
 type Round = Vec<((String, i32), Vec<i64>)>;
@@ -389,105 +414,18 @@ impl LagMonitor {
                 all.add_partition(t.name(), p.id());
             }
         }
-        // Committed offsets: one request per group, up to GROUP_CONCURRENCY at a time.
-        for name in described.keys() {
-            self.client(&mut cache, name)?;
-        }
-        let mut committed: BTreeMap<String, Vec<Position>> = BTreeMap::new();
-        let mut used: HashSet<(String, i32)> = HashSet::new();
         let names: Vec<&String> = described.keys().collect();
-        // What to ask each group about: every partition at a full look, else the partitions
-        // of the topics it had offsets on (one OffsetFetch for all partitions of all topics,
-        // per group, is what costs on a cluster with many topics).
-        let mut asks: HashMap<String, (TopicPartitionList, bool)> = HashMap::new();
-        for name in &names {
-            let known = cache.group_topics.get(name.as_str());
-            let full =
-                known.is_none_or(|(topics, since)| topics.is_empty() || *since >= FULL_LOOK_EVERY);
-            let tpl = if full {
-                all.clone()
-            } else {
-                let topics = &known.expect("not a full look").0;
-                let mut tpl = TopicPartitionList::new();
-                for e in all.elements() {
-                    if topics.contains(e.topic()) {
-                        tpl.add_partition(e.topic(), e.partition());
-                    }
-                }
-                tpl
+        let mut committed: BTreeMap<String, Vec<Position>> =
+            match self.batched_offsets(&mut cache, &metadata, &all, &names, started + TIMEOUT)? {
+                Some(committed) => committed,
+                None => self.offsets_per_group(&mut cache, &all, &names)?,
             };
-            asks.insert((*name).clone(), (tpl, full));
-        }
-        // A pool of GROUP_CONCURRENCY workers takes the groups one after another: a fresh
-        // client's first answer waits for its coordinator (a lookup and a connection), so the
-        // time goes in waiting, and no group waits for the slowest of a batch.
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let answers: Vec<Mutex<Option<rdkafka::error::KafkaResult<TopicPartitionList>>>> =
-            names.iter().map(|_| Mutex::new(None)).collect();
-        std::thread::scope(|scope| {
-            for _ in 0..GROUP_CONCURRENCY.min(names.len()) {
-                scope.spawn(|| {
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if i >= names.len()
-                            || self.stopping.load(std::sync::atomic::Ordering::Relaxed)
-                        {
-                            return;
-                        }
-                        let (client, tpl) = (
-                            &cache.clients[names[i].as_str()],
-                            &asks[names[i].as_str()].0,
-                        );
-                        let answer = if tpl.count() == 0 {
-                            Ok(TopicPartitionList::new())
-                        } else {
-                            client.committed_offsets(tpl.clone(), TIMEOUT)
-                        };
-                        *answers[i].lock().expect("offset answer lock") = Some(answer);
-                    }
-                });
-            }
-        });
-        if self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(Error::Stopping);
-        }
-        for (name, answer) in names.iter().zip(answers) {
-            let offsets = answer
-                .into_inner()
-                .expect("offset answer lock")
-                .expect("every group asked")?;
-            let mut mine = Vec::new();
-            for e in offsets.elements() {
-                if let Offset::Offset(o) = e.offset() {
-                    mine.push((e.topic().to_string(), e.partition(), o));
-                    used.insert((e.topic().to_string(), e.partition()));
-                }
-            }
-            let full = asks[name.as_str()].1;
-            let entry = cache
-                .group_topics
-                .entry((*name).clone())
-                .or_insert_with(|| (HashSet::new(), 0));
-            if full {
-                *entry = (mine.iter().map(|(t, _, _)| t.clone()).collect(), 1);
-            } else {
-                entry.1 += 1;
-            }
-            committed.insert((*name).clone(), mine);
-        }
-        // Keep clients of groups still watched only.
-        let gone: Vec<String> = cache
-            .clients
-            .keys()
-            .filter(|k| *k != "agentbus-lag" && !described.contains_key(*k))
-            .cloned()
-            .collect();
-        tear_down(
-            gone.iter()
-                .filter_map(|k| cache.clients.remove(k))
-                .collect(),
-        );
         cache.group_topics.retain(|k, _| described.contains_key(k));
+        let used: HashSet<(String, i32)> = committed
+            .values()
+            .flatten()
+            .map(|(t, p, _)| (t.clone(), *p))
+            .collect();
         // Watermarks of the partitions in use: one ListOffsets for the ends, one for the starts.
         let mut ends = TopicPartitionList::new();
         let mut starts = TopicPartitionList::new();
@@ -687,28 +625,205 @@ impl LagMonitor {
             .inspect_err(|why| *failure = Some((Instant::now(), why.clone())))
     }
 
+    /// Committed offsets of `names` in batches ([`offsets`]: a few requests, one connection
+    /// per broker, no thread), kept to the partitions of `all` (the topics of the metadata,
+    /// what the per-group clients are asked about). `None` where that cannot be done: TLS or
+    /// SASL, a broker without the batched versions, or a failure other than the deadline
+    /// (librdkafka, group by group, then gives its own answer or error).
+    fn batched_offsets(
+        &self,
+        cache: &mut Cache,
+        metadata: &rdkafka::metadata::Metadata,
+        all: &TopicPartitionList,
+        names: &[&String],
+        deadline: Instant,
+    ) -> Result<Option<BTreeMap<String, Vec<Position>>>, Error> {
+        if self.settings.per_group_offsets
+            || !groups::plaintext(&self.kafka)
+            || cache.fetcher.unsupported()
+        {
+            return Ok(None);
+        }
+        let brokers: Vec<String> = metadata
+            .brokers()
+            .iter()
+            .map(|b| format!("{}:{}", b.host(), b.port()))
+            .collect();
+        let wanted: Vec<String> = names.iter().map(|n| (*n).clone()).collect();
+        match cache.fetcher.committed(&brokers, &wanted, deadline) {
+            Ok(mut found) => {
+                let mut known: HashMap<String, HashSet<i32>> = HashMap::new();
+                for e in all.elements() {
+                    known
+                        .entry(e.topic().to_string())
+                        .or_default()
+                        .insert(e.partition());
+                }
+                let mut out = BTreeMap::new();
+                for name in names {
+                    let mut mine = found.remove(name.as_str()).unwrap_or_default();
+                    mine.retain(|(t, p, _)| known.get(t).is_some_and(|ps| ps.contains(p)));
+                    out.insert((*name).clone(), mine);
+                }
+                Ok(Some(out))
+            }
+            Err(e @ offsets::FetchError::Timeout) => Err(Error::Offsets(e.to_string())),
+            Err(e @ offsets::FetchError::Unsupported(_)) => {
+                tracing::info!(reason = %e, "committed offsets are fetched group by group");
+                Ok(None)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "batched committed offsets failed; asking group by group");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Committed offsets of `names` through librdkafka: one OffsetFetch per group, on a
+    /// consumer whose `group.id` is the group (librdkafka has no other way), up to
+    /// [`GROUP_CONCURRENCY`] at a time. Clients of at most [`GROUP_CLIENTS`] groups are kept
+    /// between collections; each other group gets one in the worker that asks for it, dropped
+    /// there after the answer.
+    fn offsets_per_group(
+        &self,
+        cache: &mut Cache,
+        all: &TopicPartitionList,
+        names: &[&String],
+    ) -> Result<BTreeMap<String, Vec<Position>>, Error> {
+        // Kept clients of groups no longer watched go first, making room.
+        let watched: HashSet<&str> = names.iter().map(|n| n.as_str()).collect();
+        let gone: Vec<String> = cache
+            .clients
+            .keys()
+            .filter(|k| *k != "agentbus-lag" && !watched.contains(k.as_str()))
+            .cloned()
+            .collect();
+        tear_down(
+            gone.iter()
+                .filter_map(|k| cache.clients.remove(k))
+                .collect(),
+        );
+        // New groups get a kept client while there is room; the others one of their own in
+        // the worker that asks for them, dropped there after the answer: at most
+        // GROUP_CLIENTS kept and GROUP_CONCURRENCY more at any moment.
+        for name in names {
+            let kept =
+                cache.clients.len() - usize::from(cache.clients.contains_key("agentbus-lag"));
+            if kept >= GROUP_CLIENTS {
+                break;
+            }
+            self.client(cache, name)?;
+        }
+        // What to ask each group about: every partition at a full look, else the partitions
+        // of the topics it had offsets on (one OffsetFetch for all partitions of all topics,
+        // per group, is what costs on a cluster with many topics).
+        let mut asks: HashMap<String, (TopicPartitionList, bool)> = HashMap::new();
+        for name in names {
+            let known = cache.group_topics.get(name.as_str());
+            let full =
+                known.is_none_or(|(topics, since)| topics.is_empty() || *since >= FULL_LOOK_EVERY);
+            let tpl = if full {
+                all.clone()
+            } else {
+                let topics = &known.expect("not a full look").0;
+                let mut tpl = TopicPartitionList::new();
+                for e in all.elements() {
+                    if topics.contains(e.topic()) {
+                        tpl.add_partition(e.topic(), e.partition());
+                    }
+                }
+                tpl
+            };
+            asks.insert((*name).clone(), (tpl, full));
+        }
+        // A pool of GROUP_CONCURRENCY workers takes the groups one after another: a fresh
+        // client's first answer waits for its coordinator (a lookup and a connection), so the
+        // time goes in waiting, and no group waits for the slowest of a batch.
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let answers: Vec<Mutex<Option<rdkafka::error::KafkaResult<TopicPartitionList>>>> =
+            names.iter().map(|_| Mutex::new(None)).collect();
+        let clients = &cache.clients;
+        std::thread::scope(|scope| {
+            for _ in 0..GROUP_CONCURRENCY.min(names.len()) {
+                scope.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= names.len()
+                            || self.stopping.load(std::sync::atomic::Ordering::Relaxed)
+                        {
+                            return;
+                        }
+                        let name = names[i].as_str();
+                        let tpl = &asks[name].0;
+                        let answer = if tpl.count() == 0 {
+                            Ok(TopicPartitionList::new())
+                        } else if let Some(client) = clients.get(name) {
+                            client.committed_offsets(tpl.clone(), TIMEOUT)
+                        } else {
+                            self.new_client(name)
+                                .and_then(|client| client.committed_offsets(tpl.clone(), TIMEOUT))
+                        };
+                        *answers[i].lock().expect("offset answer lock") = Some(answer);
+                    }
+                });
+            }
+        });
+        if self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Error::Stopping);
+        }
+        let mut committed = BTreeMap::new();
+        for (name, answer) in names.iter().zip(answers) {
+            let offsets = answer
+                .into_inner()
+                .expect("offset answer lock")
+                .expect("every group asked")?;
+            let mut mine = Vec::new();
+            for e in offsets.elements() {
+                if let Offset::Offset(o) = e.offset() {
+                    mine.push((e.topic().to_string(), e.partition(), o));
+                }
+            }
+            let full = asks[name.as_str()].1;
+            let entry = cache
+                .group_topics
+                .entry((*name).clone())
+                .or_insert_with(|| (HashSet::new(), 0));
+            if full {
+                *entry = (mine.iter().map(|(t, _, _)| t.clone()).collect(), 1);
+            } else {
+                entry.1 += 1;
+            }
+            committed.insert((*name).clone(), mine);
+        }
+        Ok(committed)
+    }
+
     fn client<'c>(&self, cache: &'c mut Cache, group: &str) -> Result<&'c BaseConsumer, Error> {
         if !cache.clients.contains_key(group) {
-            // The metadata client reads uncommitted: its ListOffsets answer the log end
-            // offsets, the end Kafka's own tools count the lag to (read committed answers
-            // the last stable offset, which an open transaction holds back).
-            let isolation = if group == "agentbus-lag" {
-                "read_uncommitted"
-            } else {
-                "read_committed"
-            };
-            let client: BaseConsumer = self
-                .kafka
-                .client_config_with(&[
-                    ("group.id", group.to_string()),
-                    ("enable.auto.commit", "false".into()),
-                    ("enable.partition.eof", "false".into()),
-                    ("isolation.level", isolation.into()),
-                ])
-                .create()?;
+            let client = self.new_client(group)?;
             cache.clients.insert(group.to_string(), client);
         }
         Ok(&cache.clients[group])
+    }
+
+    /// A client with `group` for its `group.id` (committed offsets are asked as the group).
+    fn new_client(&self, group: &str) -> rdkafka::error::KafkaResult<BaseConsumer> {
+        // The metadata client reads uncommitted: its ListOffsets answer the log end offsets,
+        // the end Kafka's own tools count the lag to (read committed answers the last stable
+        // offset, which an open transaction holds back).
+        let isolation = if group == "agentbus-lag" {
+            "read_uncommitted"
+        } else {
+            "read_committed"
+        };
+        self.kafka
+            .client_config_with(&[
+                ("group.id", group.to_string()),
+                ("enable.auto.commit", "false".into()),
+                ("enable.partition.eof", "false".into()),
+                ("isolation.level", isolation.into()),
+            ])
+            .create()
     }
 }
 
