@@ -268,6 +268,9 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// time); on Apache Kafka every collection asks.
 const DESCRIBE_RETRY: Duration = Duration::from_secs(600);
 
+/// Most wanted groups described one by one rather than with every group of the cluster.
+const DESCRIBE_ONE_BY_ONE: usize = 8;
+
 /// Groups whose committed offsets are fetched at once (each a thread waiting on its
 /// group's client), where they are fetched group by group.
 const GROUP_CONCURRENCY: usize = 64;
@@ -375,7 +378,7 @@ impl LagMonitor {
                 for name in names {
                     described.insert(name.clone(), bare(name));
                 }
-                match self.describe_all(&mut cache, Duration::from_secs(5)) {
+                match self.describe_all(&mut cache, Some(names), Duration::from_secs(5)) {
                     Ok(all) => {
                         for g in all {
                             if let Some(slot) = described.get_mut(&g.name) {
@@ -390,7 +393,7 @@ impl LagMonitor {
                 }
             }
             None => {
-                let described_all = self.describe_all(&mut cache, TIMEOUT);
+                let described_all = self.describe_all(&mut cache, None, TIMEOUT);
                 let (all, why) =
                     groups::list(&self.kafka, TIMEOUT, described_all).map_err(Error::Groups)?;
                 members_unknown = why;
@@ -600,20 +603,33 @@ impl LagMonitor {
         })
     }
 
-    /// Every group, described by the broker: on Apache Kafka through the metadata client,
-    /// every time. With [`Quirks::no_describe_groups`](crate::broker::Quirks), on a client of
+    /// Every group, or the few `names`, described by the broker: on Apache Kafka through the
+    /// metadata client, every time. Up to [`DESCRIBE_ONE_BY_ONE`] names are described each
+    /// on its own: `GET /v1/consumers/{group}/lag` or a short `--lag-groups` must not describe
+    /// every group of a cluster of hundreds. With [`Quirks::no_describe_groups`](crate::broker::Quirks), on a client of
     /// its own (the broker drops the connection) and not asked again within
     /// [`DESCRIBE_RETRY`] of a failure, the failure's reason instead.
     fn describe_all(
         &self,
         cache: &mut Cache,
+        names: Option<&[String]>,
         timeout: Duration,
     ) -> Result<Vec<groups::Group>, String> {
+        let few = names.filter(|n| n.len() <= DESCRIBE_ONE_BY_ONE);
         if !self.kafka.quirks().no_describe_groups {
             let client = self
                 .client(cache, "agentbus-lag")
                 .map_err(|e| e.to_string())?;
-            return groups::describe_with(client, None, timeout);
+            let Some(few) = few else {
+                return groups::describe_with(client, None, timeout);
+            };
+            let deadline = Instant::now() + timeout;
+            let mut out = Vec::with_capacity(few.len());
+            for name in few {
+                let left = deadline.saturating_duration_since(Instant::now());
+                out.extend(groups::describe_with(client, Some(name), left)?);
+            }
+            return Ok(out);
         }
         let mut failure = self.describe_failure.lock().expect("describe failure lock");
         if let Some((at, why)) = failure.as_ref()
