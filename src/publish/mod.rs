@@ -962,12 +962,16 @@ pub fn producer_config(kafka: &KafkaArgs, timeout: Duration) -> rdkafka::ClientC
 }
 
 /// The settings of the producer of requests that write one event: [`producer_config`]'s,
-/// with `linger.ms` 0. A lone event has no company to wait for; with 5 ms of linger single
-/// events at 1 000/s answered p50 6.2 ms, p99 11.2 ms (`ops/bench.sh publish`, quiet
-/// machine). Under many concurrent single-event requests librdkafka still batches what
-/// queues up while earlier produce requests are in flight.
+/// with `linger.ms` 1. A lone event has little company to wait for: with 5 ms single events
+/// at 1 000/s answered p50 6.2 ms, p99 11.2 ms (`ops/bench.sh publish`, quiet machine). 0
+/// was faster still for the publish alone (p50 2.2, p99 6.3 ms) but sent every event in a
+/// produce request and a record batch of its own, which cost the broker, the service and the
+/// agents reading the topic so much CPU that on 2 cores publish → handler latency at 1 000/s
+/// went to p99 271 and 607 ms (two runs of `ops/bench.sh consume`); with 1 ms it was p50
+/// 3.0 ms, p99 17.4 ms (5 ms: 7.3 / 36.2 ms), and single publishes p50 2.8, p99 7.5 ms, the
+/// same as a raw librdkafka producer with these settings in the same run.
 pub fn single_producer_config(kafka: &KafkaArgs, timeout: Duration) -> rdkafka::ClientConfig {
-    producer_config_lingering(kafka, timeout, "0")
+    producer_config_lingering(kafka, timeout, "1")
 }
 
 fn producer_config_lingering(
