@@ -258,10 +258,12 @@ impl Publisher {
     pub fn flush_blocking(&self, grace: Duration) -> Result<(), KafkaError> {
         let current = self.current_producer();
         let deadline = Instant::now() + grace;
-        current.producer.flush(grace)?;
-        current
+        // Both, even when the first does not finish in time: the second's events count too.
+        let batch = current.producer.flush(grace);
+        let single = current
             .single
-            .flush(deadline.saturating_duration_since(Instant::now()))
+            .flush(deadline.saturating_duration_since(Instant::now()));
+        batch.and(single)
     }
 
     /// The producer in use, to send with and to mark when a delivery on it timed out.
