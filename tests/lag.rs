@@ -631,27 +631,7 @@ async fn a_collection_over_many_groups_gives_each_group_its_own_offsets() {
     let groups: Vec<String> = (0..GROUPS).map(|g| format!("many-{run}-{g}")).collect();
     let (brokers, t, names) = (app.brokers.clone(), topic.clone(), groups.clone());
     tokio::task::spawn_blocking(move || {
-        for chunk in names.chunks(16).enumerate() {
-            std::thread::scope(|scope| {
-                for (i, group) in chunk.1.iter().enumerate() {
-                    let (brokers, t) = (&brokers, &t);
-                    let at = offsets(chunk.0 * 16 + i);
-                    scope.spawn(move || {
-                        let consumer: BaseConsumer = ClientConfig::new()
-                            .set("bootstrap.servers", brokers)
-                            .set("group.id", group)
-                            .create()
-                            .unwrap();
-                        let mut tpl = TopicPartitionList::new();
-                        for (p, o) in at.iter().enumerate() {
-                            tpl.add_partition_offset(t, p as i32, Offset::Offset(*o))
-                                .unwrap();
-                        }
-                        consumer.commit(&tpl, CommitMode::Sync).unwrap();
-                    });
-                }
-            });
-        }
+        common::groups::commit_groups(&brokers, &t, &names, offsets)
     })
     .await
     .unwrap();

@@ -12,8 +12,7 @@ use std::{
 
 use common::*;
 use rdkafka::{
-    ClientConfig, Offset, TopicPartitionList,
-    consumer::{BaseConsumer, CommitMode, Consumer},
+    ClientConfig,
     producer::{FutureProducer, FutureRecord},
 };
 
@@ -51,27 +50,7 @@ async fn groups_with_offsets(app: &TestApp, what: &str, count: usize) -> Vec<Str
     let names: Vec<String> = (0..count).map(|g| format!("{what}-{run}-{g}")).collect();
     let (brokers, groups) = (app.brokers.clone(), names.clone());
     tokio::task::spawn_blocking(move || {
-        for (c, chunk) in groups.chunks(16).enumerate() {
-            std::thread::scope(|scope| {
-                for (i, group) in chunk.iter().enumerate() {
-                    let (brokers, topic) = (&brokers, &topic);
-                    let at = offsets(c * 16 + i);
-                    scope.spawn(move || {
-                        let consumer: BaseConsumer = ClientConfig::new()
-                            .set("bootstrap.servers", brokers)
-                            .set("group.id", group)
-                            .create()
-                            .unwrap();
-                        let mut tpl = TopicPartitionList::new();
-                        for (p, o) in at.iter().enumerate() {
-                            tpl.add_partition_offset(topic, p as i32, Offset::Offset(*o))
-                                .unwrap();
-                        }
-                        consumer.commit(&tpl, CommitMode::Sync).unwrap();
-                    });
-                }
-            });
-        }
+        common::groups::commit_groups(&brokers, &topic, &groups, offsets)
     })
     .await
     .unwrap();

@@ -6,6 +6,7 @@
 pub mod agents;
 pub mod cluster;
 pub mod dedup;
+pub mod groups;
 
 use std::{
     path::{Path, PathBuf},
