@@ -219,9 +219,10 @@ fn cloudevents_headers(i: usize) -> OwnedHeaders {
         .insert(header("ce_idempotencykey", &format!("bench-{i}")))
 }
 
-async fn raw_producer(args: &PublishArgs, with_headers: bool) -> anyhow::Result<f64> {
+/// A fresh topic `<prefix><what>-<uuid>` for a raw baseline, with the service's partitions.
+async fn raw_topic(args: &PublishArgs, what: &str) -> anyhow::Result<String> {
     let topic = format!(
-        "{}bench-raw-{}",
+        "{}{what}-{}",
         args.kafka.topic_prefix,
         uuid::Uuid::new_v4().simple()
     );
@@ -236,6 +237,11 @@ async fn raw_producer(args: &PublishArgs, with_headers: bool) -> anyhow::Result<
         }],
     )
     .await?;
+    Ok(topic)
+}
+
+async fn raw_producer(args: &PublishArgs, with_headers: bool) -> anyhow::Result<f64> {
+    let topic = raw_topic(args, "bench-raw").await?;
     let producer: FutureProducer = args
         .kafka
         .client_config()
@@ -305,22 +311,7 @@ async fn agentbus_batches(
 /// record (agentbus's headers, ~300 bytes) at a time at `--rate`, open loop; latency from the
 /// scheduled send to the acknowledgement. Sorted p50, p99, p99.9 and failures.
 async fn raw_single_latency(args: &PublishArgs) -> anyhow::Result<(f64, f64, f64, usize)> {
-    let topic = format!(
-        "{}bench-single-raw-{}",
-        args.kafka.topic_prefix,
-        uuid::Uuid::new_v4().simple()
-    );
-    topics::ensure(
-        &args.kafka,
-        &[TopicSpec {
-            name: topic.clone(),
-            partitions: args.partitions,
-            replication: 1,
-            retention: Duration::from_secs(3600),
-            configs: Vec::new(),
-        }],
-    )
-    .await?;
+    let topic = raw_topic(args, "bench-single-raw").await?;
     let producer: FutureProducer =
         agentbus::publish::single_producer_config(&args.kafka, Duration::from_secs(5)).create()?;
     let value = Arc::new(vec![b'v'; 300]);
