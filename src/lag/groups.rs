@@ -187,7 +187,7 @@ fn list_groups_v0(addr: &str, timeout: Duration) -> std::io::Result<Vec<String>>
 /// Parses a `ListGroups` v0 answer (after its size): correlation id, error code, then the
 /// array of (group id, protocol type); keeps the consumer groups.
 fn parse_list_groups_v0(body: &[u8]) -> Result<Vec<String>, String> {
-    let mut r = Reader(body);
+    let mut r = super::offsets::Reader(body);
     let _correlation = r.i32()?;
     let error = r.i16()?;
     if error != 0 {
@@ -203,34 +203,6 @@ fn parse_list_groups_v0(body: &[u8]) -> Result<Vec<String>, String> {
         }
     }
     Ok(out)
-}
-
-struct Reader<'a>(&'a [u8]);
-
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8], String> {
-        if self.0.len() < n {
-            return Err("answer cut short".into());
-        }
-        let (head, tail) = self.0.split_at(n);
-        self.0 = tail;
-        Ok(head)
-    }
-    fn i16(&mut self) -> Result<i16, String> {
-        Ok(i16::from_be_bytes(
-            self.take(2)?.try_into().expect("2 bytes"),
-        ))
-    }
-    fn i32(&mut self) -> Result<i32, String> {
-        Ok(i32::from_be_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
-    }
-    fn string(&mut self) -> Result<String, String> {
-        let n = self.i16()?;
-        let bytes = self.take(n.max(0) as usize)?;
-        String::from_utf8(bytes.to_vec()).map_err(|e| e.to_string())
-    }
 }
 
 #[cfg(test)]

@@ -559,8 +559,9 @@ fn parse_offset_fetch_v8(body: &[u8]) -> Result<GroupOffsets, String> {
     Ok(out)
 }
 
-/// Reads big-endian fields from an answer; running short is an error.
-struct Reader<'a>(&'a [u8]);
+/// Reads big-endian fields from an answer; running short is an error. Also what
+/// [`super::groups`] reads its ListGroups v0 answer with.
+pub(crate) struct Reader<'a>(pub(crate) &'a [u8]);
 
 impl Reader<'_> {
     fn take(&mut self, n: usize) -> Result<&[u8], String> {
@@ -574,11 +575,18 @@ impl Reader<'_> {
     fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
         Ok(self.take(N)?.try_into().expect("N bytes"))
     }
-    fn i16(&mut self) -> Result<i16, String> {
+    pub(crate) fn i16(&mut self) -> Result<i16, String> {
         Ok(i16::from_be_bytes(self.array()?))
     }
-    fn i32(&mut self) -> Result<i32, String> {
+    pub(crate) fn i32(&mut self) -> Result<i32, String> {
         Ok(i32::from_be_bytes(self.array()?))
+    }
+    /// A (non-compact) string: an i16 length, then its bytes; a negative length (null) is
+    /// read as empty.
+    pub(crate) fn string(&mut self) -> Result<String, String> {
+        let n = self.i16()?;
+        let bytes = self.take(n.max(0) as usize)?;
+        String::from_utf8(bytes.to_vec()).map_err(|e| e.to_string())
     }
     fn i64(&mut self) -> Result<i64, String> {
         Ok(i64::from_be_bytes(self.array()?))
