@@ -351,13 +351,8 @@ async fn raw_single_latency(args: &PublishArgs) -> anyhow::Result<(f64, f64, f64
         failures += usize::from(failed);
         latencies.push(elapsed.as_secs_f64() * 1000.0);
     }
-    latencies.sort_by(|a, b| a.total_cmp(b));
-    Ok((
-        percentile(&latencies, 0.50),
-        percentile(&latencies, 0.99),
-        percentile(&latencies, 0.999),
-        failures,
-    ))
+    let (p50, p99, p999) = tail(latencies);
+    Ok((p50, p99, p999, failures))
 }
 
 /// Open-loop single-event publishes at a fixed rate: latency measured from the scheduled
@@ -401,13 +396,8 @@ async fn latency(
     for (reason, n) in &reasons {
         println!("  failed {n}x: {reason}");
     }
-    latencies.sort_by(|a, b| a.total_cmp(b));
-    Ok((
-        percentile(&latencies, 0.50),
-        percentile(&latencies, 0.99),
-        percentile(&latencies, 0.999),
-        failures,
-    ))
+    let (p50, p99, p999) = tail(latencies);
+    Ok((p50, p99, p999, failures))
 }
 
 /// The perf tool's topic (created like the raw producer's) and its rate.
@@ -933,6 +923,16 @@ fn parse_rounds(rounds: &str) -> Result<String, String> {
 }
 
 /// The value at percentile `p` (0..1) of sorted values.
+/// p50, p99 and p99.9 of `latencies`.
+fn tail(mut latencies: Vec<f64>) -> (f64, f64, f64) {
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    (
+        percentile(&latencies, 0.50),
+        percentile(&latencies, 0.99),
+        percentile(&latencies, 0.999),
+    )
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
