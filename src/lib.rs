@@ -23,3 +23,4 @@ pub mod schema;
 pub mod store;
 pub mod telemetry;
 pub mod topics;
+pub mod window;

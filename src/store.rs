@@ -1,11 +1,11 @@
-//! A durable key → value map whose entries expire: a sled tree in the data directory plus an
-//! index ordered by expiry time, so a sweep costs what it removes, not the size of the store.
-//! Both the publish idempotency store and the agents' dedup stores are built on it.
+//! An agent's dedup store: a durable map of handled keys whose entries expire, a sled tree in
+//! the data directory plus an index, so a sweep costs what it removes, not the size of the
+//! store. (The publish idempotency keys are in `crate::window`, on redb: they are many more.)
 //!
-//! An agent's dedup store also keeps its keys by partition (the changelog partition of the
-//! dedup changelog, see `crate::consume::changelog`): their index is ordered by
-//! `partition ‖ expiry` instead, so that one index serves both a revoked partition's drop (a
-//! prefix) and the sweep (a range per partition); one index entry holds the keys of a
+//! The store keeps its keys by partition (the changelog partition of the dedup changelog, see
+//! `crate::consume::changelog`): their index is ordered by `partition ‖ expiry`, so that one
+//! index serves both a revoked partition's drop (a prefix) and the sweep (a range per
+//! partition); one index entry holds the keys of a
 //! partition written in one group commit (see `indexed_keys`), and a checkpoint per partition
 //! ("restored through changelog offset c") lets a restart restore only what is newer.
 //!
@@ -20,7 +20,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicI64, Ordering},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{SystemTime, UNIX_EPOCH},
 };
 
 use tokio::sync::{mpsc, oneshot};
@@ -35,6 +35,14 @@ pub enum Error {
         path: String,
         /// What sled said.
         source: sled::Error,
+    },
+    /// redb failed to open, read or commit (I/O, corruption, a locked file).
+    #[error("store {path}: {source}")]
+    Redb {
+        /// The store's directory.
+        path: String,
+        /// What redb said.
+        source: Box<redb::Error>,
     },
     /// The writer failed to write or flush; what it was given is not durable.
     #[error("store write failed: {0}")]
@@ -52,6 +60,74 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The queue to a store's writer thread and the thread itself: the thread takes what has
+/// queued up (up to [`MAX_GROUP`] jobs) and handles it as one group, so that one flush or
+/// commit serves many writes. Dropping the queue closes it and waits for the thread to finish
+/// what it has and release the database, so the directory can be opened again at once.
+pub(crate) struct WriterQueue<J> {
+    sender: mpsc::Sender<J>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl<J: Send + 'static> WriterQueue<J> {
+    /// Starts thread `name`, which calls `group` with each group of jobs.
+    pub(crate) fn spawn(
+        name: &str,
+        mut group: impl FnMut(Vec<J>) + Send + 'static,
+    ) -> Result<Self, Error> {
+        let (sender, mut jobs) = mpsc::channel(4096);
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                while let Some(first) = jobs.blocking_recv() {
+                    let mut jobs_now = vec![first];
+                    while jobs_now.len() < MAX_GROUP {
+                        match jobs.try_recv() {
+                            Ok(job) => jobs_now.push(job),
+                            Err(_) => break,
+                        }
+                    }
+                    group(jobs_now);
+                }
+            })
+            .map_err(|e| Error::Write(format!("starting the writer thread: {e}")))?;
+        Ok(WriterQueue {
+            sender,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Hands `job` to the writer; returns as soon as it has it.
+    pub(crate) async fn send(&self, job: J) -> Result<(), Error> {
+        self.sender
+            .send(job)
+            .await
+            .map_err(|_| Error::Write("the writer thread stopped".into()))
+    }
+
+    /// Hands over the job `job` makes of a reply channel, and waits for the reply.
+    pub(crate) async fn run<T>(
+        &self,
+        job: impl FnOnce(oneshot::Sender<Result<T, String>>) -> J,
+    ) -> Result<T, Error> {
+        let (reply, done) = oneshot::channel();
+        self.send(job(reply)).await?;
+        done.await
+            .map_err(|_| Error::Write("the writer thread stopped".into()))?
+            .map_err(Error::Write)
+    }
+}
+
+impl<J> Drop for WriterQueue<J> {
+    fn drop(&mut self) {
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.sender, closed));
+        if let Some(thread) = self.thread.lock().expect("not poisoned").take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// The store. Entries read as absent once expired, and are removed by [`ExpiringStore::sweep`].
 pub struct ExpiringStore {
     path: String,
@@ -64,35 +140,16 @@ pub struct ExpiringStore {
     /// Per partition: the changelog offset through which this store holds its records.
     checkpoints: sled::Tree,
     count: Arc<AtomicI64>,
-    writer: mpsc::Sender<Job>,
-    writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    writer: WriterQueue<Job>,
 }
 
-type Pending = Arc<Mutex<std::collections::HashMap<Arc<str>, PendingValue>>>;
+/// Keys handed to the writer but not yet applied, with their partitions: `get` sees them at
+/// once. The key is shared with the job: no copy per key.
+type Pending = Arc<Mutex<std::collections::HashMap<Arc<str>, i32>>>;
 
-/// A value written but not yet applied. A partitioned key's value is its partition: kept as
-/// the number (no allocation per key), turned into bytes only when read.
-enum PendingValue {
-    Bytes(Vec<u8>),
-    Partition(i32),
-}
-
-impl PendingValue {
-    fn to_vec(&self) -> Vec<u8> {
-        match self {
-            PendingValue::Bytes(bytes) => bytes.clone(),
-            PendingValue::Partition(p) => p.to_be_bytes().to_vec(),
-        }
-    }
-}
 type Broken = Arc<std::sync::OnceLock<String>>;
 
 enum Job {
-    Put {
-        records: Vec<(String, Vec<u8>)>,
-        expires: u64,
-        reply: oneshot::Sender<Result<usize, String>>,
-    },
     /// Keys of one partition, each with its own expiry (ms since the epoch), and the
     /// partition's new checkpoint once they are in.
     PutPartitioned {
@@ -139,7 +196,6 @@ impl ExpiringStore {
         let by_partition = db.open_tree("entries_by_partition").map_err(sled_error)?;
         let checkpoints = db.open_tree("checkpoints").map_err(sled_error)?;
         let count = Arc::new(AtomicI64::new(entries.len() as i64));
-        let (writer, jobs) = mpsc::channel(4096);
         let pending = Pending::default();
         let broken = Broken::default();
         let state = Writer {
@@ -153,10 +209,7 @@ impl ExpiringStore {
             count: count.clone(),
             pending: pending.clone(),
         };
-        let thread = std::thread::Builder::new()
-            .name("store-writer".into())
-            .spawn(move || state.run(jobs))
-            .map_err(|e| Error::Write(format!("starting the writer thread: {e}")))?;
+        let writer = WriterQueue::spawn("store-writer", move |group| state.apply(group))?;
         Ok(ExpiringStore {
             path,
             broken,
@@ -165,7 +218,6 @@ impl ExpiringStore {
             checkpoints,
             count,
             writer,
-            writer_thread: Mutex::new(Some(thread)),
         })
     }
 
@@ -190,8 +242,8 @@ impl ExpiringStore {
     /// The value under `key`, unless absent or expired.
     pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {
         self.check()?;
-        if let Some(value) = self.pending.lock().expect("not poisoned").get(key) {
-            return Ok(Some(value.to_vec()));
+        if let Some(partition) = self.pending.lock().expect("not poisoned").get(key) {
+            return Ok(Some(partition.to_be_bytes().to_vec()));
         }
         let raw = self.entries.get(key).map_err(|source| Error::Sled {
             path: self.path.clone(),
@@ -201,53 +253,6 @@ impl ExpiringStore {
             let expires = u64::from_be_bytes(raw.get(..8)?.try_into().ok()?);
             (expires > now_ms()).then(|| raw[8..].to_vec())
         }))
-    }
-
-    /// Writes `records`, to expire after `ttl`, and returns once they are on disk.
-    pub async fn put(&self, records: Vec<(String, Vec<u8>)>, ttl: Duration) -> Result<(), Error> {
-        if records.is_empty() {
-            return Ok(());
-        }
-        self.check()?;
-        let expires = now_ms() + ttl.as_millis() as u64;
-        self.add_pending(&records);
-        self.run(|reply| Job::Put {
-            records,
-            expires,
-            reply,
-        })
-        .await
-        .map(|_| ())
-    }
-
-    /// Hands `records` to the writer and returns as soon as it has them: the returned
-    /// [`Durable`] resolves once they are on disk. Lets a caller go on with other work while
-    /// many writes share one flush.
-    pub async fn put_nowait(
-        &self,
-        records: Vec<(String, Vec<u8>)>,
-        ttl: Duration,
-    ) -> Result<Durable, Error> {
-        self.check()?;
-        let expires = now_ms() + ttl.as_millis() as u64;
-        self.add_pending(&records);
-        let (reply, done) = oneshot::channel();
-        self.writer
-            .send(Job::Put {
-                records,
-                expires,
-                reply,
-            })
-            .await
-            .map_err(|_| Error::Write("the writer thread stopped".into()))?;
-        Ok(Durable(done))
-    }
-
-    fn add_pending(&self, records: &[(String, Vec<u8>)]) {
-        let mut pending = self.pending.lock().expect("not poisoned");
-        for (key, value) in records {
-            pending.insert(Arc::from(key.as_str()), PendingValue::Bytes(value.clone()));
-        }
     }
 
     /// Hands keys of changelog partition `partition` to the writer, each to expire at its
@@ -267,8 +272,7 @@ impl ExpiringStore {
         {
             let mut pending = self.pending.lock().expect("not poisoned");
             for (key, _) in &keys {
-                // The key itself is shared with the job: no copy per key.
-                pending.insert(key.clone(), PendingValue::Partition(partition));
+                pending.insert(key.clone(), partition);
             }
         }
         let (reply, done) = oneshot::channel();
@@ -279,8 +283,7 @@ impl ExpiringStore {
                 checkpoint,
                 reply,
             })
-            .await
-            .map_err(|_| Error::Write("the writer thread stopped".into()))?;
+            .await?;
         Ok(Durable(done))
     }
 
@@ -302,28 +305,22 @@ impl ExpiringStore {
     /// stay) and its checkpoint; returns how many keys went. Durable on return.
     pub async fn drop_partition(&self, partition: i32) -> Result<usize, Error> {
         self.check()?;
-        self.run(|reply| Job::DropPartition { partition, reply })
+        self.writer
+            .run(|reply| Job::DropPartition { partition, reply })
             .await
     }
 
     /// Removes expired entries; returns how many.
     pub async fn sweep(&self) -> Result<usize, Error> {
-        self.run(|reply| Job::Sweep { reply }).await
+        self.writer.run(|reply| Job::Sweep { reply }).await
     }
 
     /// Makes everything written so far durable.
     pub async fn flush(&self) -> Result<(), Error> {
-        self.run(|reply| Job::Flush { reply }).await.map(|_| ())
-    }
-
-    async fn run(
-        &self,
-        job: impl FnOnce(oneshot::Sender<Result<usize, String>>) -> Job,
-    ) -> Result<usize, Error> {
-        let stopped = || Error::Write("the writer thread stopped".into());
-        let (reply, done) = oneshot::channel();
-        self.writer.send(job(reply)).await.map_err(|_| stopped())?;
-        done.await.map_err(|_| stopped())?.map_err(Error::Write)
+        self.writer
+            .run(|reply| Job::Flush { reply })
+            .await
+            .map(|_| ())
     }
 }
 
@@ -341,18 +338,6 @@ impl Durable {
     }
 }
 
-impl Drop for ExpiringStore {
-    /// Closes the queue and waits for the writer to finish what it has and release the
-    /// database, so the directory can be opened again at once.
-    fn drop(&mut self) {
-        let (closed, _) = mpsc::channel(1);
-        drop(std::mem::replace(&mut self.writer, closed));
-        if let Some(thread) = self.writer_thread.lock().expect("not poisoned").take() {
-            let _ = thread.join();
-        }
-    }
-}
-
 /// The writer thread's side of the store.
 struct Writer {
     path: String,
@@ -367,101 +352,64 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(self, mut jobs: mpsc::Receiver<Job>) {
-        while let Some(first) = jobs.blocking_recv() {
-            let mut group = vec![first];
-            while group.len() < MAX_GROUP {
-                match jobs.try_recv() {
-                    Ok(job) => group.push(job),
-                    Err(_) => break,
-                }
+    /// Applies one group of jobs and flushes once for all of them.
+    fn apply(&self, group: Vec<Job>) {
+        let mut applied = Vec::with_capacity(group.len());
+        // The partitioned keys' index entries of this group, one per partition, written
+        // before anything that reads the index and before the flush.
+        let mut index = GroupIndex::default();
+        let mut index_failure: Option<String> = None;
+        for job in group {
+            if matches!(job, Job::DropPartition { .. } | Job::Sweep { .. })
+                && let Err(e) = self.write_index(&mut index)
+            {
+                index_failure.get_or_insert(e.to_string());
             }
-            let mut applied = Vec::with_capacity(group.len());
-            // The partitioned keys' index entries of this group, one per partition, written
-            // before anything that reads the index and before the flush.
-            let mut index = GroupIndex::default();
-            let mut index_failure: Option<String> = None;
-            for job in group {
-                if matches!(job, Job::DropPartition { .. } | Job::Sweep { .. })
-                    && let Err(e) = self.write_index(&mut index)
-                {
-                    index_failure.get_or_insert(e.to_string());
+            let outcome = match &job {
+                Job::PutPartitioned {
+                    partition,
+                    keys,
+                    checkpoint,
+                    ..
+                } => {
+                    let applied = self
+                        .put_partitioned(*partition, keys, *checkpoint, &mut index)
+                        .map(|()| keys.len());
+                    let mut pending = self.pending.lock().expect("not poisoned");
+                    for (key, _) in keys {
+                        pending.remove(&**key);
+                    }
+                    applied
                 }
-                let outcome = match &job {
-                    Job::Put {
-                        records, expires, ..
-                    } => {
-                        let applied = self.put(records, *expires).map(|()| records.len());
-                        // Now in the tree (or failed, and then not to be seen either).
-                        let mut pending = self.pending.lock().expect("not poisoned");
-                        for (key, _) in records {
-                            pending.remove(key.as_str());
-                        }
-                        applied
-                    }
-                    Job::PutPartitioned {
-                        partition,
-                        keys,
-                        checkpoint,
-                        ..
-                    } => {
-                        let applied = self
-                            .put_partitioned(*partition, keys, *checkpoint, &mut index)
-                            .map(|()| keys.len());
-                        let mut pending = self.pending.lock().expect("not poisoned");
-                        for (key, _) in keys {
-                            pending.remove(&**key);
-                        }
-                        applied
-                    }
-                    Job::DropPartition { partition, .. } => self.drop_partition(*partition),
-                    Job::Sweep { .. } => self.sweep(),
-                    Job::Flush { .. } => Ok(0),
-                };
-                applied.push((job, outcome.map_err(|e| e.to_string())));
-            }
-            // An index not written fails the whole group, as a failed flush does: its keys
-            // would never be swept or dropped.
-            let indexed = match index_failure {
-                Some(why) => Err(why),
-                None => self.write_index(&mut index).map_err(|e| e.to_string()),
+                Job::DropPartition { partition, .. } => self.drop_partition(*partition),
+                Job::Sweep { .. } => self.sweep(),
+                Job::Flush { .. } => Ok(0),
             };
-            let flushed =
-                indexed.and_then(|()| self.db.flush().map(|_| ()).map_err(|e| e.to_string()));
-            let failed = flushed.clone().err().or_else(|| {
-                applied
-                    .iter()
-                    .find_map(|(_, outcome)| outcome.clone().err())
-            });
-            if let Some(why) = failed {
-                let _ = self.broken.set(format!("{}: {why}", self.path));
-            }
-            for (job, outcome) in applied {
-                let (Job::Put { reply, .. }
-                | Job::PutPartitioned { reply, .. }
-                | Job::DropPartition { reply, .. }
-                | Job::Sweep { reply }
-                | Job::Flush { reply }) = job;
-                // A requester that went away no longer needs the answer.
-                let _ = reply.send(flushed.clone().and(outcome));
-            }
+            applied.push((job, outcome.map_err(|e| e.to_string())));
         }
-    }
-
-    fn put(&self, records: &[(String, Vec<u8>)], expires: u64) -> Result<(), sled::Error> {
-        for (key, value) in records {
-            let mut stored = Vec::with_capacity(8 + value.len());
-            stored.extend_from_slice(&expires.to_be_bytes());
-            stored.extend_from_slice(value);
-            if self.entries.insert(key.as_bytes(), stored)?.is_none() {
-                self.count.fetch_add(1, Ordering::Relaxed);
-            }
-            let mut index = Vec::with_capacity(8 + key.len());
-            index.extend_from_slice(&expires.to_be_bytes());
-            index.extend_from_slice(key.as_bytes());
-            self.by_expiry.insert(index, &[])?;
+        // An index not written fails the whole group, as a failed flush does: its keys
+        // would never be swept or dropped.
+        let indexed = match index_failure {
+            Some(why) => Err(why),
+            None => self.write_index(&mut index).map_err(|e| e.to_string()),
+        };
+        let flushed = indexed.and_then(|()| self.db.flush().map(|_| ()).map_err(|e| e.to_string()));
+        let failed = flushed.clone().err().or_else(|| {
+            applied
+                .iter()
+                .find_map(|(_, outcome)| outcome.clone().err())
+        });
+        if let Some(why) = failed {
+            let _ = self.broken.set(format!("{}: {why}", self.path));
         }
-        Ok(())
+        for (job, outcome) in applied {
+            let (Job::PutPartitioned { reply, .. }
+            | Job::DropPartition { reply, .. }
+            | Job::Sweep { reply }
+            | Job::Flush { reply }) = job;
+            // A requester that went away no longer needs the answer.
+            let _ = reply.send(flushed.clone().and(outcome));
+        }
     }
 
     fn put_partitioned(
@@ -528,6 +476,7 @@ impl Writer {
     fn sweep(&self) -> Result<usize, sled::Error> {
         let now = now_ms();
         let mut removed = 0;
+        // Keys of one index entry each, by expiry alone: what earlier versions wrote.
         for entry in self.by_expiry.range(..now.to_be_bytes().to_vec()) {
             let (index_key, _) = entry?;
             let key = &index_key[8..];
@@ -670,49 +619,50 @@ impl IndexEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[tokio::test]
-    async fn entries_survive_a_reopen_read_as_absent_once_expired_and_are_swept() {
+    async fn keys_by_expiry_alone_from_earlier_versions_read_as_absent_once_expired_and_are_swept()
+    {
         let dir = tempfile::tempdir().unwrap();
+        let (soon, later) = (now_ms() + 50, now_ms() + 3_600_000);
         {
-            let store = ExpiringStore::open(dir.path()).unwrap();
-            store
-                .put(
-                    vec![("old".into(), b"1".to_vec())],
-                    Duration::from_millis(50),
-                )
-                .await
-                .unwrap();
-            store
-                .put(
-                    vec![("new".into(), b"2".to_vec())],
-                    Duration::from_secs(3600),
-                )
-                .await
-                .unwrap();
+            // The layout earlier versions wrote: an entry and an index entry by expiry.
+            let db = sled::open(dir.path()).unwrap();
+            let entries = db.open_tree("entries").unwrap();
+            let index = db.open_tree("entries_by_expiry").unwrap();
+            for (key, expires) in [("old", soon), ("new", later)] {
+                let mut value = expires.to_be_bytes().to_vec();
+                value.extend_from_slice(b"v");
+                entries.insert(key, value).unwrap();
+                let mut by_expiry = expires.to_be_bytes().to_vec();
+                by_expiry.extend_from_slice(key.as_bytes());
+                index.insert(by_expiry, &[]).unwrap();
+            }
+            db.flush().unwrap();
         }
         let store = ExpiringStore::open(dir.path()).unwrap();
         assert_eq!(store.len(), 2);
-        assert_eq!(store.get("new").unwrap(), Some(b"2".to_vec()));
+        assert_eq!(store.get("new").unwrap(), Some(b"v".to_vec()));
         tokio::time::sleep(Duration::from_millis(80)).await;
         assert_eq!(store.get("old").unwrap(), None);
         assert_eq!(store.sweep().await.unwrap(), 1);
         assert_eq!(store.len(), 1);
-        assert_eq!(store.get("new").unwrap(), Some(b"2".to_vec()));
+        assert_eq!(store.get("new").unwrap(), Some(b"v".to_vec()));
     }
 
     #[tokio::test]
     async fn concurrent_writers_all_land_durably() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(ExpiringStore::open(dir.path()).unwrap());
+        let later = now_ms() + 60_000;
         let writes = (0..64).map(|i| {
             let store = store.clone();
             tokio::spawn(async move {
                 store
-                    .put(
-                        vec![(format!("k{i}"), vec![i as u8])],
-                        Duration::from_secs(60),
-                    )
+                    .put_partitioned(i % 4, vec![(format!("k{i}").into(), later)], None)
+                    .await?
+                    .wait()
                     .await
             })
         });
@@ -720,6 +670,8 @@ mod tests {
             w.await.unwrap().unwrap();
         }
         assert_eq!(store.len(), 64);
+        drop(store);
+        assert_eq!(ExpiringStore::open(dir.path()).unwrap().len(), 64);
     }
 
     #[tokio::test]

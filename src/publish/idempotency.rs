@@ -1,8 +1,9 @@
-//! The publish idempotency store: a sled tree in the data directory that keeps, per
-//! idempotency key, a hash of the request and the first result, for a window (24 h by
-//! default). It survives restarts; a sweeper removes expired keys.
+//! The publish idempotency store: a file in the data directory that keeps, per idempotency
+//! key, a hash of the request and the first result, for a window (24 h by default). It
+//! survives restarts; a sweeper removes expired keys.
 //!
-//! It is an [`ExpiringStore`], plus the keys being written right now.
+//! It is a [`WindowStore`] (redb, with memory bounded however many keys it holds), plus the
+//! keys being written right now.
 
 use std::{
     collections::HashSet,
@@ -13,7 +14,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::{self, ExpiringStore};
+use crate::{store, window::WindowStore};
 
 /// The answer first given for a key, as stored and as replayed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,7 +66,7 @@ pub enum Error {
 
 /// The store. Cheap to share behind an `Arc`.
 pub struct IdempotencyStore {
-    entries: ExpiringStore,
+    entries: WindowStore,
     ttl: Duration,
     in_flight: Mutex<HashSet<String>>,
 }
@@ -99,7 +100,7 @@ impl IdempotencyStore {
     /// Opens (or creates) the store under `dir`.
     pub fn open(dir: &Path, ttl: Duration) -> Result<Arc<Self>, Error> {
         let store = Arc::new(IdempotencyStore {
-            entries: ExpiringStore::open(dir)?,
+            entries: WindowStore::open(dir)?,
             ttl,
             in_flight: Mutex::new(HashSet::new()),
         });

@@ -1,15 +1,16 @@
 //! `agentbus-bench store-soak`: the idempotency store alone (no HTTP, no Kafka) written at
 //! the soak's rate, this process's RSS sampled: whether sled's memory stays bounded as keys
-//! pile up, and what sled's cache setting changes. `--store agentbus` is agentbus's own
-//! `ExpiringStore` (16 MiB sled cache, two trees, group commit); `--store sled` is sled with
-//! the same two trees and a flush per write group, with `--cache-mib` as the cache.
+//! pile up, and what sled's cache setting changes. `--store window` is the store the publish
+//! idempotency keys are in (`src/window.rs`: redb, group commit); `--store sled` is sled with
+//! the same two trees and a flush per write group, with `--cache-mib` as the cache. Keys are
+//! random (UUID v4), as clients' idempotency keys are.
 
 use std::time::{Duration, Instant};
 
 #[derive(Clone, clap::Args)]
 pub struct StoreSoakArgs {
-    /// `agentbus` (src/store.rs as it is) or `sled` (raw sled, `--cache-mib`).
-    #[arg(long, default_value = "agentbus")]
+    /// `window` (src/window.rs as it is) or `sled` (raw sled, `--cache-mib`).
+    #[arg(long, default_value = "window")]
     store: String,
     /// sled's cache_capacity with `--store sled`, MiB.
     #[arg(long, default_value_t = 16)]
@@ -46,11 +47,11 @@ pub async fn store_soak(args: StoreSoakArgs) -> anyhow::Result<()> {
     let dir = super::service::temp_dir("store-soak")?;
     let ttl = Duration::from_secs(24 * 3600);
     let agentbus = match args.store.as_str() {
-        "agentbus" => Some(std::sync::Arc::new(agentbus::store::ExpiringStore::open(
+        "window" => Some(std::sync::Arc::new(agentbus::window::WindowStore::open(
             &dir,
         )?)),
         "sled" => None,
-        other => anyhow::bail!("--store {other:?}: agentbus or sled"),
+        other => anyhow::bail!("--store {other:?}: window or sled"),
     };
     let raw = if agentbus.is_none() {
         let db = sled::Config::new()
@@ -70,7 +71,7 @@ pub async fn store_soak(args: StoreSoakArgs) -> anyhow::Result<()> {
         if raw.is_some() {
             format!("cache {} MiB", args.cache_mib)
         } else {
-            "src/store.rs".into()
+            "src/window.rs".into()
         },
         args.rate,
         args.batch,
@@ -93,15 +94,15 @@ pub async fn store_soak(args: StoreSoakArgs) -> anyhow::Result<()> {
         let records: Vec<(String, Vec<u8>)> = (0..args.batch as u64)
             .map(|j| {
                 let i = written + j;
-                (format!("{}", uuid::Uuid::now_v7()), value(i))
+                (uuid::Uuid::new_v4().to_string(), value(i))
             })
             .collect();
         written += records.len() as u64;
         match (&agentbus, &raw) {
             (Some(store), _) => {
-                // As the publish path does: many writes share the writer's flushes.
-                let durable = store.put_nowait(records, ttl).await?;
-                in_flight.push(durable.wait());
+                // As concurrent publishes do: many writes share the writer's commits.
+                let store = store.clone();
+                in_flight.push(async move { store.put(records, ttl).await });
                 while in_flight.len() > 64 {
                     use futures::StreamExt;
                     in_flight.next().await.transpose()?;
