@@ -1,4 +1,5 @@
 #![recursion_limit = "256"]
+#![forbid(unsafe_code)]
 //! agentbus: schema-validated, versioned events on Kafka for multi-agent systems.
 //!
 //! The modules follow an event's way through the service:
