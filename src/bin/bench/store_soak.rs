@@ -24,6 +24,11 @@ pub struct StoreSoakArgs {
     /// How long.
     #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
     duration: Duration,
+    /// The store's directory, kept at the end (default: a new one, removed at the end). A
+    /// store left by a killed run is opened again, and the open timed: after a crash redb
+    /// checks the whole file before it opens.
+    #[arg(long)]
+    dir: Option<std::path::PathBuf>,
     /// Time between samples.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     sample: Duration,
@@ -44,7 +49,11 @@ fn value(i: u64) -> Vec<u8> {
 }
 
 pub async fn store_soak(args: StoreSoakArgs) -> anyhow::Result<()> {
-    let dir = super::service::temp_dir("store-soak")?;
+    let dir = match &args.dir {
+        Some(dir) => dir.clone(),
+        None => super::service::temp_dir("store-soak")?,
+    };
+    let opening = Instant::now();
     let ttl = Duration::from_secs(24 * 3600);
     let agentbus = match args.store.as_str() {
         "window" => Some(std::sync::Arc::new(agentbus::window::WindowStore::open(
@@ -53,6 +62,11 @@ pub async fn store_soak(args: StoreSoakArgs) -> anyhow::Result<()> {
         "sled" => None,
         other => anyhow::bail!("--store {other:?}: window or sled"),
     };
+    println!(
+        "opened {} in {:.3} s",
+        dir.display(),
+        opening.elapsed().as_secs_f64()
+    );
     let raw = if agentbus.is_none() {
         let db = sled::Config::new()
             .path(&dir)
@@ -152,6 +166,8 @@ pub async fn store_soak(args: StoreSoakArgs) -> anyhow::Result<()> {
     );
     drop(agentbus);
     drop(raw);
-    let _ = std::fs::remove_dir_all(&dir);
+    if args.dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     Ok(())
 }
