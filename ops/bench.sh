@@ -125,7 +125,7 @@ brokers=$(broker start)
 broker_flags=()
 if [ -n "$own_broker" ]; then
   echo "own Kafka broker at $brokers (started in $((SECONDS - started)) s), data in target/bench-kafka"
-  case $what in consume|overload) broker_flags=(--broker-pid "$(cat target/bench-kafka/kafka/broker.pid)") ;; esac
+  [ "$what" = consume ] && broker_flags=(--broker-pid "$(cat target/bench-kafka/kafka/broker.pid)")
 else
   echo "Kafka at $brokers (AGENTBUS_BROKERS)"
 fi

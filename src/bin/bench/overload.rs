@@ -13,7 +13,6 @@ use std::{
 };
 
 use agentbus::config::KafkaArgs;
-use anyhow::Context;
 use futures::{StreamExt, stream};
 
 use super::{Process, percentile};
@@ -53,40 +52,6 @@ pub struct OverloadArgs {
     /// a scheduled request is counted as not sent.
     #[arg(long, default_value_t = 8000)]
     generator_cap: usize,
-    /// The broker's process id (ops/bench.sh passes its own broker's): with `--pin`, it
-    /// shares the service's CPUs.
-    #[arg(long)]
-    broker_pid: Option<u32>,
-    /// CPUs of the load generator, and of the service and the broker (`taskset` lists), or
-    /// `none`. On a machine of two cores an unpinned generator takes a core at twice the
-    /// rate, so that the overload measured is the machine's, not the service's: pinned, the
-    /// service and the broker keep their CPU whatever the generator does, and the sustainable
-    /// rate is measured the same way.
-    #[arg(long, default_value = "0:1")]
-    pin: String,
-}
-
-/// Pins every thread of `pid` to `cpus` (a `taskset` list).
-fn pin(pid: u32, cpus: &str) -> anyhow::Result<()> {
-    let status = std::process::Command::new("taskset")
-        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .context("running taskset (util-linux)")?;
-    anyhow::ensure!(status.success(), "taskset -a -p -c {cpus} {pid}: {status}");
-    Ok(())
-}
-
-/// The generator's and the service's CPUs of `--pin`, unless `none` (or one CPU only).
-fn pinning(args: &OverloadArgs) -> anyhow::Result<Option<(String, String)>> {
-    if args.pin == "none" || std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
-        return Ok(None);
-    }
-    let (generator, service) = args
-        .pin
-        .split_once(':')
-        .context("--pin takes GENERATOR_CPUS:SERVICE_CPUS (e.g. 0:1) or none")?;
-    Ok(Some((generator.to_string(), service.to_string())))
 }
 
 /// What one request came to.
@@ -173,7 +138,6 @@ async fn open_loop(
     };
     let processes = [
         ("agentbus serve", Some(service.pid())),
-        ("broker", args.broker_pid),
         ("load generator (this)", Some(std::process::id())),
     ];
     let cpu = super::CpuMeter::start(&processes);
@@ -299,30 +263,7 @@ pub async fn overload(args: OverloadArgs) -> anyhow::Result<()> {
         topic_prefix: format!("{}{part}.", args.kafka.topic_prefix),
         ..args.kafka.clone()
     };
-    let pinned = pinning(&args)?;
-    let place = |service: &Process| -> anyhow::Result<()> {
-        if let Some((generator, cpus)) = &pinned {
-            pin(std::process::id(), generator)?;
-            pin(service.pid(), cpus)?;
-            if let Some(broker) = args.broker_pid {
-                pin(broker, cpus)?;
-            }
-        }
-        Ok(())
-    };
-    match &pinned {
-        Some((generator, cpus)) => println!(
-            "pinned: the load generator on CPUs {generator}, the service{} on CPUs {cpus}",
-            if args.broker_pid.is_some() {
-                " and the broker"
-            } else {
-                ""
-            }
-        ),
-        None => println!("not pinned: generator, service and broker share every CPU"),
-    }
     let limited = Process::serve_with(&args.agentbus, &kafka("limited"), None, true, &env).await?;
-    place(&limited)?;
     let endpoint = format!("{}/v1/events", limited.url);
     // Warm-up: connections, metadata, the first schema lookups.
     sustainable(&client, &endpoint, 4, Duration::from_secs(2)).await?;
@@ -365,7 +306,6 @@ pub async fn overload(args: OverloadArgs) -> anyhow::Result<()> {
         let env = [("AGENTBUS_MAX_PUBLISHES_IN_FLIGHT", "1000000".to_string())];
         let unlimited =
             Process::serve_with(&args.agentbus, &kafka("unlimited"), None, true, &env).await?;
-        place(&unlimited)?;
         let endpoint = format!("{}/v1/events", unlimited.url);
         sustainable(&client, &endpoint, 4, Duration::from_secs(2)).await?;
         let run = open_loop(&args, &unlimited, offered, &client).await?;
