@@ -15,9 +15,9 @@ fn main() -> std::process::ExitCode {
 /// its arenas at two unless `MALLOC_ARENA_MAX` says otherwise. glibc returns memory only from
 /// the top of a heap; what is freed below stays resident. The publish path frees as much as
 /// it allocates (the idempotency store's commits copy every page they change), so the live
-/// heap is ~15 MiB (valgrind's massif at 1 000 events/s) while RSS grew to 77 MiB in
+/// heap is ~15 MiB (valgrind's massif at 1 000 events/s) while RSS sat at 77 MiB in
 /// `ops/bench.sh soak` (5 000 events/s); capping the arenas alone gave 46–77 MiB from run to
-/// run, jemalloc 59–67 MiB, mimalloc 72 MiB; with the trim, 49 MiB, flat.
+/// run, jemalloc 59–67 MiB, mimalloc 72 MiB; with the trim, 33–49 MiB over 10 minutes.
 #[allow(unsafe_code)]
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
