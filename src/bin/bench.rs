@@ -922,7 +922,6 @@ fn parse_rounds(rounds: &str) -> Result<String, String> {
     }
 }
 
-/// The value at percentile `p` (0..1) of sorted values.
 /// p50, p99 and p99.9 of `latencies`.
 fn tail(mut latencies: Vec<f64>) -> (f64, f64, f64) {
     latencies.sort_by(|a, b| a.total_cmp(b));
@@ -933,6 +932,7 @@ fn tail(mut latencies: Vec<f64>) -> (f64, f64, f64) {
     )
 }
 
+/// The value at percentile `p` (0..1) of sorted values.
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
