@@ -1,6 +1,6 @@
 //! The publish idempotency window on disk: key → value entries that expire, in one redb file
 //! (`window.redb` in the store's directory), plus an index ordered by expiry so that a sweep
-//! costs what it removes.
+//! costs what it removes, and a write-ahead log of two files (`window.log.0`, `window.log.1`).
 //!
 //! Why not sled, as the agents' dedup stores (`crate::store`): sled 0.34 keeps a record in
 //! memory for every page it ever wrote, so its memory grows with the keys held, about 30
@@ -8,27 +8,49 @@
 //! copy-on-write B-tree whose only memory is a bounded page cache ([`CACHE_BYTES`]): the
 //! window's keys live on disk and in the kernel's page cache, not in the process.
 //!
-//! Every write goes through one writer thread that takes what has queued up into one write
-//! transaction and commits it durably (group commit, one commit's fsyncs for all of it): a
-//! write returns only once it is on disk. Quick repair is on: each commit also records the
-//! allocator's state, so that opening after a crash takes milliseconds instead of a walk of
-//! the whole file.
+//! Why the log: a durable redb commit writes every B-tree page it changes (a leaf per random
+//! key, the branches above it, the allocator's state) and syncs twice. With a publish waiting
+//! for every commit, a disk shared with the broker made single commits take 100–400 ms. Now a
+//! write is durable once it is appended to the log and the log is synced (`fdatasync` of a
+//! few hundred bytes): a publish waits for that alone. Every write goes through one writer
+//! thread that appends what has queued up as one log record and syncs once for all of it
+//! (group commit). The writer hands what it logged to an applier thread, which inserts it into
+//! the B-tree in commits that wait for nobody: cheap ones that skip the sync (up to
+//! [`APPLY_CHUNK`] keys each, so a transaction's pages in memory stay bounded) and, about
+//! once a second ([`SEAL_EVERY`]), a durable one that also records how much of the log the
+//! tree now holds.
+//!
+//! The log is numbered in epochs, an epoch to a file in turn: records of epoch `e` are
+//! written from the start of file `e % 2`, each with its epoch and a CRC. When an epoch is
+//! sealed, the writer goes on in the other file with the next epoch, and the applier's next
+//! durable commit records in the tree "every epoch below `e + 1` is in here". The writer
+//! takes the other file again only once that commit is done, so a file is never overwritten
+//! while the tree lacks what it holds. Opening replays, from the two files, the records of the
+//! epochs the tree does not hold yet (stopping at the first record that is torn, fails its
+//! CRC or belongs to another epoch: nothing after it was ever acknowledged), and commits them
+//! durably before anything else. Replaying a record twice is harmless: it writes the same
+//! value and expiry again.
+//!
+//! Until the applier's commit, written entries stay in memory (`pending`), where reads see
+//! them at once: about a second of writes.
 //!
 //! A directory that holds a sled store of an earlier version is taken over on open: its live
 //! entries are copied into the new file, then sled's files are removed.
 
 use std::{
     collections::HashMap,
+    fs::File,
+    os::unix::fs::FileExt,
     path::Path,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicI64, Ordering},
+        atomic::{AtomicI64, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
-use tokio::sync::oneshot;
+use redb::{Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::store::{Error, WriterQueue, now_ms};
 
@@ -36,9 +58,16 @@ use crate::store::{Error, WriterQueue, now_ms};
 const ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entries");
 /// expiry (8 bytes, big-endian) ‖ key → nothing.
 const BY_EXPIRY: TableDefinition<&[u8], ()> = TableDefinition::new("entries_by_expiry");
+/// The store's own bookkeeping: [`LOG_EPOCH`].
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Every log epoch below this one is in the tables (absent: 0).
+const LOG_EPOCH: &str = "log_epoch";
 
 /// The file in the store's directory.
 pub const FILE: &str = "window.redb";
+
+/// The write-ahead log's two files, epoch `e` in `LOG_FILES[e % 2]`.
+pub const LOG_FILES: [&str; 2] = ["window.log.0", "window.log.1"];
 
 /// redb's page cache. The keys are read once per publish (is it a repeat?) and written once:
 /// a cache holds the B-tree's upper levels, the leaves come from the kernel's page cache.
@@ -48,27 +77,53 @@ const CACHE_BYTES: usize = 8 * 1024 * 1024;
 /// changes in memory until it commits, and expired keys are spread over the whole tree.
 pub const SWEEP_CHUNK: usize = 2000;
 
-/// Quick repair: each commit also records the allocator state (a second fsync), so opening after
-/// a crash is instant instead of a walk of the whole file (see the module's note).
+/// Keys inserted into the tree in one (unsynced) commit at most, for the same reason: with
+/// random keys each one dirties a leaf of its own, so 1 000 keys are about 4 MiB of pages.
+const APPLY_CHUNK: usize = 1000;
+
+/// An epoch is sealed (and the tree's next durable commit takes it in) once it is this old,
+/// or [`SEAL_BYTES`] long: what the memory holds until then, and what an open replays.
+const SEAL_EVERY: Duration = Duration::from_secs(1);
+const SEAL_BYTES: u64 = 8 * 1024 * 1024;
+
+/// Groups of written entries the writer may hand to the applier ahead of it; beyond that the
+/// writer (and so the publishes) wait for the applier: memory stays bounded when the disk is
+/// slower than the writes.
+const APPLY_QUEUE: usize = 1024;
+
+/// Quick repair: each durable commit also records the allocator state (a second fsync), so
+/// opening after a crash is instant instead of a walk of the whole file. The durable commits
+/// are the applier's, once a second, which no publish waits for.
 const QUICK_REPAIR: bool = true;
 
-/// A commit that takes longer is logged: every publish of its group waits for it.
-const SLOW_COMMIT: Duration = Duration::from_millis(100);
+/// A log sync (which publishes wait for) or a durable commit of the tree (which the next
+/// seal waits for) that takes longer is logged.
+const SLOW_SYNC: Duration = Duration::from_millis(100);
+
+/// A log record's header: payload length (u32), CRC-32 of epoch ‖ payload (u32), epoch (u64),
+/// all little-endian. The payload is entries of expiry (u64), key length (u32), key, value
+/// length (u32), value.
+const RECORD_HEADER: usize = 16;
 
 /// The store. Entries read as absent once expired, and are removed by [`WindowStore::sweep`].
 pub struct WindowStore {
+    // The writer first, then the applier: dropping them in this order lets the applier take in
+    // everything the writer logged before the database is released.
+    writer: WriterQueue<Job>,
+    applier: ApplierQueue,
     path: String,
     db: Arc<redb::Database>,
-    /// Why a commit failed: from then on the store refuses reads and writes, so that nobody
-    /// goes on as if it remembered.
-    broken: Arc<std::sync::OnceLock<String>>,
-    /// Handed to the writer but not yet committed: `get` sees them at once.
+    /// Why a write, a sync or a commit failed: from then on the store refuses reads and
+    /// writes, so that nobody goes on as if it remembered.
+    broken: Broken,
+    /// Written (and logged) but not yet in the tree: `get` sees them at once.
     pending: Pending,
     count: Arc<AtomicI64>,
-    writer: WriterQueue<Job>,
 }
 
 type Pending = Arc<Mutex<HashMap<String, Vec<u8>>>>;
+type Broken = Arc<std::sync::OnceLock<String>>;
+type Reply = oneshot::Sender<Result<Done, String>>;
 
 /// What a job did: entries written or removed, and for a sweep whether there is more.
 #[derive(Clone, Copy, Default)]
@@ -77,23 +132,32 @@ struct Done {
     more: bool,
 }
 
+/// The writer's jobs.
 enum Job {
     Put {
         records: Vec<(String, Vec<u8>)>,
         expires: u64,
-        reply: oneshot::Sender<Result<Done, String>>,
-    },
-    Sweep {
-        reply: oneshot::Sender<Result<Done, String>>,
+        reply: Reply,
     },
     Flush {
-        reply: oneshot::Sender<Result<Done, String>>,
+        reply: Reply,
     },
 }
 
+/// The applier's jobs.
+enum Apply {
+    /// Entries that are in the log: (key, value, expiry).
+    Put(Vec<(String, Vec<u8>, u64)>),
+    /// Everything of this log epoch has been handed over: take it in durably.
+    Seal(u64),
+    /// Commit durably what was handed over, then answer.
+    Flush(Reply),
+    Sweep(Reply),
+}
+
 impl WindowStore {
-    /// Opens (or creates) the store in `dir`, taking over a sled store found there, and starts
-    /// its writer thread, which ends when the store is dropped.
+    /// Opens (or creates) the store in `dir`, replays its log, takes over a sled store found
+    /// there, and starts its threads, which end when the store is dropped.
     pub fn open(dir: &Path) -> Result<Self, Error> {
         let path = dir.display().to_string();
         let failed = |source: redb::Error| Error::Redb {
@@ -105,16 +169,11 @@ impl WindowStore {
             .set_cache_size(CACHE_BYTES)
             .create(dir.join(FILE))
             .map_err(|e| failed(e.into()))?;
+        let (files, epoch) = recover(dir, &db).map_err(|e| Error::Write(format!("{path}: {e}")))?;
         let count = {
-            let txn = db.begin_write().map_err(|e| failed(e.into()))?;
-            let count = {
-                // Created here, so that reads find the tables before the first write.
-                let entries = txn.open_table(ENTRIES).map_err(|e| failed(e.into()))?;
-                txn.open_table(BY_EXPIRY).map_err(|e| failed(e.into()))?;
-                entries.len().map_err(|e| failed(e.into()))?
-            };
-            txn.commit().map_err(|e| failed(e.into()))?;
-            count
+            let txn = db.begin_read().map_err(|e| failed(e.into()))?;
+            let entries = txn.open_table(ENTRIES).map_err(|e| failed(e.into()))?;
+            entries.len().map_err(|e| failed(e.into()))?
         };
         let db = Arc::new(db);
         let count = Arc::new(AtomicI64::new(count as i64));
@@ -125,26 +184,42 @@ impl WindowStore {
             tracing::info!(store = %path, keys = taken, "took over the keys of the sled store of an earlier version");
         }
         let pending = Pending::default();
-        let broken = Arc::new(std::sync::OnceLock::new());
-        let state = Writer {
+        let broken = Broken::default();
+        let applied = Arc::new(AtomicU64::new(epoch));
+        let applier = ApplierQueue::spawn(Applier {
             path: path.clone(),
             db: db.clone(),
             broken: broken.clone(),
             pending: pending.clone(),
             count: count.clone(),
+            applied: applied.clone(),
+            txn: None,
+            in_txn: Vec::new(),
+        })?;
+        let mut log = Log {
+            path: path.clone(),
+            files,
+            epoch,
+            offset: 0,
+            sealed_at: Instant::now(),
+            applied,
+            apply: applier.sender.clone(),
+            broken: broken.clone(),
+            buf: Vec::new(),
         };
-        let writer = WriterQueue::spawn("window-writer", move |group| state.apply(group))?;
+        let writer = WriterQueue::spawn("window-writer", move |group| log.apply(group))?;
         Ok(WindowStore {
+            writer,
+            applier,
             path,
             db,
             broken,
             pending,
             count,
-            writer,
         })
     }
 
-    /// Entries held (expired ones count until swept).
+    /// Entries held (expired ones count until swept; written ones once in the tree).
     pub fn len(&self) -> usize {
         self.count.load(Ordering::Relaxed).max(0) as usize
     }
@@ -207,7 +282,7 @@ impl WindowStore {
     pub async fn sweep(&self) -> Result<usize, Error> {
         let mut removed = 0;
         loop {
-            let done = self.writer.run(|reply| Job::Sweep { reply }).await?;
+            let done = self.applier.run(Apply::Sweep).await?;
             removed += done.changed;
             if !done.more {
                 return Ok(removed);
@@ -215,7 +290,7 @@ impl WindowStore {
         }
     }
 
-    /// Returns once everything handed over so far is on disk.
+    /// Returns once everything handed over so far is in the tree and on disk.
     pub async fn flush(&self) -> Result<(), Error> {
         self.writer
             .run(|reply| Job::Flush { reply })
@@ -224,107 +299,454 @@ impl WindowStore {
     }
 }
 
-/// The writer thread's side of the store.
-struct Writer {
+/// The writer thread's side of the store: the log.
+struct Log {
     path: String,
-    db: Arc<redb::Database>,
-    broken: Arc<std::sync::OnceLock<String>>,
-    pending: Pending,
-    count: Arc<AtomicI64>,
+    files: [File; 2],
+    /// The epoch being written, in `files[epoch % 2]` from `offset` on.
+    epoch: u64,
+    offset: u64,
+    sealed_at: Instant,
+    /// Every epoch below this one is durably in the tree (the applier raises it).
+    applied: Arc<AtomicU64>,
+    apply: mpsc::Sender<Apply>,
+    broken: Broken,
+    /// One record being encoded, reused.
+    buf: Vec<u8>,
 }
 
-impl Writer {
-    /// Applies one group of jobs in one write transaction, and answers each.
-    fn apply(&self, group: Vec<Job>) {
-        let outcome = match self.broken.get() {
-            Some(why) => Err(why.clone()),
-            None => {
-                let started = std::time::Instant::now();
-                let committed = self.commit(&group).map_err(|e| e.to_string());
-                let took = started.elapsed();
-                if took > SLOW_COMMIT {
-                    tracing::warn!(store = %self.path, jobs = group.len(), ms = took.as_millis() as u64, "slow commit: publishes wait for it");
+impl Log {
+    /// Logs the entries of one group of jobs as one record and syncs, hands them to the
+    /// applier, and answers each job.
+    fn apply(&mut self, group: Vec<Job>) {
+        let mut puts = Vec::new();
+        let mut waiting = Vec::with_capacity(group.len());
+        let mut flushes = Vec::new();
+        for job in group {
+            match job {
+                Job::Put {
+                    records,
+                    expires,
+                    reply,
+                } => {
+                    waiting.push((reply, records.len()));
+                    puts.extend(records.into_iter().map(|(k, v)| (k, v, expires)));
                 }
-                committed
-            }
-        };
-        let counts = match outcome {
-            Ok(counts) => counts.into_iter().map(Ok).collect(),
-            Err(why) => {
-                let _ = self.broken.set(format!("{}: {why}", self.path));
-                vec![Err(why); group.len()]
-            }
-        };
-        // Committed (or failed, and then not to be seen either): no longer pending. A key
-        // handed over again since keeps its newer pending value until that one commits.
-        {
-            let mut pending = self.pending.lock().expect("not poisoned");
-            for job in &group {
-                if let Job::Put { records, .. } = job {
-                    for (key, value) in records {
-                        if pending.get(key) == Some(value) {
-                            pending.remove(key);
-                        }
-                    }
-                }
+                Job::Flush { reply } => flushes.push(reply),
             }
         }
-        for (job, outcome) in group.into_iter().zip(counts) {
-            let (Job::Put { reply, .. } | Job::Sweep { reply } | Job::Flush { reply }) = job;
+        let logged = match self.broken.get() {
+            Some(why) => Err(why.clone()),
+            None => self.append(&puts).map_err(|e| {
+                let why = format!("{}: {e}", self.path);
+                let _ = self.broken.set(why.clone());
+                why
+            }),
+        };
+        if logged.is_ok() && !puts.is_empty() {
+            self.hand_over(Apply::Put(puts));
+        }
+        if logged.is_ok() && (!flushes.is_empty() || self.due()) {
+            self.seal();
+        }
+        for (reply, changed) in waiting {
             // A requester that went away no longer needs the answer.
-            let _ = reply.send(outcome);
+            let _ = reply.send(logged.clone().map(|()| Done {
+                changed,
+                more: false,
+            }));
+        }
+        for reply in flushes {
+            match &logged {
+                Ok(()) => self.hand_over(Apply::Flush(reply)),
+                Err(why) => {
+                    let _ = reply.send(Err(why.clone()));
+                }
+            }
         }
     }
 
-    /// Applies `group` in one write transaction and commits it; per job, what it changed.
-    fn commit(&self, group: &[Job]) -> Result<Vec<Done>, redb::Error> {
-        let mut txn = self.db.begin_write()?;
-        txn.set_quick_repair(QUICK_REPAIR);
-        let mut counts = Vec::with_capacity(group.len());
-        let mut added = 0i64;
-        {
-            let mut entries = txn.open_table(ENTRIES)?;
-            let mut by_expiry = txn.open_table(BY_EXPIRY)?;
-            let mut stored = Vec::new();
-            let mut index = Vec::new();
-            for job in group {
-                counts.push(match job {
-                    Job::Put {
-                        records, expires, ..
-                    } => {
-                        for (key, value) in records {
-                            stored.clear();
-                            stored.extend_from_slice(&expires.to_be_bytes());
-                            stored.extend_from_slice(value);
-                            if entries.insert(key.as_str(), stored.as_slice())?.is_none() {
-                                added += 1;
-                            }
-                            index.clear();
-                            index.extend_from_slice(&expires.to_be_bytes());
-                            index.extend_from_slice(key.as_bytes());
-                            by_expiry.insert(index.as_slice(), ())?;
-                        }
-                        Done {
-                            changed: records.len(),
-                            more: false,
-                        }
-                    }
-                    Job::Sweep { .. } => {
-                        let swept = sweep(&mut entries, &mut by_expiry, now_ms())?;
-                        added -= swept.removed as i64;
-                        Done {
-                            changed: swept.removed,
-                            more: swept.more,
-                        }
-                    }
-                    Job::Flush { .. } => Done::default(),
-                });
+    /// Appends `puts` as one record of the current epoch and syncs it.
+    fn append(&mut self, puts: &[(String, Vec<u8>, u64)]) -> std::io::Result<()> {
+        if puts.is_empty() {
+            return Ok(());
+        }
+        encode_record(&mut self.buf, self.epoch, puts);
+        let started = Instant::now();
+        let file = &self.files[(self.epoch % 2) as usize];
+        file.write_all_at(&self.buf, self.offset)?;
+        file.sync_data()?;
+        let took = started.elapsed();
+        if took > SLOW_SYNC {
+            tracing::warn!(store = %self.path, keys = puts.len(), ms = took.as_millis() as u64, "slow log sync: publishes wait for it");
+        }
+        self.offset += self.buf.len() as u64;
+        Ok(())
+    }
+
+    /// Whether the current epoch is old or long enough to seal.
+    fn due(&self) -> bool {
+        self.offset > 0 && (self.sealed_at.elapsed() >= SEAL_EVERY || self.offset >= SEAL_BYTES)
+    }
+
+    /// Seals the current epoch and goes on with the next in the other file, if the tree
+    /// already holds what that file has (else the current epoch goes on growing until it does).
+    fn seal(&mut self) {
+        if self.offset == 0 || self.applied.load(Ordering::Acquire) < self.epoch {
+            return;
+        }
+        self.hand_over(Apply::Seal(self.epoch));
+        self.epoch += 1;
+        self.offset = 0;
+        self.sealed_at = Instant::now();
+    }
+
+    /// Hands `job` to the applier, waiting while its queue is full.
+    fn hand_over(&self, job: Apply) {
+        if let Err(mpsc::error::SendError(job)) = self.apply.blocking_send(job) {
+            let why = format!("{}: the applier thread stopped", self.path);
+            let _ = self.broken.set(why.clone());
+            if let Apply::Flush(reply) | Apply::Sweep(reply) = job {
+                let _ = reply.send(Err(why));
             }
         }
-        txn.commit()?;
-        self.count.fetch_add(added, Ordering::Relaxed);
-        Ok(counts)
     }
+}
+
+/// The queue to the applier thread and the thread itself; dropping it lets the thread commit
+/// what it has and waits for it.
+struct ApplierQueue {
+    sender: mpsc::Sender<Apply>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl ApplierQueue {
+    fn spawn(mut applier: Applier) -> Result<Self, Error> {
+        let (sender, mut jobs) = mpsc::channel(APPLY_QUEUE);
+        let thread = std::thread::Builder::new()
+            .name("window-applier".into())
+            .spawn(move || {
+                while let Some(job) = jobs.blocking_recv() {
+                    applier.handle(job);
+                }
+                // Everything handed over, in the tree for the next open.
+                let _ = applier.commit(Durability::Immediate);
+            })
+            .map_err(|e| Error::Write(format!("starting the applier thread: {e}")))?;
+        Ok(ApplierQueue {
+            sender,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    async fn run(&self, job: impl FnOnce(Reply) -> Apply) -> Result<Done, Error> {
+        let stopped = || Error::Write("the applier thread stopped".into());
+        let (reply, done) = oneshot::channel();
+        self.sender.send(job(reply)).await.map_err(|_| stopped())?;
+        done.await.map_err(|_| stopped())?.map_err(Error::Write)
+    }
+}
+
+impl Drop for ApplierQueue {
+    fn drop(&mut self) {
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.sender, closed));
+        if let Some(thread) = self.thread.lock().expect("not poisoned").take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The applier thread's side of the store: the tree.
+struct Applier {
+    path: String,
+    db: Arc<redb::Database>,
+    broken: Broken,
+    pending: Pending,
+    count: Arc<AtomicI64>,
+    applied: Arc<AtomicU64>,
+    /// The open write transaction, and the entries written in it (to leave `pending` once
+    /// it commits).
+    txn: Option<redb::WriteTransaction>,
+    in_txn: Vec<(String, Vec<u8>)>,
+}
+
+impl Applier {
+    fn handle(&mut self, job: Apply) {
+        if let Some(why) = self.broken.get() {
+            if let Apply::Flush(reply) | Apply::Sweep(reply) = job {
+                let _ = reply.send(Err(why.clone()));
+            }
+            return;
+        }
+        match job {
+            Apply::Put(puts) => {
+                let inserted = self.in_open_txn(|txn| {
+                    let mut entries = txn.open_table(ENTRIES)?;
+                    let mut by_expiry = txn.open_table(BY_EXPIRY)?;
+                    let mut added = 0;
+                    for (key, value, expires) in &puts {
+                        added += insert(&mut entries, &mut by_expiry, key, value, *expires)?;
+                    }
+                    Ok(added)
+                });
+                if let Some(added) = inserted {
+                    self.count.fetch_add(added, Ordering::Relaxed);
+                    self.in_txn
+                        .extend(puts.into_iter().map(|(key, value, _)| (key, value)));
+                    if self.in_txn.len() >= APPLY_CHUNK {
+                        let _ = self.commit(Durability::None);
+                    }
+                }
+            }
+            Apply::Seal(epoch) => {
+                let marked = self.in_open_txn(|txn| {
+                    txn.open_table(META)?.insert(LOG_EPOCH, epoch + 1)?;
+                    Ok(())
+                });
+                if marked.is_some() && self.commit(Durability::Immediate).is_ok() {
+                    self.applied.store(epoch + 1, Ordering::Release);
+                }
+            }
+            Apply::Flush(reply) => {
+                let _ = reply.send(self.commit(Durability::Immediate).map(|()| Done::default()));
+            }
+            Apply::Sweep(reply) => {
+                let swept = self.in_open_txn(|txn| {
+                    let mut entries = txn.open_table(ENTRIES)?;
+                    let mut by_expiry = txn.open_table(BY_EXPIRY)?;
+                    sweep(&mut entries, &mut by_expiry, now_ms())
+                });
+                let Some(swept) = swept else {
+                    let why = self.broken.get().cloned().unwrap_or_default();
+                    let _ = reply.send(Err(why));
+                    return;
+                };
+                self.count
+                    .fetch_sub(swept.removed as i64, Ordering::Relaxed);
+                // Removals need no sync: after a crash they are swept again.
+                let _ = reply.send(self.commit(Durability::None).map(|()| Done {
+                    changed: swept.removed,
+                    more: swept.more,
+                }));
+            }
+        }
+    }
+
+    /// Runs `work` in the open write transaction (beginning one if none is open); `None`
+    /// once the store is broken (and then broken by this failure).
+    fn in_open_txn<T>(
+        &mut self,
+        work: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>,
+    ) -> Option<T> {
+        let txn = match self.txn.take() {
+            Some(txn) => txn,
+            None => match self.db.begin_write() {
+                Ok(txn) => txn,
+                Err(e) => {
+                    self.fail(e.into());
+                    return None;
+                }
+            },
+        };
+        match work(&txn) {
+            Ok(done) => {
+                self.txn = Some(txn);
+                Some(done)
+            }
+            Err(e) => {
+                self.fail(e);
+                None
+            }
+        }
+    }
+
+    /// Commits the open transaction (if any) with `durability`; its entries leave `pending`.
+    fn commit(&mut self, durability: Durability) -> Result<(), String> {
+        if let Some(why) = self.broken.get() {
+            return Err(why.clone());
+        }
+        let Some(mut txn) = self.txn.take() else {
+            return Ok(());
+        };
+        let durable = matches!(durability, Durability::Immediate);
+        let started = Instant::now();
+        let committed = txn
+            .set_durability(durability)
+            .map_err(redb::Error::from)
+            .and_then(|()| {
+                txn.set_quick_repair(durable && QUICK_REPAIR);
+                txn.commit().map_err(redb::Error::from)
+            });
+        if let Err(e) = committed {
+            self.fail(e);
+            return Err(self.broken.get().cloned().unwrap_or_default());
+        }
+        let took = started.elapsed();
+        if durable && took > SLOW_SYNC {
+            tracing::debug!(store = %self.path, ms = took.as_millis() as u64, "slow durable commit of the tree (no publish waits for it)");
+        }
+        // In the tree now: no longer pending. A key handed over again since keeps its newer
+        // pending value until that one is in.
+        let mut pending = self.pending.lock().expect("not poisoned");
+        for (key, value) in self.in_txn.drain(..) {
+            if pending.get(&key) == Some(&value) {
+                pending.remove(&key);
+            }
+        }
+        Ok(())
+    }
+
+    fn fail(&mut self, e: redb::Error) {
+        self.txn = None;
+        let why = format!("{}: {e}", self.path);
+        tracing::error!(store = %self.path, error = %e, "the idempotency window's tree failed; the store refuses from now on");
+        let _ = self.broken.set(why);
+    }
+}
+
+/// Inserts an entry and its index entry; 1 if the key is new.
+fn insert(
+    entries: &mut redb::Table<&str, &[u8]>,
+    by_expiry: &mut redb::Table<&[u8], ()>,
+    key: &str,
+    value: &[u8],
+    expires: u64,
+) -> Result<i64, redb::Error> {
+    let mut stored = Vec::with_capacity(8 + value.len());
+    stored.extend_from_slice(&expires.to_be_bytes());
+    stored.extend_from_slice(value);
+    let new = entries.insert(key, stored.as_slice())?.is_none();
+    let mut index = Vec::with_capacity(8 + key.len());
+    index.extend_from_slice(&expires.to_be_bytes());
+    index.extend_from_slice(key.as_bytes());
+    by_expiry.insert(index.as_slice(), ())?;
+    Ok(new as i64)
+}
+
+/// Encodes `puts` as one log record of `epoch` into `buf` (cleared first).
+fn encode_record(buf: &mut Vec<u8>, epoch: u64, puts: &[(String, Vec<u8>, u64)]) {
+    buf.clear();
+    buf.resize(RECORD_HEADER, 0);
+    for (key, value, expires) in puts {
+        buf.extend_from_slice(&expires.to_le_bytes());
+        buf.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        buf.extend_from_slice(key.as_bytes());
+        buf.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        buf.extend_from_slice(value);
+    }
+    let payload_len = (buf.len() - RECORD_HEADER) as u32;
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&epoch.to_le_bytes());
+    crc.update(&buf[RECORD_HEADER..]);
+    buf[0..4].copy_from_slice(&payload_len.to_le_bytes());
+    buf[4..8].copy_from_slice(&crc.finalize().to_le_bytes());
+    buf[8..16].copy_from_slice(&epoch.to_le_bytes());
+}
+
+/// The entries (key, value, expiry) of the records of `epoch` at the start of `log`, up to
+/// the first that is torn, fails its CRC or is of another epoch.
+fn decode_records(log: &[u8], epoch: u64) -> Vec<(&str, &[u8], u64)> {
+    let mut found = Vec::new();
+    let mut rest = log;
+    while let Some((header, after)) = rest.split_first_chunk::<RECORD_HEADER>() {
+        let len = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
+        let record_epoch = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+        let Some(payload) = after.get(..len) else {
+            break;
+        };
+        let mut check = crc32fast::Hasher::new();
+        check.update(&header[8..16]);
+        check.update(payload);
+        if record_epoch != epoch || check.finalize() != crc {
+            break;
+        }
+        let Some(entries) = decode_entries(payload) else {
+            break;
+        };
+        found.extend(entries);
+        rest = &after[len..];
+    }
+    found
+}
+
+/// A record's payload as entries; `None` if it does not parse (its CRC matched, so only a
+/// writer of another format could have written it).
+fn decode_entries(mut payload: &[u8]) -> Option<Vec<(&str, &[u8], u64)>> {
+    let mut entries = Vec::new();
+    while !payload.is_empty() {
+        let (expires, rest) = payload.split_first_chunk::<8>()?;
+        let (key_len, rest) = rest.split_first_chunk::<4>()?;
+        let key_len = u32::from_le_bytes(*key_len) as usize;
+        let key = std::str::from_utf8(rest.get(..key_len)?).ok()?;
+        let rest = &rest[key_len..];
+        let (value_len, rest) = rest.split_first_chunk::<4>()?;
+        let value_len = u32::from_le_bytes(*value_len) as usize;
+        let value = rest.get(..value_len)?;
+        entries.push((key, value, u64::from_le_bytes(*expires)));
+        payload = &rest[value_len..];
+    }
+    Some(entries)
+}
+
+/// Opens the log's files (creating them), puts into the tree the records of the epochs it
+/// does not hold yet, and commits that durably; returns the files and the epoch to write next.
+fn recover(dir: &Path, db: &redb::Database) -> Result<([File; 2], u64), String> {
+    let open = |name: &str| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join(name))
+            .map_err(|e| format!("opening {name}: {e}"))
+    };
+    let created = LOG_FILES.iter().any(|name| !dir.join(name).exists());
+    let files = [open(LOG_FILES[0])?, open(LOG_FILES[1])?];
+    if created {
+        // The new files' names, durable before anything is acknowledged from them.
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| format!("syncing {}: {e}", dir.display()))?;
+    }
+    let redb_failed = |e: redb::Error| format!("replaying the log: {e}");
+    let mut txn = db.begin_write().map_err(|e| redb_failed(e.into()))?;
+    txn.set_quick_repair(QUICK_REPAIR);
+    let next = {
+        let mut meta = txn.open_table(META).map_err(|e| redb_failed(e.into()))?;
+        let mut entries = txn.open_table(ENTRIES).map_err(|e| redb_failed(e.into()))?;
+        let mut by_expiry = txn
+            .open_table(BY_EXPIRY)
+            .map_err(|e| redb_failed(e.into()))?;
+        let first = meta
+            .get(LOG_EPOCH)
+            .map_err(|e| redb_failed(e.into()))?
+            .map(|e| e.value())
+            .unwrap_or(0);
+        // The epoch the tree lacks, and the one after it (written while that one waited to
+        // be taken in); never further (the writer does not go further ahead).
+        let mut replayed = 0;
+        for epoch in [first, first + 1] {
+            let mut log = Vec::new();
+            std::io::Read::read_to_end(&mut &files[(epoch % 2) as usize], &mut log)
+                .map_err(|e| format!("reading the log: {e}"))?;
+            for (key, value, expires) in decode_records(&log, epoch) {
+                insert(&mut entries, &mut by_expiry, key, value, expires).map_err(redb_failed)?;
+                replayed += 1;
+            }
+        }
+        if replayed > 0 {
+            tracing::info!(store = %dir.display(), entries = replayed, "replayed the idempotency window's log");
+        }
+        // Both epochs are in the tree with this commit: the next is written into file
+        // `first % 2` again, whose records it no longer needs.
+        meta.insert(LOG_EPOCH, first + 2)
+            .map_err(|e| redb_failed(e.into()))?;
+        first + 2
+    };
+    txn.commit().map_err(|e| redb_failed(e.into()))?;
+    Ok((files, next))
 }
 
 /// Removes the entries of up to [`SWEEP_CHUNK`] index entries expired by `now` (a key written
@@ -553,6 +975,144 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
-        assert_eq!(files, vec![FILE.to_string()]);
+        let mut files = files;
+        files.sort();
+        assert_eq!(files, vec![LOG_FILES[0], LOG_FILES[1], FILE]);
+    }
+
+    fn far() -> u64 {
+        now_ms() + 3_600_000
+    }
+
+    #[tokio::test]
+    async fn the_log_s_records_are_replayed_up_to_the_first_torn_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log0 = Vec::new();
+        let mut record = Vec::new();
+        for (key, value) in [("a", b"1"), ("b", b"2")] {
+            encode_record(&mut record, 0, &[(key.into(), value.to_vec(), far())]);
+            log0.extend_from_slice(&record);
+        }
+        // Torn: its last byte never reached the disk. What follows was never acknowledged.
+        encode_record(&mut record, 0, &[("torn".into(), b"3".to_vec(), far())]);
+        log0.extend_from_slice(&record[..record.len() - 1]);
+        encode_record(&mut record, 0, &[("after".into(), b"4".to_vec(), far())]);
+        log0.extend_from_slice(&record);
+        let mut log1 = Vec::new();
+        encode_record(&mut record, 1, &[("c".into(), b"5".to_vec(), far())]);
+        log1.extend_from_slice(&record);
+        // A record of another epoch (left from an earlier turn of the file) ends the epoch.
+        encode_record(&mut record, 7, &[("stale".into(), b"6".to_vec(), far())]);
+        log1.extend_from_slice(&record);
+        std::fs::write(dir.path().join(LOG_FILES[0]), &log0).unwrap();
+        std::fs::write(dir.path().join(LOG_FILES[1]), &log1).unwrap();
+        {
+            let store = WindowStore::open(dir.path()).unwrap();
+            assert_eq!(store.get("a").unwrap(), Some(b"1".to_vec()));
+            assert_eq!(store.get("b").unwrap(), Some(b"2".to_vec()));
+            assert_eq!(store.get("c").unwrap(), Some(b"5".to_vec()));
+            for absent in ["torn", "after", "stale"] {
+                assert_eq!(store.get(absent).unwrap(), None, "{absent}");
+            }
+            assert_eq!(store.len(), 3);
+            // The next epoch goes over the first file's old records.
+            store
+                .put(vec![("d".into(), b"7".to_vec())], Duration::from_secs(60))
+                .await
+                .unwrap();
+        }
+        let store = WindowStore::open(dir.path()).unwrap();
+        assert_eq!(store.len(), 4);
+        for (key, value) in [("a", b"1"), ("c", b"5"), ("d", b"7")] {
+            assert_eq!(store.get(key).unwrap(), Some(value.to_vec()), "{key}");
+        }
+        assert_eq!(store.get("torn").unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn acknowledged_writes_the_tree_had_not_taken_in_at_a_crash_are_found_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = tempfile::tempdir().unwrap();
+        {
+            let store = WindowStore::open(dir.path()).unwrap();
+            // The tree as it is on disk now, before the writes (nothing is being committed:
+            // the applier has nothing yet).
+            std::fs::copy(dir.path().join(FILE), image.path().join(FILE)).unwrap();
+            for i in 0..3 {
+                store
+                    .put(
+                        vec![(format!("key-{i}"), vec![i as u8])],
+                        Duration::from_secs(60),
+                    )
+                    .await
+                    .unwrap();
+            }
+            // Acknowledged, so in the log: the crash's image is that tree and these logs.
+            for name in LOG_FILES {
+                std::fs::copy(dir.path().join(name), image.path().join(name)).unwrap();
+            }
+        }
+        let store = WindowStore::open(image.path()).unwrap();
+        for i in 0..3 {
+            assert_eq!(store.get(&format!("key-{i}")).unwrap(), Some(vec![i as u8]));
+        }
+        assert_eq!(store.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn an_epoch_is_sealed_once_old_and_the_tree_then_records_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = WindowStore::open(dir.path()).unwrap();
+        let epoch = |store: &WindowStore| {
+            let txn = store.db.begin_read().unwrap();
+            let meta = txn.open_table(META).unwrap();
+            meta.get(LOG_EPOCH).unwrap().map(|e| e.value())
+        };
+        // A fresh store has taken in epochs 0 and 1 (empty): 2 is written next.
+        assert_eq!(epoch(&store), Some(2));
+        store
+            .put(
+                vec![("first".into(), b"1".to_vec())],
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(SEAL_EVERY + Duration::from_millis(50)).await;
+        store
+            .put(
+                vec![("second".into(), b"2".to_vec())],
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        store.flush().await.unwrap();
+        assert_eq!(epoch(&store), Some(3));
+        assert!(store.pending.lock().unwrap().is_empty());
+        assert_eq!(store.len(), 2);
+        assert_eq!(store.get("first").unwrap(), Some(b"1".to_vec()));
+    }
+
+    #[test]
+    fn a_record_decodes_to_what_was_encoded_and_garbage_to_nothing() {
+        let mut record = Vec::new();
+        let puts = vec![
+            ("k\u{e9}y".to_string(), vec![0, 1, 2], 42),
+            (String::new(), vec![], 7),
+        ];
+        encode_record(&mut record, 5, &puts);
+        let decoded = decode_records(&record, 5);
+        let expected: Vec<(&str, &[u8], u64)> = puts
+            .iter()
+            .map(|(k, v, e)| (k.as_str(), v.as_slice(), *e))
+            .collect();
+        assert_eq!(decoded, expected);
+        assert!(decode_records(&record, 4).is_empty());
+        for cut in 0..record.len() {
+            assert!(decode_records(&record[..cut], 5).is_empty(), "cut at {cut}");
+        }
+        let mut flipped = record.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert!(decode_records(&flipped, 5).is_empty());
+        assert!(decode_records(&[0xff; 64], 5).is_empty());
     }
 }
