@@ -31,8 +31,10 @@
 //! durably before anything else. Replaying a record twice is harmless: it writes the same
 //! value and expiry again.
 //!
-//! Until the applier's commit, written entries stay in memory (`pending`), where reads see
-//! them at once: about a second of writes.
+//! Once logged, and until the applier's commit, written entries stay in memory (`pending`),
+//! where reads see them: about a second of writes. They enter it only once the log is synced,
+//! so a concurrent request never answers from a key that is not on disk (until then the key's
+//! own request holds it as in progress, `crate::publish::idempotency`).
 //!
 //! A directory that holds a sled store of an earlier version is taken over on open: its live
 //! entries are copied into the new file, then sled's files are removed.
@@ -100,7 +102,7 @@ const QUICK_REPAIR: bool = true;
 /// seal waits for) that takes longer is logged.
 const SLOW_SYNC: Duration = Duration::from_millis(100);
 
-/// A log record's header: payload length (u32), CRC-32 of epoch ‖ payload (u32), epoch (u64),
+/// A log record's header: payload length (u32), CRC-32 of length ‖ epoch ‖ payload (u32), epoch (u64),
 /// all little-endian. The payload is entries of expiry (u64), key length (u32), key, value
 /// length (u32), value.
 const RECORD_HEADER: usize = 16;
@@ -121,7 +123,8 @@ pub struct WindowStore {
     count: Arc<AtomicI64>,
 }
 
-type Pending = Arc<Mutex<HashMap<String, Vec<u8>>>>;
+/// key → (value, expiry): logged, not yet in the tree.
+type Pending = Arc<Mutex<HashMap<String, (Vec<u8>, u64)>>>;
 type Broken = Arc<std::sync::OnceLock<String>>;
 type Reply = oneshot::Sender<Result<Done, String>>;
 
@@ -195,6 +198,7 @@ impl WindowStore {
             applied: applied.clone(),
             txn: None,
             in_txn: Vec::new(),
+            unsynced: false,
         })?;
         let mut log = Log {
             path: path.clone(),
@@ -205,6 +209,7 @@ impl WindowStore {
             applied,
             apply: applier.sender.clone(),
             broken: broken.clone(),
+            pending: pending.clone(),
             buf: Vec::new(),
         };
         let writer = WriterQueue::spawn("window-writer", move |group| log.apply(group))?;
@@ -234,8 +239,8 @@ impl WindowStore {
         if let Some(why) = self.broken.get() {
             return Err(Error::Write(why.clone()));
         }
-        if let Some(value) = self.pending.lock().expect("not poisoned").get(key) {
-            return Ok(Some(value.clone()));
+        if let Some((value, expires)) = self.pending.lock().expect("not poisoned").get(key) {
+            return Ok((*expires > now_ms()).then(|| value.clone()));
         }
         let failed = |source: redb::Error| Error::Redb {
             path: self.path.clone(),
@@ -261,13 +266,8 @@ impl WindowStore {
         if let Some(why) = self.broken.get() {
             return Err(Error::Write(why.clone()));
         }
-        let expires = now_ms() + ttl.as_millis() as u64;
-        {
-            let mut pending = self.pending.lock().expect("not poisoned");
-            for (key, value) in &records {
-                pending.insert(key.clone(), value.clone());
-            }
-        }
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        let expires = now_ms().saturating_add(ttl_ms);
         self.writer
             .run(|reply| Job::Put {
                 records,
@@ -311,6 +311,7 @@ struct Log {
     applied: Arc<AtomicU64>,
     apply: mpsc::Sender<Apply>,
     broken: Broken,
+    pending: Pending,
     /// One record being encoded, reused.
     buf: Vec<u8>,
 }
@@ -344,6 +345,13 @@ impl Log {
             }),
         };
         if logged.is_ok() && !puts.is_empty() {
+            // On disk: from now on reads see them (before the requests are answered).
+            {
+                let mut pending = self.pending.lock().expect("not poisoned");
+                for (key, value, expires) in &puts {
+                    pending.insert(key.clone(), (value.clone(), *expires));
+                }
+            }
             self.hand_over(Apply::Put(puts));
         }
         if logged.is_ok() && (!flushes.is_empty() || self.due()) {
@@ -371,7 +379,7 @@ impl Log {
         if puts.is_empty() {
             return Ok(());
         }
-        encode_record(&mut self.buf, self.epoch, puts);
+        encode_record(&mut self.buf, self.epoch, puts)?;
         let started = Instant::now();
         let file = &self.files[(self.epoch % 2) as usize];
         file.write_all_at(&self.buf, self.offset)?;
@@ -468,7 +476,9 @@ struct Applier {
     /// The open write transaction, and the entries written in it (to leave `pending` once
     /// it commits).
     txn: Option<redb::WriteTransaction>,
-    in_txn: Vec<(String, Vec<u8>)>,
+    in_txn: Vec<(String, Vec<u8>, u64)>,
+    /// A commit without a sync happened since the last durable one.
+    unsynced: bool,
 }
 
 impl Applier {
@@ -492,8 +502,7 @@ impl Applier {
                 });
                 if let Some(added) = inserted {
                     self.count.fetch_add(added, Ordering::Relaxed);
-                    self.in_txn
-                        .extend(puts.into_iter().map(|(key, value, _)| (key, value)));
+                    self.in_txn.extend(puts);
                     if self.in_txn.len() >= APPLY_CHUNK {
                         let _ = self.commit(Durability::None);
                     }
@@ -566,10 +575,23 @@ impl Applier {
         if let Some(why) = self.broken.get() {
             return Err(why.clone());
         }
-        let Some(mut txn) = self.txn.take() else {
+        let durable = matches!(durability, Durability::Immediate);
+        let txn = match self.txn.take() {
+            Some(txn) => Some(txn),
+            // Nothing open, but earlier commits wait for a sync: an empty durable commit
+            // makes them durable.
+            None if durable && self.unsynced => match self.db.begin_write() {
+                Ok(txn) => Some(txn),
+                Err(e) => {
+                    self.fail(e.into());
+                    return Err(self.broken.get().cloned().unwrap_or_default());
+                }
+            },
+            None => None,
+        };
+        let Some(mut txn) = txn else {
             return Ok(());
         };
-        let durable = matches!(durability, Durability::Immediate);
         let started = Instant::now();
         let committed = txn
             .set_durability(durability)
@@ -582,6 +604,7 @@ impl Applier {
             self.fail(e);
             return Err(self.broken.get().cloned().unwrap_or_default());
         }
+        self.unsynced = !durable;
         let took = started.elapsed();
         if durable && took > SLOW_SYNC {
             tracing::debug!(store = %self.path, ms = took.as_millis() as u64, "slow durable commit of the tree (no publish waits for it)");
@@ -589,8 +612,11 @@ impl Applier {
         // In the tree now: no longer pending. A key handed over again since keeps its newer
         // pending value until that one is in.
         let mut pending = self.pending.lock().expect("not poisoned");
-        for (key, value) in self.in_txn.drain(..) {
-            if pending.get(&key) == Some(&value) {
+        for (key, value, expires) in self.in_txn.drain(..) {
+            if pending
+                .get(&key)
+                .is_some_and(|(v, e)| *v == value && *e == expires)
+            {
                 pending.remove(&key);
             }
         }
@@ -624,8 +650,13 @@ fn insert(
     Ok(new as i64)
 }
 
-/// Encodes `puts` as one log record of `epoch` into `buf` (cleared first).
-fn encode_record(buf: &mut Vec<u8>, epoch: u64, puts: &[(String, Vec<u8>, u64)]) {
+/// Encodes `puts` as one log record of `epoch` into `buf` (cleared first); refuses a record
+/// whose length does not fit its header (4 GiB; a publish body is far smaller).
+fn encode_record(
+    buf: &mut Vec<u8>,
+    epoch: u64,
+    puts: &[(String, Vec<u8>, u64)],
+) -> std::io::Result<()> {
     buf.clear();
     buf.resize(RECORD_HEADER, 0);
     for (key, value, expires) in puts {
@@ -635,13 +666,22 @@ fn encode_record(buf: &mut Vec<u8>, epoch: u64, puts: &[(String, Vec<u8>, u64)])
         buf.extend_from_slice(&(value.len() as u32).to_le_bytes());
         buf.extend_from_slice(value);
     }
-    let payload_len = (buf.len() - RECORD_HEADER) as u32;
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&epoch.to_le_bytes());
-    crc.update(&buf[RECORD_HEADER..]);
+    let payload_len = u32::try_from(buf.len() - RECORD_HEADER)
+        .map_err(|_| std::io::Error::other("a log record over 4 GiB"))?;
     buf[0..4].copy_from_slice(&payload_len.to_le_bytes());
-    buf[4..8].copy_from_slice(&crc.finalize().to_le_bytes());
     buf[8..16].copy_from_slice(&epoch.to_le_bytes());
+    let crc = record_crc(&buf[0..4], &buf[8..16], &buf[RECORD_HEADER..]);
+    buf[4..8].copy_from_slice(&crc.to_le_bytes());
+    Ok(())
+}
+
+/// A record's CRC-32: of its length, its epoch and its payload.
+fn record_crc(len: &[u8], epoch: &[u8], payload: &[u8]) -> u32 {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(len);
+    crc.update(epoch);
+    crc.update(payload);
+    crc.finalize()
 }
 
 /// The entries (key, value, expiry) of the records of `epoch` at the start of `log`, up to
@@ -656,10 +696,7 @@ fn decode_records(log: &[u8], epoch: u64) -> Vec<(&str, &[u8], u64)> {
         let Some(payload) = after.get(..len) else {
             break;
         };
-        let mut check = crc32fast::Hasher::new();
-        check.update(&header[8..16]);
-        check.update(payload);
-        if record_epoch != epoch || check.finalize() != crc {
+        if record_epoch != epoch || record_crc(&header[0..4], &header[8..16], payload) != crc {
             break;
         }
         let Some(entries) = decode_entries(payload) else {
@@ -711,41 +748,69 @@ fn recover(dir: &Path, db: &redb::Database) -> Result<([File; 2], u64), String> 
             .map_err(|e| format!("syncing {}: {e}", dir.display()))?;
     }
     let redb_failed = |e: redb::Error| format!("replaying the log: {e}");
-    let mut txn = db.begin_write().map_err(|e| redb_failed(e.into()))?;
-    txn.set_quick_repair(QUICK_REPAIR);
-    let next = {
-        let mut meta = txn.open_table(META).map_err(|e| redb_failed(e.into()))?;
-        let mut entries = txn.open_table(ENTRIES).map_err(|e| redb_failed(e.into()))?;
-        let mut by_expiry = txn
-            .open_table(BY_EXPIRY)
-            .map_err(|e| redb_failed(e.into()))?;
-        let first = meta
-            .get(LOG_EPOCH)
-            .map_err(|e| redb_failed(e.into()))?
-            .map(|e| e.value())
-            .unwrap_or(0);
-        // The epoch the tree lacks, and the one after it (written while that one waited to
-        // be taken in); never further (the writer does not go further ahead).
-        let mut replayed = 0;
-        for epoch in [first, first + 1] {
-            let mut log = Vec::new();
-            std::io::Read::read_to_end(&mut &files[(epoch % 2) as usize], &mut log)
-                .map_err(|e| format!("reading the log: {e}"))?;
-            for (key, value, expires) in decode_records(&log, epoch) {
-                insert(&mut entries, &mut by_expiry, key, value, expires).map_err(redb_failed)?;
-                replayed += 1;
+    let first = {
+        let txn = db.begin_read().map_err(|e| redb_failed(e.into()))?;
+        match txn.open_table(META) {
+            Ok(meta) => meta
+                .get(LOG_EPOCH)
+                .map_err(|e| redb_failed(e.into()))?
+                .map(|e| e.value())
+                .unwrap_or(0),
+            Err(redb::TableError::TableDoesNotExist(_)) => 0,
+            Err(e) => return Err(redb_failed(e.into())),
+        }
+    };
+    // The epoch the tree lacks, and the one after it (written while that one waited to be
+    // taken in); never further (the writer does not go further ahead). In commits of
+    // APPLY_CHUNK entries without a sync (a transaction's pages stay in memory until it
+    // commits), then one durable commit that also records them as taken in.
+    let mut replayed = 0;
+    let write = |chunk: &mut Vec<(&str, &[u8], u64)>, last: Option<u64>| {
+        if chunk.is_empty() && last.is_none() {
+            return Ok(());
+        }
+        let mut txn = db.begin_write()?;
+        match last {
+            Some(_) => txn.set_quick_repair(QUICK_REPAIR),
+            None => txn.set_durability(Durability::None)?,
+        }
+        {
+            // Created here on a new store, so that reads find the tables before any write.
+            let mut entries = txn.open_table(ENTRIES)?;
+            let mut by_expiry = txn.open_table(BY_EXPIRY)?;
+            let mut meta = txn.open_table(META)?;
+            for (key, value, expires) in chunk.drain(..) {
+                insert(&mut entries, &mut by_expiry, key, value, expires)?;
+            }
+            if let Some(next) = last {
+                meta.insert(LOG_EPOCH, next)?;
             }
         }
-        if replayed > 0 {
-            tracing::info!(store = %dir.display(), entries = replayed, "replayed the idempotency window's log");
-        }
-        // Both epochs are in the tree with this commit: the next is written into file
-        // `first % 2` again, whose records it no longer needs.
-        meta.insert(LOG_EPOCH, first + 2)
-            .map_err(|e| redb_failed(e.into()))?;
-        first + 2
+        txn.commit()?;
+        Ok::<(), redb::Error>(())
     };
-    txn.commit().map_err(|e| redb_failed(e.into()))?;
+    for epoch in [first, first + 1] {
+        let mut log = Vec::new();
+        std::io::Read::read_to_end(&mut &files[(epoch % 2) as usize], &mut log)
+            .map_err(|e| format!("reading the log: {e}"))?;
+        // Its entries borrow from this file's buffer.
+        let mut chunk = Vec::with_capacity(APPLY_CHUNK);
+        for entry in decode_records(&log, epoch) {
+            chunk.push(entry);
+            replayed += 1;
+            if chunk.len() == APPLY_CHUNK {
+                write(&mut chunk, None).map_err(redb_failed)?;
+            }
+        }
+        write(&mut chunk, None).map_err(redb_failed)?;
+    }
+    if replayed > 0 {
+        tracing::info!(store = %dir.display(), entries = replayed, "replayed the idempotency window's log");
+    }
+    // Both epochs are in the tree with this commit: the next is written into file
+    // `first % 2` again, whose records it no longer needs.
+    let next = first + 2;
+    write(&mut Vec::new(), Some(next)).map_err(redb_failed)?;
     Ok((files, next))
 }
 
@@ -990,19 +1055,19 @@ mod tests {
         let mut log0 = Vec::new();
         let mut record = Vec::new();
         for (key, value) in [("a", b"1"), ("b", b"2")] {
-            encode_record(&mut record, 0, &[(key.into(), value.to_vec(), far())]);
+            encode_record(&mut record, 0, &[(key.into(), value.to_vec(), far())]).unwrap();
             log0.extend_from_slice(&record);
         }
         // Torn: its last byte never reached the disk. What follows was never acknowledged.
-        encode_record(&mut record, 0, &[("torn".into(), b"3".to_vec(), far())]);
+        encode_record(&mut record, 0, &[("torn".into(), b"3".to_vec(), far())]).unwrap();
         log0.extend_from_slice(&record[..record.len() - 1]);
-        encode_record(&mut record, 0, &[("after".into(), b"4".to_vec(), far())]);
+        encode_record(&mut record, 0, &[("after".into(), b"4".to_vec(), far())]).unwrap();
         log0.extend_from_slice(&record);
         let mut log1 = Vec::new();
-        encode_record(&mut record, 1, &[("c".into(), b"5".to_vec(), far())]);
+        encode_record(&mut record, 1, &[("c".into(), b"5".to_vec(), far())]).unwrap();
         log1.extend_from_slice(&record);
         // A record of another epoch (left from an earlier turn of the file) ends the epoch.
-        encode_record(&mut record, 7, &[("stale".into(), b"6".to_vec(), far())]);
+        encode_record(&mut record, 7, &[("stale".into(), b"6".to_vec(), far())]).unwrap();
         log1.extend_from_slice(&record);
         std::fs::write(dir.path().join(LOG_FILES[0]), &log0).unwrap();
         std::fs::write(dir.path().join(LOG_FILES[1]), &log1).unwrap();
@@ -1015,7 +1080,7 @@ mod tests {
                 assert_eq!(store.get(absent).unwrap(), None, "{absent}");
             }
             assert_eq!(store.len(), 3);
-            // The next epoch goes over the first file's old records.
+            // Written (in epoch 2, over the first file's old records) and found after a reopen.
             store
                 .put(vec![("d".into(), b"7".to_vec())], Duration::from_secs(60))
                 .await
@@ -1086,7 +1151,9 @@ mod tests {
             .await
             .unwrap();
         store.flush().await.unwrap();
-        assert_eq!(epoch(&store), Some(3));
+        // Sealed by the second put at least (by the first too if it came a second after the
+        // open, on a slow machine).
+        assert!(epoch(&store).unwrap() >= 3, "{:?}", epoch(&store));
         assert!(store.pending.lock().unwrap().is_empty());
         assert_eq!(store.len(), 2);
         assert_eq!(store.get("first").unwrap(), Some(b"1".to_vec()));
@@ -1099,7 +1166,7 @@ mod tests {
             ("k\u{e9}y".to_string(), vec![0, 1, 2], 42),
             (String::new(), vec![], 7),
         ];
-        encode_record(&mut record, 5, &puts);
+        encode_record(&mut record, 5, &puts).unwrap();
         let decoded = decode_records(&record, 5);
         let expected: Vec<(&str, &[u8], u64)> = puts
             .iter()
