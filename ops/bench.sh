@@ -21,7 +21,9 @@
 #                        valgrind --tool=callgrind; raw outputs in target/callgrind/<time>/
 #   ops/bench.sh all     every one of the above in turn (AGENTBUS_BENCH_SOAK_DURATION etc. apply)
 #
-# `target/release/agentbus-bench <what> --help` lists every flag. The benchmarks run on a
+# `target/release/agentbus-bench <what> --help` lists every flag. AGENTBUS_BENCH_AGENTBUS=PATH
+# measures another agentbus binary (say an earlier commit's release build) with this tree's
+# bench, for a before/after in the same run conditions. The benchmarks run on a
 # Kafka of their own (AGENTBUS_BENCH_BROKER_PORT, default 49092, data in target/bench-kafka,
 # emptied at every start and stopped at the end), so that they never disturb a test broker;
 # with AGENTBUS_BROKERS set, that Kafka is used instead (Kafka's jars are still installed for
@@ -132,7 +134,12 @@ fi
 echo "$(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg) before the run"
 
 agentbus_flags=()
-case $what in publish|consume|soak|scale|overload) agentbus_flags=(--agentbus target/release/agentbus) ;; esac
+# AGENTBUS_BENCH_AGENTBUS: another agentbus binary to measure (an earlier commit's build, for a
+# before/after on the same broker in the same hour); this tree's release build by default.
+agentbus_bin=${AGENTBUS_BENCH_AGENTBUS:-target/release/agentbus}
+[ -x "$agentbus_bin" ] || { echo "AGENTBUS_BENCH_AGENTBUS: $agentbus_bin is not an executable" >&2; exit 2; }
+echo "agentbus binary: $agentbus_bin"
+case $what in publish|consume|soak|scale|overload) agentbus_flags=(--agentbus "$agentbus_bin") ;; esac
 prefix="bench$(date +%s%N)."
 if [ "$what" = callgrind ]; then
   callgrind "$@"
