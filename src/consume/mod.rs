@@ -1284,8 +1284,8 @@ fn decode(shared: &Shared, message: &Record, known: &Known<'_>) -> Result<Event,
         .registry
         .by_id(id)
         .ok_or_else(|| format!("unknown schema id {id}"))?;
-    let value = schema::decode_avro_with(version, body).map_err(|e| e.to_string())?;
-    let data = schema::avro_to_json(version, &value);
+    // One walk of the body straight to the handler's JSON (src/schema/decode.rs).
+    let data = schema::decode_to_json(version, body).map_err(|e| e.to_string())?;
     let text = |name: &str| known.get(name).map(str::to_string);
     let id = text(header::ID).unwrap_or_else(|| {
         format!(

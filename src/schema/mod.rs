@@ -2,11 +2,13 @@
 //! version can read the one before, stable schema ids, and the Confluent wire format.
 
 mod convert;
+mod decode;
 mod encode;
 mod registry;
 mod to_json;
 
 pub use convert::{Violation, json_to_avro};
+pub use decode::decode_to_json;
 pub use registry::{Compatibility, EventType, Registry, SchemaVersion};
 pub use to_json::avro_to_json;
 
