@@ -20,10 +20,13 @@ use apache_avro::{
     schema::{InnerDecimalSchema, Name, RecordSchema, UnionSchema, UuidSchema},
     types::Value,
 };
-use chrono::{DateTime, NaiveDate, NaiveTime};
+use chrono::DateTime;
 use serde_json::{Map, Number, Value as Json, json};
 
-use super::{Error, MAX_DECODE_ALLOCATION, SchemaVersion};
+use super::{
+    Error, MAX_DECODE_ALLOCATION, SchemaVersion,
+    to_json::{LOCAL, date, decimal_string, time_of_day},
+};
 
 /// Decodes an Avro body written with `version`'s schema straight into the JSON a handler
 /// receives: `Ok(avro_to_json(version, &v))` when `decode_avro_with(version, body)` is
@@ -444,44 +447,6 @@ impl<'a> Input<'a> {
 /// `bytes` and `fixed` as `to_json` renders them: one char per byte (code points 0–255).
 fn latin1(bytes: &[u8]) -> Json {
     Json::String(bytes.iter().map(|&b| char::from(b)).collect())
-}
-
-/// A local date-time as the converter reads it back (`T` between date and time); the same
-/// format as `to_json`'s.
-const LOCAL: &str = "%Y-%m-%dT%H:%M:%S%.f";
-
-/// A `date` (days since 1970-01-01) as `YYYY-MM-DD`, or the number beyond chrono's range.
-fn date(days: i32) -> Json {
-    NaiveDate::default()
-        .checked_add_signed(chrono::Duration::days(i64::from(days)))
-        .map_or(json!(days), |d| json!(d.format("%Y-%m-%d").to_string()))
-}
-
-/// A time of day, or the number of nanoseconds when it is not one; as `to_json` renders it.
-fn time_of_day(nanos: i64, format: &str) -> Json {
-    let secs = u32::try_from(nanos.div_euclid(1_000_000_000)).ok();
-    let sub = nanos.rem_euclid(1_000_000_000) as u32;
-    secs.and_then(|secs| NaiveTime::from_num_seconds_from_midnight_opt(secs, sub))
-        .map_or(json!(nanos), |t| json!(t.format(format).to_string()))
-}
-
-/// A decimal's two's complement bytes as a decimal string with `scale` digits after the
-/// point. No bytes is null: `to_json` cannot turn an empty decimal into bytes again.
-fn decimal_string(scale: usize, bytes: &[u8]) -> Json {
-    if bytes.is_empty() {
-        return Json::Null;
-    }
-    let unscaled = num_bigint::BigInt::from_signed_bytes_be(bytes);
-    let negative = unscaled.sign() == num_bigint::Sign::Minus;
-    let digits = unscaled.magnitude().to_string();
-    let text = if scale == 0 {
-        digits
-    } else {
-        let padded = format!("{digits:0>width$}", width = scale + 1);
-        let (int, frac) = padded.split_at(padded.len() - scale);
-        format!("{int}.{frac}")
-    };
-    json!(if negative { format!("-{text}") } else { text })
 }
 
 #[cfg(test)]

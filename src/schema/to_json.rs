@@ -62,9 +62,7 @@ fn convert(version: &SchemaVersion, schema: &Schema, value: &Value) -> Json {
                 })
                 .collect::<Map<_, _>>(),
         ),
-        (_, Value::Date(days)) => NaiveDate::default()
-            .checked_add_signed(chrono::Duration::days(i64::from(*days)))
-            .map_or(json!(days), |d| json!(d.format("%Y-%m-%d").to_string())),
+        (_, Value::Date(days)) => date(*days),
         (_, Value::TimeMillis(ms)) => time_of_day(i64::from(*ms) * 1_000_000, "%H:%M:%S%.3f"),
         (_, Value::TimeMicros(us)) => time_of_day(us.saturating_mul(1000), "%H:%M:%S%.6f"),
         (_, Value::TimestampMillis(ms)) => DateTime::from_timestamp_millis(*ms)
@@ -90,7 +88,7 @@ fn convert(version: &SchemaVersion, schema: &Schema, value: &Value) -> Json {
             )
         }
         (_, Value::Uuid(u)) => json!(u.to_string()),
-        (Schema::Decimal(d), Value::Decimal(decimal)) => decimal_string(d, decimal),
+        (Schema::Decimal(d), Value::Decimal(value)) => decimal(d, value),
         (_, Value::Decimal(_)) | (_, Value::BigDecimal(_)) => Json::Null,
         (_, Value::Duration(d)) => json!({
             "months": u32::from(d.months()), "days": u32::from(d.days()), "millis": u32::from(d.millis())
@@ -106,26 +104,39 @@ fn convert(version: &SchemaVersion, schema: &Schema, value: &Value) -> Json {
 }
 
 /// A local date-time as the converter reads it back (`T` between date and time).
-const LOCAL: &str = "%Y-%m-%dT%H:%M:%S%.f";
+pub(super) const LOCAL: &str = "%Y-%m-%dT%H:%M:%S%.f";
 
-fn time_of_day(nanos: i64, format: &str) -> Json {
+/// A `date` (days since 1970-01-01) as `YYYY-MM-DD`, or the number beyond chrono's range.
+pub(super) fn date(days: i32) -> Json {
+    NaiveDate::default()
+        .checked_add_signed(chrono::Duration::days(i64::from(days)))
+        .map_or(json!(days), |d| json!(d.format("%Y-%m-%d").to_string()))
+}
+
+/// A time of day, or the number of nanoseconds when it is not one.
+pub(super) fn time_of_day(nanos: i64, format: &str) -> Json {
     let secs = u32::try_from(nanos.div_euclid(1_000_000_000)).ok();
     let sub = nanos.rem_euclid(1_000_000_000) as u32;
     secs.and_then(|secs| NaiveTime::from_num_seconds_from_midnight_opt(secs, sub))
         .map_or(json!(nanos), |t| json!(t.format(format).to_string()))
 }
 
-fn decimal_string(schema: &DecimalSchema, decimal: &apache_avro::Decimal) -> Json {
-    let Ok(bytes) = <Vec<u8>>::try_from(decimal) else {
-        return Json::Null;
-    };
+fn decimal(schema: &DecimalSchema, decimal: &apache_avro::Decimal) -> Json {
+    match <Vec<u8>>::try_from(decimal) {
+        Ok(bytes) => decimal_string(schema.scale, &bytes),
+        Err(_) => Json::Null,
+    }
+}
+
+/// A decimal's two's complement bytes as a decimal string with `scale` digits after the
+/// point. No bytes is null: an empty decimal cannot be turned into bytes again.
+pub(super) fn decimal_string(scale: usize, bytes: &[u8]) -> Json {
     if bytes.is_empty() {
         return Json::Null;
     }
-    let unscaled = num_bigint::BigInt::from_signed_bytes_be(&bytes);
+    let unscaled = num_bigint::BigInt::from_signed_bytes_be(bytes);
     let negative = unscaled.sign() == num_bigint::Sign::Minus;
     let digits = unscaled.magnitude().to_string();
-    let scale = schema.scale;
     let text = if scale == 0 {
         digits
     } else {
