@@ -107,6 +107,10 @@ struct ConsumeArgs {
     /// weighs drifts of the machine on both alike).
     #[arg(long, default_value = "ab", value_parser = parse_rounds)]
     latency_rounds: String,
+    /// Also print each agentbus latency round's largest latency per 250 events, in the
+    /// order they arrived: where in the round the slow ones were (one stall, or many).
+    #[arg(long)]
+    latency_series: bool,
     /// Which part to run: `throughput`, `latency` or `both`.
     #[arg(long, default_value = "both")]
     part: String,
@@ -1105,6 +1109,17 @@ async fn latency_runs(
                 }
                 let cpu = cpu.stop();
                 let mut l = latencies.lock().unwrap().clone();
+                if args.latency_series {
+                    // In the order the handler saw them: a stall shows as a run of high maxima.
+                    let maxes: Vec<String> = l
+                        .chunks(250)
+                        .map(|c| format!("{:.0}", c.iter().copied().fold(0.0, f64::max)))
+                        .collect();
+                    println!(
+                        "      largest latency (ms) per 250 events, in order: {}",
+                        maxes.join(" ")
+                    );
+                }
                 l.sort_by(|a, b| a.total_cmp(b));
                 (l, sent, cpu)
             };
