@@ -36,6 +36,7 @@ pub fn decode_to_json(version: &SchemaVersion, body: &[u8]) -> Result<Json, Erro
         input: Input { rest: body },
         version,
         key: String::new(),
+        depth: 0,
     };
     let data = decoder.value(&version.schema)?;
     if !decoder.input.rest.is_empty() {
@@ -212,7 +213,18 @@ struct Decoder<'a> {
     version: &'a SchemaVersion,
     /// Scratch space for a reference's full name, so that resolving one allocates nothing.
     key: String,
+    /// Records, arrays and maps being read, one inside the other.
+    depth: usize,
 }
+
+/// Records, arrays and maps nested deeper than this are refused. A schema that refers to
+/// itself lets a crafted body nest without end, and each level is a few stack frames here:
+/// without a bound such a record would overflow the consuming thread's stack and abort the
+/// agent, again at every delivery. JSON data published through agentbus cannot be nested
+/// deeper than serde_json's own limit, the same 128, so no event agentbus wrote is refused.
+/// (This is the one place where the decoder refuses what apache-avro's path read, where that
+/// path had not overflowed first.)
+pub const MAX_NESTING: usize = 128;
 
 impl<'a> Decoder<'a> {
     /// Reads one value of `schema` and renders it as `to_json` renders apache-avro's value.
@@ -235,9 +247,9 @@ impl<'a> Decoder<'a> {
                 Some(branch) => self.value(branch),
                 None => Ok(Json::Null),
             },
-            Schema::Array(array) => self.array(&array.items),
-            Schema::Map(map) => self.map(&map.types),
-            Schema::Record(record) => self.record(record),
+            Schema::Array(array) => self.nested(|d| d.array(&array.items)),
+            Schema::Map(map) => self.nested(|d| d.map(&map.types)),
+            Schema::Record(record) => self.nested(|d| d.record(record)),
             Schema::Ref { name } => {
                 let (named, renderable) = self.resolve(name)?;
                 let value = self.value(named)?;
@@ -245,6 +257,22 @@ impl<'a> Decoder<'a> {
             }
             leaf => self.input.leaf(leaf),
         }
+    }
+
+    /// Reads a record, array or map one level deeper, within [`MAX_NESTING`].
+    fn nested(
+        &mut self,
+        read: impl FnOnce(&mut Self) -> Result<Json, Error>,
+    ) -> Result<Json, Error> {
+        if self.depth == MAX_NESTING {
+            return Err(Error::Decode(format!(
+                "records, arrays and maps nested deeper than {MAX_NESTING} levels"
+            )));
+        }
+        self.depth += 1;
+        let read = read(self);
+        self.depth -= 1;
+        read
     }
 
     /// An array: blocks of items, up to an empty block.
@@ -1160,11 +1188,37 @@ mod tests {
     }
 
     #[test]
+    fn a_value_nested_past_the_bound_is_refused_without_exhausting_the_stack() {
+        let v = Arc::new(one_field(
+            r#"{"type": "record", "name": "L", "fields": [{"name": "next", "type": ["null", "L"]}]}"#,
+        ));
+        // One level past the bound, and far past it on a thread with little stack: a
+        // refusal, not an overflow (the old path is not asked: it would overflow).
+        // (The one-field record and the `L` in it are two levels.)
+        for depth in [MAX_NESTING - 1, 100_000] {
+            let mut body = vec![0x02; depth];
+            body.push(0x00);
+            let v = v.clone();
+            let refused = std::thread::Builder::new()
+                .stack_size(512 << 10)
+                .spawn(move || decode_to_json(&v, &body))
+                .unwrap()
+                .join()
+                .unwrap();
+            let Err(Error::Decode(why)) = refused else {
+                panic!("depth {depth}: {refused:?}");
+            };
+            assert!(why.contains("nested deeper"), "{why}");
+        }
+    }
+
+    #[test]
     fn deep_recursive_values_decode_and_crafted_blocks_end() {
         let v = one_field(
             r#"{"type": "record", "name": "L", "fields": [{"name": "next", "type": ["null", "L"]}]}"#,
         );
-        let depth = 200;
+        // The one-field record, the `L` in it and `depth` more: all of MAX_NESTING.
+        let depth = MAX_NESTING - 2;
         let mut body = vec![0x02; depth];
         body.push(0x00);
         // The old path takes ~100 KiB of stack per level in a debug build (this one well
