@@ -49,6 +49,9 @@ pub enum Error {
     Write(String),
 }
 
+/// Jobs waiting for a writer at most.
+pub(crate) const QUEUE: usize = 4096;
+
 /// Jobs taken into one group commit at most.
 const MAX_GROUP: usize = 512;
 
@@ -70,12 +73,14 @@ pub(crate) struct WriterQueue<J> {
 }
 
 impl<J: Send + 'static> WriterQueue<J> {
-    /// Starts thread `name`, which calls `group` with each group of jobs.
+    /// Starts thread `name`, which calls `group` with each group of jobs; at most
+    /// `capacity` jobs wait for it (beyond, handing one over waits).
     pub(crate) fn spawn(
         name: &str,
+        capacity: usize,
         mut group: impl FnMut(Vec<J>) + Send + 'static,
     ) -> Result<Self, Error> {
-        let (sender, mut jobs) = mpsc::channel(4096);
+        let (sender, mut jobs) = mpsc::channel(capacity);
         let thread = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
@@ -95,6 +100,11 @@ impl<J: Send + 'static> WriterQueue<J> {
             sender,
             thread: Mutex::new(Some(thread)),
         })
+    }
+
+    /// The queue's sending side, for a thread that hands jobs over with `blocking_send`.
+    pub(crate) fn sender(&self) -> mpsc::Sender<J> {
+        self.sender.clone()
     }
 
     /// Hands `job` to the writer; returns as soon as it has it.
@@ -209,7 +219,7 @@ impl ExpiringStore {
             count: count.clone(),
             pending: pending.clone(),
         };
-        let writer = WriterQueue::spawn("store-writer", move |group| state.apply(group))?;
+        let writer = WriterQueue::spawn("store-writer", QUEUE, move |group| state.apply(group))?;
         Ok(ExpiringStore {
             path,
             broken,

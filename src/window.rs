@@ -112,7 +112,7 @@ pub struct WindowStore {
     // The writer first, then the applier: dropping them in this order lets the applier take in
     // everything the writer logged before the database is released.
     writer: WriterQueue<Job>,
-    applier: ApplierQueue,
+    applier: WriterQueue<Apply>,
     path: String,
     db: Arc<redb::Database>,
     /// Why a write, a sync or a commit failed: from then on the store refuses reads and
@@ -189,7 +189,7 @@ impl WindowStore {
         let pending = Pending::default();
         let broken = Broken::default();
         let applied = Arc::new(AtomicU64::new(epoch));
-        let applier = ApplierQueue::spawn(Applier {
+        let mut tree = Applier {
             path: path.clone(),
             db: db.clone(),
             broken: broken.clone(),
@@ -199,6 +199,11 @@ impl WindowStore {
             txn: None,
             in_txn: Vec::new(),
             unsynced: false,
+        };
+        let applier = WriterQueue::spawn("window-applier", APPLY_QUEUE, move |group| {
+            for job in group {
+                tree.handle(job);
+            }
         })?;
         let mut log = Log {
             path: path.clone(),
@@ -207,12 +212,14 @@ impl WindowStore {
             offset: 0,
             sealed_at: Instant::now(),
             applied,
-            apply: applier.sender.clone(),
+            apply: applier.sender(),
             broken: broken.clone(),
             pending: pending.clone(),
             buf: Vec::new(),
         };
-        let writer = WriterQueue::spawn("window-writer", move |group| log.apply(group))?;
+        let writer = WriterQueue::spawn("window-writer", crate::store::QUEUE, move |group| {
+            log.apply(group)
+        })?;
         Ok(WindowStore {
             writer,
             applier,
@@ -232,6 +239,12 @@ impl WindowStore {
     /// Whether the store holds nothing.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Why the store stopped working (a write, sync or commit failed, or one of its threads
+    /// stopped), if it did: it refuses every read and write since.
+    pub fn failure(&self) -> Option<String> {
+        self.broken.get().cloned()
     }
 
     /// The value under `key`, unless absent or expired.
@@ -340,6 +353,7 @@ impl Log {
             Some(why) => Err(why.clone()),
             None => self.append(&puts).map_err(|e| {
                 let why = format!("{}: {e}", self.path);
+                tracing::error!(store = %self.path, error = %e, "the idempotency window's log failed; the store refuses from now on");
                 let _ = self.broken.set(why.clone());
                 why
             }),
@@ -413,54 +427,11 @@ impl Log {
     fn hand_over(&self, job: Apply) {
         if let Err(mpsc::error::SendError(job)) = self.apply.blocking_send(job) {
             let why = format!("{}: the applier thread stopped", self.path);
+            tracing::error!(store = %self.path, "the idempotency window's applier thread stopped; the store refuses from now on");
             let _ = self.broken.set(why.clone());
             if let Apply::Flush(reply) | Apply::Sweep(reply) = job {
                 let _ = reply.send(Err(why));
             }
-        }
-    }
-}
-
-/// The queue to the applier thread and the thread itself; dropping it lets the thread commit
-/// what it has and waits for it.
-struct ApplierQueue {
-    sender: mpsc::Sender<Apply>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-}
-
-impl ApplierQueue {
-    fn spawn(mut applier: Applier) -> Result<Self, Error> {
-        let (sender, mut jobs) = mpsc::channel(APPLY_QUEUE);
-        let thread = std::thread::Builder::new()
-            .name("window-applier".into())
-            .spawn(move || {
-                while let Some(job) = jobs.blocking_recv() {
-                    applier.handle(job);
-                }
-                // Everything handed over, in the tree for the next open.
-                let _ = applier.commit(Durability::Immediate);
-            })
-            .map_err(|e| Error::Write(format!("starting the applier thread: {e}")))?;
-        Ok(ApplierQueue {
-            sender,
-            thread: Mutex::new(Some(thread)),
-        })
-    }
-
-    async fn run(&self, job: impl FnOnce(Reply) -> Apply) -> Result<Done, Error> {
-        let stopped = || Error::Write("the applier thread stopped".into());
-        let (reply, done) = oneshot::channel();
-        self.sender.send(job(reply)).await.map_err(|_| stopped())?;
-        done.await.map_err(|_| stopped())?.map_err(Error::Write)
-    }
-}
-
-impl Drop for ApplierQueue {
-    fn drop(&mut self) {
-        let (closed, _) = mpsc::channel(1);
-        drop(std::mem::replace(&mut self.sender, closed));
-        if let Some(thread) = self.thread.lock().expect("not poisoned").take() {
-            let _ = thread.join();
         }
     }
 }
@@ -479,6 +450,16 @@ struct Applier {
     in_txn: Vec<(String, Vec<u8>, u64)>,
     /// A commit without a sync happened since the last durable one.
     unsynced: bool,
+}
+
+impl Drop for Applier {
+    /// The queue closed (the store is dropped): everything handed over goes into the tree
+    /// durably, for the next open.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = self.commit(Durability::Immediate);
+        }
+    }
 }
 
 impl Applier {
@@ -881,12 +862,10 @@ fn take_over_sled(dir: &Path, db: &redb::Database) -> Result<usize, String> {
                 let Ok(key) = std::str::from_utf8(&key) else {
                     continue;
                 };
-                let mut index = raw[..8].to_vec();
-                index.extend_from_slice(key.as_bytes());
-                if entries.insert(key, raw.as_slice())?.is_none() {
-                    written += 1;
-                }
-                by_expiry.insert(index.as_slice(), ())?;
+                // Only live entries are batched: at least their 8 bytes of expiry.
+                let (expires, value) = raw.split_at(8);
+                let expires = u64::from_be_bytes(expires.try_into().expect("8 bytes"));
+                written += insert(&mut entries, &mut by_expiry, key, value, expires)? as usize;
             }
         }
         txn.commit()?;
@@ -1181,5 +1160,34 @@ mod tests {
         *flipped.last_mut().unwrap() ^= 1;
         assert!(decode_records(&flipped, 5).is_empty());
         assert!(decode_records(&[0xff; 64], 5).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_log_that_cannot_be_written_breaks_the_store_and_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = WindowStore::open(dir.path()).unwrap();
+        assert_eq!(store.failure(), None);
+        let log = dir.path().join(LOG_FILES[0]);
+        // Immutable (root ignores file permissions, not this): the next append fails.
+        let chattr = |flag: &str| {
+            std::process::Command::new("chattr")
+                .args([flag, log.to_str().unwrap()])
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !chattr("+i") {
+            eprintln!("chattr is not available here: nothing to check");
+            return;
+        }
+        let put = store
+            .put(vec![("k".into(), b"v".to_vec())], Duration::from_secs(60))
+            .await;
+        chattr("-i");
+        assert!(put.is_err(), "{put:?}");
+        let why = store.failure().expect("the store says why it stopped");
+        // The store's directory and what the OS said.
+        assert!(why.contains(&dir.path().display().to_string()), "{why}");
+        assert!(why.contains("not permitted"), "{why}");
+        assert!(store.get("k").is_err(), "a broken store refuses reads too");
     }
 }
