@@ -190,7 +190,9 @@ async fn readyz(State(state): State<AppState>) -> Response {
     let schemas = state.registry.version_count() > 0;
     let failed_agents = state.readiness.failed_agents();
     let agents = failed_agents.is_empty();
-    let ready = broker && topics && schemas && agents;
+    let store_failure = state.publisher.store_failure();
+    let idempotency_store = store_failure.is_none();
+    let ready = broker && topics && schemas && agents && idempotency_store;
     let status = if ready {
         StatusCode::OK
     } else {
@@ -198,10 +200,16 @@ async fn readyz(State(state): State<AppState>) -> Response {
     };
     let mut body = json!({
         "status": if ready { "ready" } else { "not_ready" },
-        "checks": { "broker": broker, "topics": topics, "schemas": schemas, "agents": agents },
+        "checks": {
+            "broker": broker, "topics": topics, "schemas": schemas, "agents": agents,
+            "idempotency_store": idempotency_store,
+        },
     });
     if !agents {
         body["failed_agents"] = json!(failed_agents);
+    }
+    if let Some(why) = store_failure {
+        body["idempotency_store_failure"] = json!(why);
     }
     (status, Json(body)).into_response()
 }

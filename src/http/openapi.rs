@@ -371,7 +371,8 @@ pub fn openapi() -> Value {
                 "type": "object",
                 "required": ["status", "checks"],
                 "properties": {"status": {"type": "string", "enum": ["ready", "not_ready"]},
-                    "checks": {"type": "object", "additionalProperties": {"type": "boolean"}}}
+                    "checks": {"type": "object", "additionalProperties": {"type": "boolean"}},
+                    "idempotency_store_failure": {"type": "string", "description": "Why the idempotency store stopped working (then every publish fails until the service is restarted)."}}
             }
         }}
     })

@@ -108,6 +108,11 @@ impl IdempotencyStore {
         Ok(store)
     }
 
+    /// Why the store stopped working, if it did (every publish fails since).
+    pub fn failure(&self) -> Option<String> {
+        self.entries.failure()
+    }
+
     /// Keys currently held (expired ones count until swept).
     pub fn len(&self) -> usize {
         self.entries.len()

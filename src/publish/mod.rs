@@ -204,6 +204,11 @@ enum PrepareError {
 }
 
 impl Publisher {
+    /// Why the idempotency store stopped working, if it did: then every publish fails.
+    pub fn store_failure(&self) -> Option<String> {
+        self.store.failure()
+    }
+
     /// A publisher over `producers`. `retention` is the one agentbus gives the
     /// topics it creates (`--topic-retention`): it bounds the age of an event's timestamp on a
     /// topic whose `retention.ms` the broker does not tell.
