@@ -281,21 +281,35 @@ impl WindowStore {
         }
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
         let expires = now_ms().saturating_add(ttl_ms);
-        self.writer
+        let done = self
+            .writer
             .run(|reply| Job::Put {
                 records,
                 expires,
                 reply,
             })
-            .await
-            .map(|_| ())
+            .await;
+        self.stopped_if(done).map(|_| ())
+    }
+
+    /// `outcome`, after marking the store broken if it is an error: a job fails only once
+    /// the store is broken already, or when a thread of the store stopped (a panic), which
+    /// nothing else would mark, and then `/readyz` and every later call must know.
+    fn stopped_if<T>(&self, outcome: Result<T, Error>) -> Result<T, Error> {
+        if let Err(e) = &outcome
+            && self.broken.get().is_none()
+        {
+            tracing::error!(store = %self.path, error = %e, "a thread of the idempotency window stopped; the store refuses from now on");
+            let _ = self.broken.set(format!("{}: {e}", self.path));
+        }
+        outcome
     }
 
     /// Removes expired entries, [`SWEEP_CHUNK`] per write transaction; returns how many.
     pub async fn sweep(&self) -> Result<usize, Error> {
         let mut removed = 0;
         loop {
-            let done = self.applier.run(Apply::Sweep).await?;
+            let done = self.stopped_if(self.applier.run(Apply::Sweep).await)?;
             removed += done.changed;
             if !done.more {
                 return Ok(removed);
@@ -305,10 +319,8 @@ impl WindowStore {
 
     /// Returns once everything handed over so far is in the tree and on disk.
     pub async fn flush(&self) -> Result<(), Error> {
-        self.writer
-            .run(|reply| Job::Flush { reply })
-            .await
-            .map(|_| ())
+        let done = self.writer.run(|reply| Job::Flush { reply }).await;
+        self.stopped_if(done).map(|_| ())
     }
 }
 
