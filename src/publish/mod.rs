@@ -969,16 +969,18 @@ pub fn producer_config(kafka: &KafkaArgs, timeout: Duration) -> rdkafka::ClientC
 }
 
 /// The settings of the producer of requests that write one event: [`producer_config`]'s,
-/// with `linger.ms` 1. A lone event has little company to wait for: with 5 ms single events
-/// at 1 000/s answered p50 6.2 ms, p99 11.2 ms (`ops/bench.sh publish`, quiet machine). 0
-/// was faster still for the publish alone (p50 2.2, p99 6.3 ms) but sent every event in a
-/// produce request and a record batch of its own, which cost the broker, the service and the
-/// agents reading the topic so much CPU that on 2 cores publish → handler latency at 1 000/s
-/// went to p99 271 and 607 ms (two runs of `ops/bench.sh consume`); with 1 ms it was p50
-/// 3.0 ms, p99 17.4 ms (5 ms: 7.3 / 36.2 ms), and single publishes p50 2.8, p99 7.5 ms, the
-/// same as a raw librdkafka producer with these settings in the same run.
+/// with `linger.ms` 0: a lone event goes out at once. Under load librdkafka still fills
+/// produce requests, since events queue while the requests in flight (5 at most with
+/// idempotence) are unanswered. Measured on 2 cores with Apache Kafka 4.1
+/// (`ops/bench.sh publish` and `ops/bench.sh consume --part latency --latency-rounds abbb`,
+/// 2026-12-08, later rounds): single events at 1 000/s were answered p50 1.8, p99 6.2 ms
+/// with 0 against p50 3.3, p99 6.9 ms with 1 ms, and publish → handler latency was p50
+/// 2.2 / 2.1 ms, p99 19.9 / 10.4 ms with 0 against p50 3.3 / 3.3, p99 18.5 / 17.4 ms with
+/// 1 ms. The price is the broker's CPU at that rate: 52–57 % of a core against 41–46 %
+/// (a record batch per event). (In 2026-11, before the idempotency log, 0 had made
+/// publish → handler p99 271 and 607 ms; that no longer shows.)
 pub fn single_producer_config(kafka: &KafkaArgs, timeout: Duration) -> rdkafka::ClientConfig {
-    producer_config_lingering(kafka, timeout, "1")
+    producer_config_lingering(kafka, timeout, "0")
 }
 
 fn producer_config_lingering(
