@@ -285,6 +285,38 @@ impl ExpiringStore {
                 pending.insert(key.clone(), partition);
             }
         }
+        self.hand_over(partition, keys, checkpoint).await
+    }
+
+    /// Marks `key` (of changelog partition `partition`) as written at once: `get` sees it
+    /// from now on, before its write is handed over with [`ExpiringStore::put_held`]. A lane
+    /// holds each key as soon as its event is handled and writes its keys together.
+    pub fn hold(&self, key: &Arc<str>, partition: i32) -> Result<(), Error> {
+        self.check()?;
+        self.pending
+            .lock()
+            .expect("not poisoned")
+            .insert(key.clone(), partition);
+        Ok(())
+    }
+
+    /// [`ExpiringStore::put_partitioned`] for keys already held ([`ExpiringStore::hold`])
+    /// under `partition`, without a checkpoint.
+    pub async fn put_held(
+        &self,
+        partition: i32,
+        keys: Vec<(Arc<str>, u64)>,
+    ) -> Result<Durable, Error> {
+        self.check()?;
+        self.hand_over(partition, keys, None).await
+    }
+
+    async fn hand_over(
+        &self,
+        partition: i32,
+        keys: Vec<(Arc<str>, u64)>,
+        checkpoint: Option<i64>,
+    ) -> Result<Durable, Error> {
         let (reply, done) = oneshot::channel();
         self.writer
             .send(Job::PutPartitioned {

@@ -821,60 +821,122 @@ pub fn header_str<M: Message>(message: &M, name: &str) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
-/// Dedup records a lane may have on their way (to disk and the changelog) while it goes on
-/// handling events. Recording takes a disk flush and a broker round trip; waiting for each
-/// before the next event kept a lane to a few hundred events a second. The bound keeps
-/// what a failing store can cost small: at most this many events of a lane handled
+/// Events whose dedup records a lane may have on their way (to disk and the changelog) while
+/// it goes on handling events. Recording takes a disk flush and a broker round trip; waiting
+/// for each before the next event kept a lane to a few hundred events a second. The bound
+/// keeps what a failing store can cost small: at most this many events of a lane handled
 /// without a durable record, and they come again (their offsets were never stored).
-const RECORDING_WINDOW: usize = 128;
+const RECORDING_WINDOW: usize = 256;
+
+/// Events a lane takes from its queue at once (what is there, up to this many): handled one
+/// after the other, then their dedup records are handed to the store in one write per
+/// changelog partition and recorded together. Per event, a write, its reply channel and a
+/// future of its own cost more than the no-op handler (`ops/bench.sh callgrind agent`). Under
+/// a light load a batch is the one event that came, so nothing waits for company.
+const LANE_BATCH: usize = 64;
+
+/// How long handled events of a batch may wait for the rest of it before their records are
+/// handed over: a no-op handler gets through a batch well within it, a webhook's event each
+/// goes on its own (its repeat after a crash stays the events in flight, not a batch).
+const HAND_OVER_AFTER: Duration = Duration::from_millis(2);
 
 async fn run_lane(shared: Arc<Shared>, mut work: mpsc::Receiver<Work>, cancel: CancellationToken) {
     let mut lane = LaneMetrics::new(&shared.agent.name);
-    // Records of handled events on their way; an event's offset is stored when its
-    // recording finished (see `Recording::complete`), in whatever order they finish (the
+    // Records of handled events on their way, a batch each; an event's offset is stored when
+    // its recording finished (see `Recording::complete`), in whatever order they finish (the
     // tracker stores an offset only once everything before it is final).
     let mut recordings = futures::stream::FuturesUnordered::new();
-    loop {
-        let next = tokio::select! {
+    // Events in `recordings`.
+    let mut recording = 0;
+    let mut batch = Vec::with_capacity(LANE_BATCH);
+    let mut stopping = false;
+    while !stopping {
+        let taken = tokio::select! {
             biased;
-            Some(()) = recordings.next(), if !recordings.is_empty() => continue,
-            next = work.recv() => next,
+            Some(done) = recordings.next(), if !recordings.is_empty() => {
+                recording -= done;
+                continue;
+            }
+            taken = work.recv_many(&mut batch, LANE_BATCH) => taken,
         };
-        let Some(w) = next else { break };
-        // Stopping (SIGTERM, or the dedup store failed): what is queued is given back, not
-        // handled; its next delivery handles it.
-        if cancel.is_cancelled() {
+        if taken == 0 {
             break;
         }
-        lane.in_flight.increment(1.0);
-        let (topic, partition, offset) = (
-            w.message.topic_arc(),
-            w.message.partition(),
-            w.message.offset(),
-        );
-        let outcome = process(&shared, w, &mut lane, &cancel).await;
-        lane.in_flight.decrement(1.0);
-        match outcome {
-            Outcome::Final => finish(&shared, &topic, partition, offset),
-            // Stopping: this event and those queued behind it are given back, unstored; their
-            // next delivery (here after a restart, or to another process) handles them.
-            Outcome::GivenBack => break,
-            // The offset is stored once the dedup record is durable in both places, so a
-            // committed offset never runs ahead of what the dedup store knows.
-            Outcome::Handled(recording) => {
-                let (shared, cancel) = (&shared, &cancel);
-                recordings.push(async move {
-                    recording
-                        .complete(shared, &topic, partition, offset, cancel)
-                        .await
-                });
-                while recordings.len() >= RECORDING_WINDOW {
-                    recordings.next().await;
+        let mut handled = Vec::new();
+        let mut first_handled = Instant::now();
+        let mut store_failed = false;
+        for w in batch.drain(..) {
+            // Stopping (SIGTERM, or the dedup store failed): what is queued is given back,
+            // not handled; its next delivery handles it.
+            if stopping || cancel.is_cancelled() {
+                stopping = true;
+                continue;
+            }
+            lane.in_flight.increment(1.0);
+            let (topic, partition, offset) = (
+                w.message.topic_arc(),
+                w.message.partition(),
+                w.message.offset(),
+            );
+            let outcome = process(&shared, w, &mut lane, &cancel).await;
+            lane.in_flight.decrement(1.0);
+            // The recordings move on between events too (their changelog records go out as
+            // soon as they are on disk here), without waiting for any.
+            if !recordings.is_empty() {
+                std::future::poll_fn(|cx| {
+                    while let std::task::Poll::Ready(Some(done)) = recordings.poll_next_unpin(cx) {
+                        recording -= done;
+                    }
+                    std::task::Poll::Ready(())
+                })
+                .await;
+            }
+            match outcome {
+                Outcome::Final => finish(&shared, &topic, partition, offset),
+                // Stopping: this event and those queued behind it are given back, unstored;
+                // their next delivery (here after a restart, or to another process) handles
+                // them.
+                Outcome::GivenBack => stopping = true,
+                Outcome::Handled(h) => {
+                    if handled.is_empty() {
+                        first_handled = Instant::now();
+                    }
+                    handled.push((h, topic, partition, offset));
+                    // Slow handlers: what was handled is written now rather than after the
+                    // rest of the batch, so that a crash repeats no more than it did before
+                    // batches.
+                    if first_handled.elapsed() >= HAND_OVER_AFTER {
+                        let events = std::mem::take(&mut handled);
+                        let Some(r) = Recording::hand_over(&shared, events).await else {
+                            store_failed = true;
+                            break;
+                        };
+                        recording += r.events.len();
+                        recordings.push(r.complete(&shared, &cancel));
+                    }
                 }
             }
         }
+        if store_failed {
+            break;
+        }
+        // What was handled is recorded, even when stopping (within the shutdown's grace).
+        // The offsets are stored once the dedup records are durable in both places, so a
+        // committed offset never runs ahead of what the dedup store knows.
+        if !handled.is_empty() {
+            let Some(r) = Recording::hand_over(&shared, handled).await else {
+                break;
+            };
+            recording += r.events.len();
+            recordings.push(r.complete(&shared, &cancel));
+        }
+        while recording >= RECORDING_WINDOW {
+            match recordings.next().await {
+                Some(done) => recording -= done,
+                None => break,
+            }
+        }
     }
-    // What was handled is recorded before the lane ends (within the shutdown's grace).
     while recordings.next().await.is_some() {}
 }
 
@@ -888,58 +950,107 @@ fn finish(shared: &Shared, topic: &str, partition: i32, offset: i64) {
     }
 }
 
-/// A handled event's dedup record on its way to both places.
-struct Recording {
-    /// The local write.
-    durable: Durable,
+/// A handled event's dedup record, held in the store ([`ExpiringStore::hold`]) and not yet
+/// written.
+struct Handled {
     key: Arc<str>,
     expires_ms: u64,
+    changelog_partition: i32,
+}
+
+/// Dedup keys with their expiry (ms since the epoch): one write to the store.
+type DedupKeys = Vec<(Arc<str>, u64)>;
+
+/// The dedup records of a lane's batch of handled events on their way to both places.
+struct Recording {
+    /// The local writes, one per changelog partition.
+    durable: Vec<Durable>,
+    /// The events: record, input topic, partition and offset.
+    events: Vec<(Handled, Arc<str>, i32, i64)>,
 }
 
 impl Recording {
-    /// Waits until the record is durable in both places, then marks the offset final.
+    /// Hands the batch's keys to the local store, one write per changelog partition. None
+    /// when the store failed: the agent stops, and the batch's offsets stay unstored.
+    async fn hand_over(
+        shared: &Shared,
+        events: Vec<(Handled, Arc<str>, i32, i64)>,
+    ) -> Option<Recording> {
+        let mut writes: Vec<(i32, DedupKeys)> = Vec::new();
+        for (h, ..) in &events {
+            let key = (h.key.clone(), h.expires_ms);
+            match writes.iter_mut().find(|(p, _)| *p == h.changelog_partition) {
+                Some((_, keys)) => keys.push(key),
+                None => writes.push((h.changelog_partition, vec![key])),
+            }
+        }
+        let mut durable = Vec::with_capacity(writes.len());
+        for (partition, keys) in writes {
+            match shared.dedup.put_held(partition, keys).await {
+                Ok(d) => durable.push(d),
+                Err(e) => {
+                    shared.fail(format!("dedup store unwritable: {e}"));
+                    return None;
+                }
+            }
+        }
+        Some(Recording { durable, events })
+    }
+
+    /// Waits until the records are durable in both places, marking each offset final once
+    /// its record is; returns how many events the recording held.
     ///
-    /// The order, and why it is safe: (1) the handler succeeded; (2) the key is handed to
-    /// the local store (`put_partitioned`, which `get` sees at once) and (3) flushed there;
-    /// only then is the record sent to the changelog (idempotent, acks=all), and once (4)
-    /// the changelog acknowledges, (5) the offset is stored, and committed later. A record
-    /// whose local write failed never reaches the changelog: the agent stops, and the event
-    /// is handled again by whoever takes the partition (the chaos test of an unwritable
-    /// store counts on it).
+    /// The order, and why it is safe: (1) the handler succeeded and the key is held in the
+    /// local store (`hold`, which `get` sees at once); (2) the key is handed to the store
+    /// (`put_held`) and (3) flushed there; only then is the record sent to the changelog
+    /// (idempotent, acks=all), and once (4) the changelog acknowledges, (5) the offset is
+    /// stored, and committed later. A record whose local write failed never reaches the
+    /// changelog: the agent stops, and the event is handled again by whoever takes the
+    /// partition (the chaos test of an unwritable store counts on it).
     /// So a committed offset never runs ahead of a record that is not on disk here and on
     /// every in-sync replica: whoever gets the partition next (this process after a restart
     /// from its disk, another one from the changelog) skips every event before that offset
     /// and every one after it that was recorded. A crash between (1) and (5) delivers the
     /// event again; if its record made it to either place the repeat is skipped, else it is
     /// handled again: at least once, never lost.
-    async fn complete(
-        self,
-        shared: &Shared,
-        topic: &str,
-        partition: i32,
-        offset: i64,
-        cancel: &CancellationToken,
-    ) {
-        if let Err(e) = self.durable.wait().await {
-            shared.fail(format!(
-                "dedup store unwritable: the agent stops taking events (they stay unconsumed): {e}"
-            ));
-            return;
+    async fn complete(self, shared: &Shared, cancel: &CancellationToken) -> usize {
+        let count = self.events.len();
+        for durable in self.durable {
+            if let Err(e) = durable.wait().await {
+                shared.fail(format!(
+                    "dedup store unwritable: the agent stops taking events (they stay unconsumed): {e}"
+                ));
+                return count;
+            }
         }
-        // Stopping before the acknowledgement: the offset stays unstored.
-        let Some((changelog_partition, changelog_offset)) = shared
-            .changelog
-            .record(&self.key, topic, partition, self.expires_ms, None, cancel)
-            .await
-        else {
-            return;
-        };
-        finish(shared, topic, partition, offset);
-        let mut partitions = shared.partitions.lock().expect("not poisoned");
-        if partitions.sole.contains(&changelog_partition) {
-            let acked = partitions.acked.entry(changelog_partition).or_insert(-1);
-            *acked = (*acked).max(changelog_offset);
+        // All sent at once (one produce request carries many), then waited for in order.
+        let sent: Vec<_> = self
+            .events
+            .iter()
+            .map(|(h, topic, partition, _)| {
+                shared
+                    .changelog
+                    .send(&h.key, topic, *partition, h.expires_ms)
+                    .ok()
+            })
+            .collect();
+        for ((h, topic, partition, offset), first) in self.events.iter().zip(sent) {
+            // Stopping before the acknowledgement: the offset stays unstored.
+            let Some((changelog_partition, changelog_offset)) = shared
+                .changelog
+                .record(&h.key, topic, *partition, h.expires_ms, first, cancel)
+                .await
+            else {
+                return count;
+            };
+            finish(shared, topic, *partition, *offset);
+            let mut partitions = shared.partitions.lock().expect("not poisoned");
+            if partitions.sole.contains(&changelog_partition) {
+                let acked = partitions.acked.entry(changelog_partition).or_insert(-1);
+                *acked = (*acked).max(changelog_offset);
+            }
         }
+        count
     }
 }
 
@@ -949,7 +1060,7 @@ enum Outcome {
     /// Final (skipped, duplicate, expired, moved to the retry or dead-letter topic).
     Final,
     /// Handled; final once its dedup record is durable here and in the changelog.
-    Handled(Recording),
+    Handled(Handled),
     /// The agent is stopping: not handled, to be delivered again.
     GivenBack,
 }
@@ -1051,28 +1162,17 @@ async fn process(
             Ok(()) => {
                 let expires_ms = now_ms() + shared.dedup_ttl.as_millis() as u64;
                 let changelog_partition = shared.changelog.partition_of(message.partition());
-                // The local write is handed over before the changelog record is sent: the
-                // checkpoints rely on that order (see `write_checkpoints`).
-                let durable = match shared
-                    .dedup
-                    .put_partitioned(
-                        changelog_partition,
-                        vec![(dedup_key.clone(), expires_ms)],
-                        None,
-                    )
-                    .await
-                {
-                    Ok(durable) => durable,
-                    Err(e) => {
-                        shared.fail(format!("dedup store unwritable: {e}"));
-                        return Outcome::GivenBack;
-                    }
-                };
+                // Held at once (a repeat of the key, in this lane or another, is a duplicate
+                // from now on); written with the lane's other keys of this batch.
+                if let Err(e) = shared.dedup.hold(&dedup_key, changelog_partition) {
+                    shared.fail(format!("dedup store unwritable: {e}"));
+                    return Outcome::GivenBack;
+                }
                 lane.count(&event.event_type, outcome::PROCESSED);
-                return Outcome::Handled(Recording {
-                    durable,
+                return Outcome::Handled(Handled {
                     key: dedup_key,
                     expires_ms,
+                    changelog_partition,
                 });
             }
             Err(f) => f,
