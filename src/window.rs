@@ -163,20 +163,20 @@ impl WindowStore {
     /// there, and starts its threads, which end when the store is dropped.
     pub fn open(dir: &Path) -> Result<Self, Error> {
         let path = dir.display().to_string();
-        let failed = |source: redb::Error| Error::Redb {
-            path: path.clone(),
-            source: Box::new(source),
-        };
-        std::fs::create_dir_all(dir).map_err(|e| failed(e.into()))?;
-        let db = redb::Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create(dir.join(FILE))
-            .map_err(|e| failed(e.into()))?;
-        let (files, epoch) = recover(dir, &db).map_err(|e| Error::Write(format!("{path}: {e}")))?;
-        let count = {
-            let txn = db.begin_read().map_err(|e| failed(e.into()))?;
-            let entries = txn.open_table(ENTRIES).map_err(|e| failed(e.into()))?;
-            entries.len().map_err(|e| failed(e.into()))?
+        // redb 4.6 panics (`unreachable!`) on some damaged files instead of answering an
+        // error: a file on disk is input too, so that becomes an error saying what to do.
+        let opened =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| open_tree(dir, &path)));
+        let (db, files, epoch, count) = match opened {
+            Ok(opened) => opened?,
+            Err(panic) => {
+                return Err(Error::Write(format!(
+                    "{path}: {FILE} is damaged (reading it failed: {}); move it away (with {} and {}) to start with an empty window, in which retries of earlier publishes are not recognised",
+                    crate::consume::panic_message(panic),
+                    LOG_FILES[0],
+                    LOG_FILES[1]
+                )));
+            }
         };
         let db = Arc::new(db);
         let count = Arc::new(AtomicI64::new(count as i64));
@@ -641,6 +641,27 @@ fn insert(
     index.extend_from_slice(key.as_bytes());
     by_expiry.insert(index.as_slice(), ())?;
     Ok(new as i64)
+}
+
+/// Opens (or creates) the tree in `dir` and replays the log into it: the tree, the log's
+/// files, the epoch to write next, and the entries held.
+fn open_tree(dir: &Path, path: &str) -> Result<(redb::Database, [File; 2], u64, u64), Error> {
+    let failed = |source: redb::Error| Error::Redb {
+        path: path.to_string(),
+        source: Box::new(source),
+    };
+    std::fs::create_dir_all(dir).map_err(|e| failed(e.into()))?;
+    let db = redb::Database::builder()
+        .set_cache_size(CACHE_BYTES)
+        .create(dir.join(FILE))
+        .map_err(|e| failed(e.into()))?;
+    let (files, epoch) = recover(dir, &db).map_err(|e| Error::Write(format!("{path}: {e}")))?;
+    let count = {
+        let txn = db.begin_read().map_err(|e| failed(e.into()))?;
+        let entries = txn.open_table(ENTRIES).map_err(|e| failed(e.into()))?;
+        entries.len().map_err(|e| failed(e.into()))?
+    };
+    Ok((db, files, epoch, count))
 }
 
 /// Encodes `puts` as one log record of `epoch` into `buf` (cleared first); refuses a record
@@ -1201,5 +1222,45 @@ mod tests {
         assert!(why.contains(&dir.path().display().to_string()), "{why}");
         assert!(why.contains("not permitted"), "{why}");
         assert!(store.get("k").is_err(), "a broken store refuses reads too");
+    }
+
+    #[tokio::test]
+    async fn a_damaged_tree_file_is_an_error_at_open_not_a_panic() {
+        // A file that is no database at all, and one whose pages after the header were
+        // overwritten: either way `open` answers an error naming the store.
+        let garbage = tempfile::tempdir().unwrap();
+        std::fs::write(garbage.path().join(FILE), vec![0x5a; 64 * 1024]).unwrap();
+        let opened = std::panic::catch_unwind(|| WindowStore::open(garbage.path()).map(|_| ()));
+        let answer = opened.expect("no panic");
+        assert!(answer.is_err(), "{answer:?}");
+
+        let damaged = tempfile::tempdir().unwrap();
+        {
+            let store = WindowStore::open(damaged.path()).unwrap();
+            let keys = (0..2000)
+                .map(|i| (format!("key-{i}"), vec![7u8; 40]))
+                .collect();
+            store.put(keys, Duration::from_secs(3600)).await.unwrap();
+            store.flush().await.unwrap();
+        }
+        let file = damaged.path().join(FILE);
+        let mut bytes = std::fs::read(&file).unwrap();
+        for b in bytes.iter_mut().skip(4096) {
+            *b ^= 0xa5;
+        }
+        std::fs::write(&file, bytes).unwrap();
+        for log in LOG_FILES {
+            std::fs::write(damaged.path().join(log), b"").unwrap();
+        }
+        let opened = std::panic::catch_unwind(|| {
+            let store = WindowStore::open(damaged.path())?;
+            store.get("key-1").map(|_| ())
+        });
+        let answer = opened.expect("no panic");
+        let why = answer.expect_err("a damaged file is an error").to_string();
+        assert!(
+            why.contains("damaged") && why.contains("move it away"),
+            "{why}"
+        );
     }
 }

@@ -824,8 +824,9 @@ pub fn header_str<M: Message>(message: &M, name: &str) -> Option<String> {
 /// Events whose dedup records a lane may have on their way (to disk and the changelog) while
 /// it goes on handling events. Recording takes a disk flush and a broker round trip; waiting
 /// for each before the next event kept a lane to a few hundred events a second. The bound
-/// keeps what a failing store can cost small: at most this many events of a lane handled
-/// without a durable record, and they come again (their offsets were never stored).
+/// keeps what a failing store can cost small: at most this many events of a lane (and one
+/// batch, [`LANE_BATCH`]) handled without a durable record, and they come again (their
+/// offsets were never stored).
 const RECORDING_WINDOW: usize = 256;
 
 /// Events a lane takes from its queue at once (what is there, up to this many): handled one
