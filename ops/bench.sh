@@ -75,7 +75,8 @@ stop_broker() {
   return 0
 }
 
-# `ops/bench.sh callgrind [publish|agent] [agentbus-bench callgrind flags...]`: the work runs in
+# `ops/bench.sh callgrind [publish|agent] [agentbus-bench callgrind flags...]` (`agent --backlog`:
+# the agent works through events published before it started): the work runs in
 # agentbus-bench under valgrind, counted between two marker functions (see
 # src/bin/bench/callgrind.rs): part 1 start-up and warm-up (not counted), part 2 the work,
 # part 3 as long idle. Instructions (Ir) and
@@ -97,6 +98,11 @@ callgrind() {
       --topic-prefix "${prefix}cg-$w." --agentbus target/release/agentbus "${flags[@]}" "$@" \
       2>"$out/$w.valgrind.log" | tee "$out/$w.bench.log"
     local work idle work_allocs idle_allocs
+    # The agent says how many events its window held (with --backlog, not exactly 1 000).
+    if [ "$w" = agent ]; then
+      n=$(sed -n 's/^callgrind agent: \([0-9]*\) events handled in the window.*/\1/p' "$out/$w.bench.log")
+      [ -n "$n" ] && [ "$n" -gt 0 ] || { echo "callgrind agent: no count of events in $out/$w.bench.log" >&2; exit 1; }
+    fi
     read -r work work_allocs < <(target/release/agentbus-bench callgrind-count "$out/$w.out.2")
     read -r idle idle_allocs < <(target/release/agentbus-bench callgrind-count "$out/$w.out.3")
     echo "  window: $work instructions, $work_allocs allocator calls for $n $unit"

@@ -49,6 +49,14 @@ pub struct CallgrindArgs {
     /// Warm-up: publish requests (`publish`) or events (`agent`) before the window.
     #[arg(long, default_value_t = 5)]
     warm_up: usize,
+    /// `agent`: publish every event before the agent starts, so that it works through a
+    /// backlog (what a throughput run is) instead of taking each batch of 100 as it comes.
+    /// The window opens once the warm-up's events are handled and closes once every event's
+    /// dedup record is written; the events counted are those handled after it opened. The
+    /// consumer has copied records ahead of the lanes before it opens (up to their queues,
+    /// 9 × 256), so use `--events 10000` or more to count mostly the steady state.
+    #[arg(long)]
+    backlog: bool,
 }
 
 /// Entering it ends a part of the profile (`--dump-before`). Never inlined, so it exists.
@@ -154,6 +162,17 @@ async fn idle_window(took: Duration) {
 }
 
 /// Events the no-op agent handled so far (this process's metrics).
+/// Keys in the no-op agent's dedup store (the gauge is set once a second): every handled
+/// event's record has been written once it reaches their count.
+fn recorded() -> f64 {
+    agentbus::telemetry::prometheus()
+        .render()
+        .lines()
+        .filter(|l| l.starts_with("agentbus_dedup_keys{") && l.contains("group=\"callgrind-noop\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 fn handled() -> f64 {
     super::consumed(
         &agentbus::telemetry::prometheus().render(),
@@ -218,11 +237,10 @@ async fn agent(
     )?;
     // The publisher runs outside valgrind (a child is not traced): only the agent is counted.
     let publisher = super::Process::serve(&args.agentbus, &args.kafka, None, true).await?;
-    let url = start(args, dir, &consumers, cancel).await?;
-    wait_ready(client, &url).await?;
     let warm = args.warm_up.max(1) * 100;
-    post_all(client, &publisher.url, bodies(warm / 100, 100, 0)).await?;
-    let wait_for = |n: f64, what: &'static str| async move {
+    let measured = bodies(args.events.div_ceil(100), 100, 1_000_000);
+    let events = args.events.div_ceil(100) * 100;
+    let wait_for = |n: f64, what: &'static str, every: Duration| async move {
         let deadline = Instant::now() + Duration::from_secs(600);
         while handled() < n {
             if Instant::now() > deadline {
@@ -231,23 +249,63 @@ async fn agent(
                     handled()
                 );
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(every).await;
         }
         Ok(())
     };
-    wait_for(warm as f64, "warm-up").await?;
-    let measured = bodies(args.events.div_ceil(100), 100, 1_000_000);
-    let events = args.events.div_ceil(100) * 100;
-    let started = Instant::now();
-    callgrind_dump_here("warm-up");
-    post_all(client, &publisher.url, measured).await?;
-    wait_for((warm + events) as f64, "measured").await?;
+    let (started, in_window) = if args.backlog {
+        post_all(client, &publisher.url, bodies(warm / 100, 100, 0)).await?;
+        post_all(client, &publisher.url, measured).await?;
+        let url = start(args, dir, &consumers, cancel).await?;
+        wait_ready(client, &url).await?;
+        // Polled often here (outside the window), so that it opens soon after the warm-up.
+        wait_for(warm as f64, "warm-up", Duration::from_millis(10)).await?;
+        let started = Instant::now();
+        callgrind_dump_here("warm-up");
+        let opened_at = handled();
+        wait_for(
+            (warm + events) as f64,
+            "measured",
+            Duration::from_millis(200),
+        )
+        .await?;
+        // The window holds their recording too (store writes, changelog records): it closes
+        // once the store holds every key (the idle window after it is as long).
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while recorded() < (warm + events) as f64 {
+            if Instant::now() > deadline {
+                bail!(
+                    "the agent recorded {} of {} events in 600 s",
+                    recorded(),
+                    warm + events
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        (started, (warm + events) as f64 - opened_at)
+    } else {
+        let url = start(args, dir, &consumers, cancel).await?;
+        wait_ready(client, &url).await?;
+        post_all(client, &publisher.url, bodies(warm / 100, 100, 0)).await?;
+        wait_for(warm as f64, "warm-up", Duration::from_millis(200)).await?;
+        let started = Instant::now();
+        callgrind_dump_here("warm-up");
+        post_all(client, &publisher.url, measured).await?;
+        wait_for(
+            (warm + events) as f64,
+            "measured",
+            Duration::from_millis(200),
+        )
+        .await?;
+        (started, events as f64)
+    };
     callgrind_dump_here("agent");
     let took = started.elapsed();
     idle_window(took).await;
     println!(
-        "callgrind agent: {events} events handled in the window, {:.1} s under valgrind; idle window as long",
-        took.as_secs_f64()
+        "callgrind agent: {in_window:.0} events handled in the window, {:.1} s under valgrind; idle window as long{}",
+        took.as_secs_f64(),
+        if args.backlog { " (backlog)" } else { "" }
     );
     Ok(())
 }
