@@ -47,6 +47,19 @@ pub enum Error {
     /// The writer failed to write or flush; what it was given is not durable.
     #[error("store write failed: {0}")]
     Write(String),
+    /// A store's file could not be read (its library gave up on it); what to do says how
+    /// to start anew.
+    #[error("store {path}: {file} is damaged ({why}); {what_to_do}")]
+    Damaged {
+        /// The store's directory.
+        path: String,
+        /// The damaged file.
+        file: &'static str,
+        /// What reading it said.
+        why: String,
+        /// How to go on.
+        what_to_do: String,
+    },
 }
 
 /// Jobs waiting for a writer at most.

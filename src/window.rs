@@ -170,12 +170,18 @@ impl WindowStore {
         let (db, files, epoch, count) = match opened {
             Ok(opened) => opened?,
             Err(panic) => {
-                return Err(Error::Write(format!(
-                    "{path}: {FILE} is damaged (reading it failed: {}); move it away (with {} and {}) to start with an empty window, in which retries of earlier publishes are not recognised",
-                    crate::consume::panic_message(panic),
-                    LOG_FILES[0],
-                    LOG_FILES[1]
-                )));
+                return Err(Error::Damaged {
+                    path,
+                    file: FILE,
+                    why: format!(
+                        "reading it failed: {}",
+                        crate::consume::panic_message(panic)
+                    ),
+                    what_to_do: format!(
+                        "move it away (with {} and {}) to start with an empty window, in which retries of earlier publishes are not recognised",
+                        LOG_FILES[0], LOG_FILES[1]
+                    ),
+                });
             }
         };
         let db = Arc::new(db);
