@@ -161,7 +161,6 @@ async fn idle_window(took: Duration) {
     callgrind_dump_here("idle");
 }
 
-/// Events the no-op agent handled so far (this process's metrics).
 /// Keys in the no-op agent's dedup store (the gauge is set once a second): every handled
 /// event's record has been written once it reaches their count.
 fn recorded() -> f64 {
@@ -173,6 +172,7 @@ fn recorded() -> f64 {
         .sum()
 }
 
+/// Events the no-op agent handled so far (this process's metrics).
 fn handled() -> f64 {
     super::consumed(
         &agentbus::telemetry::prometheus().render(),
